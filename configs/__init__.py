@@ -1,0 +1,385 @@
+"""Experiment configuration: one YAML file per experiment, loaded into frozen dataclasses.
+
+Every field is documented where it is declared. `load_config(path, overrides)` reads the YAML,
+applies dotted command-line overrides (`student.lr=3e-4`), and checks keys, types and ranges
+before any work starts; every problem is a `ConfigError` naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad config): one line, exit code 2, no traceback."""
+
+
+class ConfigError(UserError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = ""
+    """Folder of BabyLM `*.train` files. Empty: generate the built-in demo corpus into run_dir."""
+    validation: str = "split"
+    """'split': the last `val_fraction` of every file is validation (keeps each file's order);
+    'dev': the official `*.dev` files in `dev_dir` are validation."""
+    val_fraction: float = 0.05
+    dev_dir: str = ""
+    """Folder of `*.dev` files, used when validation is 'dev'. Empty: `<dir>/../dev`."""
+    seq_len: int = 128
+    """Tokens per packed sequence (row of the token store)."""
+    generated_words: int = 300_000
+    """Size of the built-in corpus, in words, when `dir` is empty."""
+    seed: int = 0
+    """Seed of the built-in corpus generator."""
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    kind: str = "bpe"
+    """'bpe': train a byte-level BPE on the train split; 'gpt2': GPT-2's tokenizer from `path`."""
+    path: str = ""
+    """For 'gpt2': a folder with vocab.json + merges.txt, or a hub name such as 'gpt2'."""
+    vocab_size: int = 16_000
+    """Vocabulary size of a trained BPE (BabyLM entries commonly use 16k)."""
+    min_frequency: int = 2
+    """Minimum pair frequency for a BPE merge."""
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    model: str = "gpt2-large"
+    """Hub name or local folder of the pretrained teacher (ignored when from_scratch)."""
+    from_scratch: bool = False
+    """Train a randomly initialised GPT-2 of the shape below instead of loading `model`."""
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    dtype: str = "fp32"
+    """Weights for the logits job and evaluation: fp32, fp16 or bf16."""
+    quantization: str = "none"
+    """'none', '4bit' (NF4) or '8bit', through bitsandbytes."""
+    adapter: str = ""
+    """Folder of a PEFT LoRA adapter to apply on top of the teacher (empty: none)."""
+    use_lora: bool = False
+    """Fine-tune a LoRA adapter instead of all weights."""
+    use_qlora: bool = False
+    """Fine-tune a LoRA adapter on a 4-bit quantised teacher (QLoRA)."""
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc")
+    lr: float = 2.5e-4
+    batch_size: int = 128
+    """Effective batch in sequences: micro-batch x grad_accum."""
+    grad_accum: int = 16
+    epochs: float = 4.0
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs)."""
+    warmup_steps: int = 300
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: 'cosine', 'linear' or 'constant'."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    precision: str = "fp16"
+    """Autocast on GPU during fine-tuning: 'fp32', 'fp16' or 'bf16' (the CPU always runs fp32)."""
+    eval_every: int = 200
+    """Validation loss every N optimizer steps (0: only at the end)."""
+    checkpoint_every: int = 200
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    seed: int = 0
+    device: str = "auto"
+    """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    k: int = 64
+    """Top-k teacher logits kept per position."""
+    temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
+    """Temperatures at which the exact full-vocabulary logsumexp is stored."""
+    value_code: str = "float16"
+    """How top-k logits are stored: 'float16' (raw logits) or 'gap8' (see storage/cache.py)."""
+    chunk_sequences: int = 32
+    """Sequences per chunk (the unit of compression, checksum and contiguous read)."""
+    shard_chunks: int = 16
+    """Chunks per shard file (the unit of writing, resume and integrity reports)."""
+    batch_size: int = 32
+    """Teacher inference batch, in sequences."""
+    splits: tuple[str, ...] = ("train",)
+    """Token stores to cache: 'train', and optionally 'val'."""
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    dropout: float = 0.1
+    lr: float = 2.5e-4
+    batch_size: int = 32
+    """Effective batch in sequences: micro-batch x grad_accum."""
+    grad_accum: int = 1
+    epochs: float = 6.0
+    max_steps: int = 0
+    """Stop after this many optimizer steps (0: run all epochs)."""
+    warmup_steps: int = 300
+    schedule: str = "cosine"
+    """Learning-rate decay after warmup: 'cosine', 'linear' or 'constant'."""
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    """Autocast on GPU: 'fp32', 'fp16' or 'bf16' (the CPU always runs fp32)."""
+    eval_every: int = 500
+    """Validation loss every N optimizer steps (0: only at the end)."""
+    checkpoint_every: int = 500
+    """Checkpoint every N optimizer steps (0: only at the end)."""
+    seed: int = 0
+    device: str = "auto"
+    shuffle_buffer: int = 256
+    """Sequences shuffled together in memory by the streaming reader."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    alpha: float = 0.5
+    """Weight of cross-entropy; 1 - alpha weighs the KL term. alpha = 1 is the CE baseline."""
+    temperature: float = 2.0
+    k: int = 0
+    """Teacher entries used per position (0: all cached)."""
+    mode: str = "cached"
+    """'cached': teacher top-k from the logit cache; 'online': teacher resident, full vocabulary."""
+    run: str = ""
+    """Name of the student run directory (empty: derived from alpha, temperature and k)."""
+    skip_bad_shards: bool = False
+    """Train on a cache with corrupt shards by skipping them (and saying how many tokens)."""
+    sweep_alphas: tuple[float, ...] = (0.5, 0.8)
+    sweep_temperatures: tuple[float, ...] = (1.0, 2.0)
+    sweep_ks: tuple[int, ...] = ()
+    """k values for the sweep grid (empty: only the cached k)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    minimal_pairs: str = ""
+    """Folder of BLiMP-style `*.jsonl` minimal-pair files (empty: the demo's own, if any)."""
+    batch_size: int = 64
+    max_pairs_per_file: int = 0
+    """Score at most this many pairs per file (0: all)."""
+    models: tuple[str, ...] = ()
+    """Extra model folders or hub names to evaluate beside the run's teacher and students."""
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "experiment"
+    """Experiment name; the default run_dir is runs/<name>."""
+    run_dir: str = ""
+    """Root of every output: tokens/, teacher/, cache/, students/<run>/, reports/."""
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = ""
+    """The YAML file this config came from (set by load_config, not by the user)."""
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, directory: Path | str) -> Path:
+        """Write the resolved config as `config.yaml` in `directory` (beside an output)."""
+        path = Path(directory) / "config.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        return path
+
+    def replace(self, **changes) -> "Config":
+        """A copy with dotted keys changed, validated like overrides: replace(**{'distill.alpha': 1.0})."""
+        return _build(_merge_overrides(self.to_dict(), changes, self.source), self.source)
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# Range rules: (dotted key, predicate, what the value must be).
+_RULES = [
+    ("data.seq_len", lambda v: v >= 2, "at least 2"),
+    ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
+    ("data.validation", lambda v: v in ("split", "dev"), "'split' or 'dev'"),
+    ("data.generated_words", lambda v: v > 0, "positive"),
+    ("tokenizer.kind", lambda v: v in ("bpe", "gpt2"), "'bpe' or 'gpt2'"),
+    ("tokenizer.vocab_size", lambda v: 260 <= v <= 1_000_000, "between 260 and 1000000"),
+    ("tokenizer.min_frequency", lambda v: v >= 1, "at least 1"),
+    ("teacher.dtype", lambda v: v in ("fp32", "fp16", "bf16"), "'fp32', 'fp16' or 'bf16'"),
+    ("teacher.quantization", lambda v: v in ("none", "4bit", "8bit"), "'none', '4bit' or '8bit'"),
+    ("teacher.precision", lambda v: v in ("fp32", "fp16", "bf16"), "'fp32', 'fp16' or 'bf16'"),
+    ("teacher.schedule", lambda v: v in ("cosine", "linear", "constant"), "'cosine', 'linear' or 'constant'"),
+    ("student.precision", lambda v: v in ("fp32", "fp16", "bf16"), "'fp32', 'fp16' or 'bf16'"),
+    ("student.schedule", lambda v: v in ("cosine", "linear", "constant"), "'cosine', 'linear' or 'constant'"),
+    ("cache.value_code", lambda v: v in ("float16", "gap8"), "'float16' or 'gap8'"),
+    ("cache.k", lambda v: v >= 1, "at least 1"),
+    ("cache.temperatures", lambda v: len(v) >= 1 and all(t > 0 for t in v), "a non-empty list of positive numbers"),
+    ("cache.splits", lambda v: len(v) >= 1 and set(v) <= {"train", "val"}, "a list of 'train' and/or 'val'"),
+    ("distill.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("distill.temperature", lambda v: v > 0, "positive"),
+    ("distill.k", lambda v: v >= 0, "at least 0 (0: all cached)"),
+    ("distill.mode", lambda v: v in ("cached", "online"), "'cached' or 'online'"),
+    ("distill.sweep_alphas", lambda v: all(0 <= a <= 1 for a in v), "a list of values in [0, 1]"),
+    ("distill.sweep_temperatures", lambda v: all(t > 0 for t in v), "a list of positive numbers"),
+    ("distill.sweep_ks", lambda v: all(k >= 1 for k in v), "a list of positive integers"),
+]
+# Positive integers and non-negative numbers, checked by rule rather than one lambda each.
+_POSITIVE = [
+    "teacher.n_layer", "teacher.n_embd", "teacher.n_head", "teacher.lora_r", "teacher.lora_alpha",
+    "teacher.batch_size", "teacher.grad_accum", "cache.chunk_sequences", "cache.shard_chunks",
+    "cache.batch_size", "student.n_layer", "student.n_embd", "student.n_head", "student.batch_size",
+    "student.grad_accum", "student.shuffle_buffer", "eval.batch_size", "teacher.lr", "student.lr",
+    "teacher.epochs", "student.epochs",
+]
+_NON_NEGATIVE = [
+    "teacher.max_steps", "teacher.warmup_steps", "teacher.weight_decay", "teacher.grad_clip",
+    "teacher.eval_every", "teacher.checkpoint_every", "student.max_steps", "student.warmup_steps",
+    "student.weight_decay", "student.grad_clip", "student.eval_every", "student.checkpoint_every",
+    "eval.max_pairs_per_file", "teacher.lora_dropout", "student.dropout",
+]
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML experiment file, apply `key.sub=value` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    pairs = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. student.lr=3e-4)")
+        try:
+            pairs[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            pairs[key.strip()] = text
+    return _build(_merge_overrides(raw, pairs, str(path)), str(path))
+
+
+def _merge_overrides(raw: dict, pairs: dict, source: str) -> dict:
+    merged = json.loads(json.dumps(_plain(raw)))
+    for key, value in pairs.items():
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: override {key}: '{part}' is not a section")
+        node[leaf] = value
+    return merged
+
+
+def _build(raw: dict, source: str) -> Config:
+    raw = dict(raw)
+    raw.pop("source", None)
+    config = _from_dict(Config, raw, "", source)
+    config = dataclasses.replace(config, source=source)
+    values = config.to_dict()
+    for key, check, expected in _RULES:
+        _check(values, key, check, expected, source)
+    for key in _POSITIVE:
+        _check(values, key, lambda v: v > 0, "positive", source)
+    for key in _NON_NEGATIVE:
+        _check(values, key, lambda v: v >= 0, "at least 0", source)
+    if config.cache.k > config.tokenizer.vocab_size and config.tokenizer.kind == "bpe":
+        raise ConfigError(f"{source}: cache.k = {config.cache.k} is larger than the vocabulary "
+                          f"(tokenizer.vocab_size = {config.tokenizer.vocab_size})")
+    if config.distill.k and config.distill.k > config.cache.k:
+        raise ConfigError(f"{source}: distill.k = {config.distill.k} is larger than the cached "
+                          f"k (cache.k = {config.cache.k})")
+    for name in ("teacher", "student"):
+        section = getattr(config, name)
+        if section.n_embd % section.n_head:
+            raise ConfigError(f"{source}: {name}.n_embd = {section.n_embd} is not divisible by "
+                              f"{name}.n_head = {section.n_head}")
+        if section.batch_size % section.grad_accum:
+            raise ConfigError(f"{source}: {name}.batch_size = {section.batch_size} is not divisible "
+                              f"by {name}.grad_accum = {section.grad_accum}")
+    return config
+
+
+def _check(values: dict, key: str, check, expected: str, source: str) -> None:
+    section, leaf = key.split(".")
+    value = values[section][leaf]
+    if not check(value):
+        raise ConfigError(f"{source}: {key} = {value!r} must be {expected}")
+
+
+def _from_dict(cls, raw, prefix: str, source: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key '{prefix}{key}' "
+                              f"(known: {', '.join(sorted(known - {'source'}))})")
+    kwargs = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _from_dict(hint, value or {}, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value, hint, key: str, source: str):
+    """Check a YAML value against a field's type; ints are accepted where floats are expected."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        (item_type, _ellipsis) = typing.get_args(hint)
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return tuple(_coerce(v, item_type, key, source) for v in value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    return value
+
+

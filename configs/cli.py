@@ -1,0 +1,63 @@
+"""The command-line shape every module shares: `--config FILE key.sub=value ...`.
+
+`run(main, description)` parses that, loads the config and calls `main(config)`. A `UserError`
+(bad config, missing file, mismatched cache, ...) or a full disk ends with one line on stderr and
+exit code 2; Ctrl-C ends with exit code 130 after `main` has kept what was complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import sys
+from pathlib import Path
+from typing import Callable
+
+from configs import CONFIG_DIR, Config, UserError, load_config
+
+DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+
+
+def parse(description: str, argv: list[str] | None = None,
+          extra: Callable[[argparse.ArgumentParser], None] | None = None):
+    """Parse `--config FILE` plus dotted overrides; returns (config, parsed args)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG),
+                        help=f"experiment YAML (default: {DEFAULT_CONFIG.name})")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="override config keys, e.g. student.lr=3e-4 run_dir=/tmp/x")
+    if extra:
+        extra(parser)
+    args = parser.parse_args(argv)
+    return load_config(Path(args.config), args.overrides), args
+
+
+def run(main: Callable[..., object], description: str, argv: list[str] | None = None,
+        extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Entry point of a `python -m` module: parse, run, and turn user errors into exit code 2."""
+    def body():
+        config, args = parse(description, argv, extra)
+        return main(config, args) if extra else main(config)
+    exit_on_user_error(body)
+
+
+def exit_on_user_error(body: Callable[[], object]) -> None:
+    try:
+        body()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: disk full while writing{where}: free space and rerun the same command; "
+              "finished work is kept", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept; rerun the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)
+
+
+__all__ = ["Config", "parse", "run", "exit_on_user_error"]

@@ -1,0 +1,137 @@
+"""Token store: packed fixed-length token sequences (N, L) in a Zarr v3 group.
+
+Row i is "sequence i" everywhere in the project. The manifest (group attribute `manifest`) records
+the format version, source files (name, bytes, sha256), split rule, tokenizer fingerprint and
+vocabulary, seq_len, N, the text bytes behind the tokens (for bits per byte) and a fingerprint of
+the tokens themselves. A store is written into `<path>.partial` and renamed into place only when
+complete, so a crash never leaves a half-written store that looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from storage.errors import CorruptData, StoreNotFound
+from storage.zarr_codecs import checked_compressors
+
+FORMAT_VERSION = 1
+KIND = "token_store"
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def tokens_fingerprint(sequences: np.ndarray) -> str:
+    """sha256 of the shape, dtype and bytes of the packed tokens."""
+    digest = hashlib.sha256(f"{sequences.shape}|{sequences.dtype.str}|".encode())
+    digest.update(np.ascontiguousarray(sequences).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class TokenStore:
+    """A read-only view of a token store; reads rows on demand, never the whole store."""
+
+    path: Path
+    manifest: dict
+    array: zarr.Array
+
+    @property
+    def n_sequences(self) -> int:
+        return self.array.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.array.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["tokenizer"]["vocab_size"]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def tokenizer_fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.array.chunks[0]
+
+    def __len__(self) -> int:
+        return self.n_sequences
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) as stored (uint16/uint32); one contiguous read."""
+        try:
+            return self.array[start:stop]
+        except ValueError as exc:
+            raise CorruptData(f"token store {self.path}: rows {start}-{stop}: {exc}") from None
+
+
+def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict,
+                      chunk_rows: int = 256) -> TokenStore:
+    """Write `sequences` (N, L) with `manifest` (source files, split, tokenizer, text_bytes, ...).
+
+    The format fields (version, N, seq_len, fingerprint) are filled in here. An existing store at
+    `path` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    if sequences.ndim != 2 or sequences.shape[0] == 0:
+        raise ValueError(f"sequences must be a non-empty (N, L) array, got {sequences.shape}")
+    sequences = sequences.astype(token_dtype(manifest["tokenizer"]["vocab_size"]), copy=False)
+    full_manifest = {
+        "format": KIND,
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "n_sequences": int(sequences.shape[0]),
+        "seq_len": int(sequences.shape[1]),
+        "n_tokens": int(sequences.size),
+        "dtype": sequences.dtype.name,
+        "fingerprint": tokens_fingerprint(sequences),
+    }
+    partial = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    group = zarr.open_group(partial, mode="w")
+    rows = min(chunk_rows, sequences.shape[0])
+    group.create_array("tokens", data=sequences, chunks=(rows, sequences.shape[1]),
+                       compressors=checked_compressors())
+    group.attrs["manifest"] = full_manifest
+    if path.exists():
+        stale = path.with_name(path.name + ".old")
+        shutil.rmtree(stale, ignore_errors=True)
+        path.rename(stale)
+        partial.rename(path)
+        shutil.rmtree(stale)
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial.rename(path)
+    return open_token_store(path)
+
+
+def open_token_store(path: Path | str) -> TokenStore:
+    """Open a finished token store; a missing or unreadable one is a typed error naming the path."""
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        hint = " (an unfinished write was left; rerun `make data`)" if path.with_name(
+            path.name + ".partial").exists() else " (run `make data` first)"
+        raise StoreNotFound(f"no token store at {path}{hint}")
+    try:
+        group = zarr.open_group(path, mode="r")
+        manifest = dict(group.attrs["manifest"])
+        array = group["tokens"]
+    except (KeyError, ValueError, OSError) as exc:
+        raise CorruptData(f"token store {path} is unreadable: {exc}") from None
+    if manifest.get("format") != KIND:
+        raise CorruptData(f"{path} is not a token store (format {manifest.get('format')!r})")
+    return TokenStore(path=path, manifest=manifest, array=array)

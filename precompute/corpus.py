@@ -1,0 +1,164 @@
+"""Corpus preparation (`make data`): BabyLM text files -> tokenizer -> train/val token stores.
+
+Reads every `*.train` file of `data.dir` (BabyLM 2023 and 2024 layouts), and splits each file
+into train and validation keeping its line order: validation is the last `val_fraction` of every
+file's lines, so dialogue stays coherent on both sides. With `data.validation: dev` the official
+`*.dev` files are the validation set instead. With `data.dir` empty, the built-in generated
+corpus is written to `<run>/corpus/` and used.
+
+Each file is one document: its lines joined by newlines, followed by `<|endoftext|>`. The
+document stream is packed into rows of `seq_len` tokens; the last partial row is dropped.
+Outputs: `<run>/tokens/{train,val}.txt` (the combined texts, for inspection),
+`<run>/tokenizer/`, `<run>/tokens/{train,val}.zarr` and the resolved config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from configs import Config, UserError
+from configs.cli import run
+from precompute.tokenizer import build_tokenizer, tokenizer_dir, tokenizer_facts
+from storage.tokens import write_token_store
+
+SPLITS = ("train", "val")
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One corpus file, decoded, with what the manifest records about it."""
+
+    name: str
+    lines: list[str]
+    bytes: int
+    sha256: str
+    replaced: int
+    """Invalid UTF-8 sequences decoded as U+FFFD."""
+
+    def facts(self) -> dict:
+        return {"name": self.name, "bytes": self.bytes, "sha256": self.sha256,
+                "lines": len(self.lines), "invalid_utf8_replaced": self.replaced}
+
+
+def read_source(path: Path) -> SourceFile:
+    """Read one text file; invalid UTF-8 is replaced and counted, binary and empty files refused."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise UserError(f"corpus file {path} looks binary (contains NUL bytes)")
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.decode("utf-8", errors="ignore").count("\ufffd")
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise UserError(f"corpus file {path} is empty")
+    return SourceFile(name=path.name, lines=lines, bytes=len(data),
+                      sha256=hashlib.sha256(data).hexdigest(), replaced=replaced)
+
+
+def find_sources(directory: Path, suffix: str) -> list[SourceFile]:
+    if not directory.is_dir():
+        raise UserError(f"corpus directory {directory} does not exist")
+    paths = sorted(directory.glob(f"*{suffix}"))
+    if not paths:
+        raise UserError(f"no *{suffix} files in {directory}")
+    return [read_source(path) for path in paths]
+
+
+def split_documents(cfg: Config, corpus_dir: Path) -> tuple[dict[str, list[list[str]]], dict]:
+    """{split: [document lines, ...]} and the split facts for the manifest."""
+    train_files = find_sources(corpus_dir, ".train")
+    if cfg.data.validation == "dev":
+        dev_dir = Path(cfg.data.dev_dir) if cfg.data.dev_dir else corpus_dir.parent / "dev"
+        dev_files = find_sources(dev_dir, ".dev")
+        documents = {"train": [f.lines for f in train_files], "val": [f.lines for f in dev_files]}
+        rule = {"validation": "dev", "dev_dir": str(dev_dir),
+                "dev_files": [f.facts() for f in dev_files]}
+    else:
+        documents = {"train": [], "val": []}
+        for source in train_files:
+            n_val = max(1, math.ceil(len(source.lines) * cfg.data.val_fraction))
+            if n_val >= len(source.lines):
+                raise UserError(f"corpus file {source.name} has {len(source.lines)} line(s): too "
+                                "few to split into train and validation")
+            documents["train"].append(source.lines[:-n_val])
+            documents["val"].append(source.lines[-n_val:])
+        rule = {"validation": "split", "val_fraction": cfg.data.val_fraction,
+                "rule": "the last val_fraction of each file's non-empty lines is validation"}
+    return documents, {"source_files": [f.facts() for f in train_files], "split_rule": rule}
+
+
+def pack(documents: list[list[str]], tokenizer, seq_len: int) -> tuple[np.ndarray, int]:
+    """Tokenize documents, join them with end-of-text, pack rows of `seq_len`.
+
+    Returns the (N, seq_len) rows and the UTF-8 bytes of the text behind the kept tokens (the
+    dropped tail is decoded to subtract its bytes exactly).
+    """
+    lines = [line + "\n" for doc in documents for line in doc]
+    encodings = tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
+    eos = tokenizer.eos_token_id
+    stream, position = [], 0
+    for doc in documents:
+        for encoding in encodings[position:position + len(doc)]:
+            stream.extend(encoding.ids)
+        stream.append(eos)
+        position += len(doc)
+    tokens = np.asarray(stream, dtype=np.int64)
+    n_rows = len(tokens) // seq_len
+    if n_rows == 0:
+        raise UserError(f"the corpus has {len(tokens)} tokens, fewer than one sequence of "
+                        f"seq_len {seq_len}")
+    text_bytes = sum(len(line.encode()) for line in lines)
+    dropped = tokens[n_rows * seq_len:]
+    text_bytes -= len(tokenizer.decode(dropped[dropped != eos].tolist()).encode())
+    return tokens[:n_rows * seq_len].reshape(n_rows, seq_len), text_bytes
+
+
+def corpus_dir(cfg: Config) -> Path:
+    """`data.dir`, or the built-in corpus generated into `<run>/corpus/` when it is empty."""
+    if cfg.data.dir:
+        return Path(cfg.data.dir)
+    from precompute.generate import write_corpus, write_minimal_pairs
+
+    out = cfg.run_path / "corpus"
+    summary = write_corpus(out, words=cfg.data.generated_words, seed=cfg.data.seed)
+    write_minimal_pairs(out / "minimal_pairs", pairs_per_phenomenon=200, seed=cfg.data.seed)
+    print(f"data.dir is empty: using the built-in generated corpus ({summary['words']:,} words) "
+          f"in {out}")
+    return out
+
+
+def prepare(cfg: Config) -> dict[str, Path]:
+    """Run the whole corpus stage; returns {split: token store path}."""
+    source_dir = corpus_dir(cfg)
+    documents, facts = split_documents(cfg, source_dir)
+    out = cfg.run_path / "tokens"
+    out.mkdir(parents=True, exist_ok=True)
+    for split in SPLITS:
+        (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc) for doc in documents[split]))
+    tokenizer = build_tokenizer(cfg.tokenizer, (line for doc in documents["train"] for line in doc))
+    tokenizer.save_pretrained(str(tokenizer_dir(cfg.run_path)))
+    stores = {}
+    for split in SPLITS:
+        rows, text_bytes = pack(documents[split], tokenizer, cfg.data.seq_len)
+        stores[split] = out / f"{split}.zarr"
+        store = write_token_store(stores[split], sequences=rows, manifest={
+            "split": split, "corpus_dir": str(source_dir), **facts,
+            "tokenizer": tokenizer_facts(tokenizer), "text_bytes": text_bytes,
+        })
+        print(f"{split}: {store.n_sequences:,} sequences x {store.seq_len} tokens "
+              f"({text_bytes / store.n_sequences / store.seq_len:.2f} bytes/token) -> {store.path}")
+    cfg.save(out)
+    return stores
+
+
+def main(cfg: Config) -> None:
+    prepare(cfg)
+
+
+if __name__ == "__main__":
+    run(main, "Prepare the corpus: split, tokenizer, train/val token stores.")

@@ -1,0 +1,137 @@
+"""Corpus stage: split, tokenizer, token stores, manifests; bad input ends with exit code 2."""
+
+import hashlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from transformers import GPT2TokenizerFast
+
+from configs import load_config
+from precompute.corpus import prepare, read_source
+from precompute.tokenizer import fingerprint, load_tokenizer
+from storage.errors import StoreNotFound
+from storage.tokens import open_token_store, write_token_store
+from tests.conftest import REPO
+
+DEMO = REPO / "configs" / "demo.yaml"
+
+
+def run_corpus(*overrides):
+    return subprocess.run([sys.executable, "-m", "precompute.corpus", "--config", str(DEMO),
+                           *overrides], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_babylm_2023_stores_list_sources_and_reproduce(shared_data, tmp_path):
+    corpus = shared_data / "babylm" / "2023" / "train_10M"
+    result = run_corpus(f"data.dir={corpus}", f"run_dir={tmp_path / 'a'}")
+    assert result.returncode == 0, result.stderr
+    train = open_token_store(tmp_path / "a" / "tokens" / "train.zarr")
+    val = open_token_store(tmp_path / "a" / "tokens" / "val.zarr")
+    files = {f["name"]: f for f in train.manifest["source_files"]}
+    assert sorted(files) == ["aochildes.train", "cbt.train", "children_stories.train",
+                             "switchboard.train"]
+    for name, facts in files.items():
+        data = (corpus / name).read_bytes()
+        assert facts["sha256"] == hashlib.sha256(data).hexdigest()
+        assert facts["bytes"] == len(data)
+    tokenizer = load_tokenizer(tmp_path / "a")
+    assert train.tokenizer_fingerprint == val.tokenizer_fingerprint == fingerprint(tokenizer)
+    assert train.manifest["n_sequences"] == train.n_sequences > 15 * val.n_sequences > 0
+    assert (tmp_path / "a" / "tokens" / "config.yaml").is_file()
+
+    cfg = load_config(DEMO, [f"data.dir={corpus}", f"run_dir={tmp_path / 'b'}"])
+    prepare(cfg)
+    again = open_token_store(tmp_path / "b" / "tokens" / "train.zarr")
+    assert again.fingerprint == train.fingerprint
+    assert again.tokenizer_fingerprint == train.tokenizer_fingerprint
+
+
+def test_split_keeps_each_files_order_and_takes_its_tail(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for source in ("a", "b"):
+        (corpus / f"{source}.train").write_text(
+            "".join(f"{source} line number {i} .\n" for i in range(100)))
+    cfg = load_config(DEMO, [f"data.dir={corpus}", f"run_dir={tmp_path / 'run'}",
+                             "tokenizer.vocab_size=300", "data.seq_len=16"])
+    prepare(cfg)
+    val_text = (tmp_path / "run" / "tokens" / "val.txt").read_text().split("\n\n")
+    assert val_text == ["\n".join(f"{s} line number {i} ." for i in range(95, 100)) for s in "ab"]
+    train_text = (tmp_path / "run" / "tokens" / "train.txt").read_text()
+    assert train_text.index("a line number 3 .") < train_text.index("a line number 94 .")
+    assert "number 95" not in train_text
+
+
+def test_gpt2_tokenizer_ids_match_gpt2_tokenizer_fast(shared_data, tmp_path):
+    corpus = shared_data / "babylm" / "2024" / "train_10M"
+    gpt2_dir = shared_data / "gpt2-tokenizer"
+    cfg = load_config(DEMO, [f"data.dir={corpus}", f"run_dir={tmp_path}", "tokenizer.kind=gpt2",
+                             f"tokenizer.path={gpt2_dir}", "cache.k=32"])
+    prepare(cfg)
+    store = open_token_store(tmp_path / "tokens" / "train.zarr")
+    assert store.vocab_size == 50257 and store.manifest["dtype"] == "uint16"
+    reference = GPT2TokenizerFast.from_pretrained(str(gpt2_dir))
+    first_file = sorted(corpus.glob("*.train"))[0]
+    lines = [line.strip() for line in first_file.read_text().splitlines() if line.strip()][:20]
+    expected = reference("".join(line + "\n" for line in lines))["input_ids"]
+    assert store.read(0, 1)[0].tolist() == expected[:store.seq_len]
+    assert load_tokenizer(tmp_path)("Hello world")["input_ids"] == [15496, 995]
+
+
+def test_dev_files_as_validation(shared_data, tmp_path):
+    root = shared_data / "babylm" / "2024"
+    cfg = load_config(DEMO, [f"data.dir={root / 'train_10M'}", f"run_dir={tmp_path}",
+                             "data.validation=dev", "tokenizer.vocab_size=512"])
+    prepare(cfg)
+    val = open_token_store(tmp_path / "tokens" / "val.zarr")
+    assert val.manifest["split_rule"]["validation"] == "dev"
+    assert [f["name"] for f in val.manifest["split_rule"]["dev_files"]] == ["switchboard.dev"]
+
+
+def test_invalid_utf8_is_replaced_and_counted(tmp_path):
+    path = tmp_path / "x.train"
+    path.write_bytes(b"good line\nbad \xff\xfe bytes\n")
+    source = read_source(path)
+    assert source.replaced == 2
+    assert source.lines == ["good line", "bad \ufffd\ufffd bytes"]
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing_dir", "does not exist"),
+    ("no_train_files", "no *.train files"),
+    ("empty_file", "is empty"),
+    ("unknown_key", "unknown key 'data.sequence_length'"),
+    ("negative_seq_len", "data.seq_len = -5 must be at least 2"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, case, expected):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    overrides = [f"data.dir={corpus}", f"run_dir={tmp_path / 'run'}"]
+    if case == "missing_dir":
+        overrides[0] = f"data.dir={tmp_path / 'nowhere'}"
+    elif case == "no_train_files":
+        (corpus / "notes.txt").write_text("not a corpus file\n")
+    elif case == "empty_file":
+        (corpus / "a.train").write_text("some text here\n" * 50)
+        (corpus / "b.train").write_text("\n\n")
+    elif case == "unknown_key":
+        overrides.append("data.sequence_length=64")
+    elif case == "negative_seq_len":
+        overrides.append("data.seq_len=-5")
+    result = run_corpus(*overrides)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "tokens" / "train.zarr").exists()
+
+
+def test_unfinished_store_is_not_mistaken_for_a_finished_one(tmp_path):
+    manifest = {"tokenizer": {"fingerprint": "f", "vocab_size": 300}}
+    rows = np.arange(64, dtype=np.int64).reshape(4, 16)
+    store = write_token_store(tmp_path / "t.zarr", sequences=rows, manifest=manifest)
+    assert np.array_equal(store.read(1, 3), rows[1:3])
+    (tmp_path / "u.zarr.partial").mkdir()
+    with pytest.raises(StoreNotFound, match="unfinished"):
+        open_token_store(tmp_path / "u.zarr")

@@ -1,0 +1,408 @@
+"""Evaluation of every model of a run: language-model metrics and minimal pairs.
+
+`make eval` (`python -m student.evaluate --config CONFIG [run_dir=RUN] [eval.minimal_pairs=DIR]`)
+scores the run's teacher, every finished student under `students/*` and the extra `eval.models`,
+then writes `RUN/reports/results.json`, `report.md` and training-curve PNGs (student/report.py).
+
+Language-model metrics (`lm_metrics`) on the validation token store `tokens/val.zarr`:
+  * each row is scored on its own: position t is predicted from tokens 0..t-1 of the same row, so
+    the first token of every row has no context and is not scored (L - 1 scored tokens per row);
+  * loss = mean negative log-likelihood per scored token (nats), perplexity = exp(loss);
+  * bits per byte = total nats / ln 2 / bytes, where the UTF-8 bytes behind the scored tokens are
+    approximated as scored tokens x text_bytes / n_tokens from the store's manifest (the average
+    bytes per token of the whole store; exact per token would need an offset map, and the store's
+    average is what differs between tokenizers).
+
+Minimal pairs (`read_pair_dir`, `score_pairs`) in BLiMP's jsonl format (`sentence_good`,
+`sentence_bad`, optional `field`, `UID`, `pairID` or `pair_id`): every token of a sentence is
+scored after a prepended BOS (`<|endoftext|>`) token; a pair is right when the good sentence's
+summed log-probability is strictly higher. Ties count as wrong and are reported separately.
+Accuracy is reported per file (phenomenon), per field (the mean over files of each file's accuracy
+on its pairs of that field), and as the macro average over files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from configs import Config, UserError
+from storage.tokens import TokenStore, open_token_store
+from student.model import resolve_device
+
+MAX_TIE_IDS = 20
+"""Pair ids of ties listed per file in the results (the count is always complete)."""
+
+
+# ----------------------------------------------------------------------------- scoring primitives
+
+def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """log p(token t | tokens < t) for t = 1..T-1 of each row.
+
+    input_ids: (B, T) int64; attention_mask: (B, T) 1 for real tokens, 0 for right padding.
+    Returns (B, T - 1) float32; padded positions hold 0.
+    """
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = input_ids[:, 1:]
+    # log_softmax(z)[y] = z[y] - logsumexp(z), without materialising a second (B, T, V) tensor.
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    if attention_mask is not None:
+        logprobs = logprobs * attention_mask[:, 1:].to(logprobs.dtype)
+    return logprobs
+
+
+def lm_metrics(model, store: TokenStore, *, batch_size: int = 64, device: str | torch.device = "cpu",
+               max_sequences: int = 0, desc: str = "val") -> dict:
+    """Mean token loss, perplexity and bits per byte of `model` on a token store (see module doc).
+
+    Returns {"loss", "perplexity", "bits_per_byte" (None without `text_bytes` in the manifest),
+    "tokens" (scored), "bytes" (estimated), "sequences"}.
+    """
+    n_rows = min(store.n_sequences, max_sequences) if max_sequences else store.n_sequences
+    context = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", None)
+    if context is not None and store.seq_len > context:
+        raise UserError(f"{store.path}: rows of {store.seq_len} tokens are longer than the model's "
+                        f"context of {context} positions")
+    if model.config.vocab_size < store.vocab_size:
+        raise UserError(f"{store.path}: vocabulary of {store.vocab_size} tokens is larger than the "
+                        f"model's ({model.config.vocab_size}); it was made with another tokenizer")
+    device = torch.device(device)
+    model.eval()
+    total_nats = 0.0
+    scored_per_row = store.seq_len - 1
+    with torch.inference_mode(), tqdm(total=n_rows * scored_per_row, desc=desc, unit="tok",
+                                      unit_scale=True, leave=False) as bar:
+        for start in range(0, n_rows, batch_size):
+            rows = store.read(start, min(start + batch_size, n_rows))
+            ids = torch.from_numpy(rows.astype(np.int64)).to(device)
+            total_nats -= token_logprobs(model, ids).double().sum().item()
+            bar.update(ids.shape[0] * scored_per_row)
+    tokens = n_rows * scored_per_row
+    loss = total_nats / tokens
+    text_bytes = store.manifest.get("text_bytes")
+    n_tokens = store.manifest.get("n_tokens") or store.n_sequences * store.seq_len
+    scored_bytes = tokens * text_bytes / n_tokens if text_bytes else None
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nats / math.log(2) / scored_bytes if scored_bytes else None,
+        "tokens": tokens,
+        "bytes": scored_bytes,
+        "sequences": n_rows,
+    }
+
+
+def sentence_logprobs(model, tokenizer, sentences: list[str], *, batch_size: int = 64,
+                      device: str | torch.device = "cpu", desc: str = "sentences") -> np.ndarray:
+    """Summed log-probability of each sentence, every token scored after a prepended BOS.
+
+    Sentences are sorted by length (longest first, so memory trouble shows at once) and batched
+    right-padded with an attention mask. A sentence longer than the model's context is cut to it
+    (both sides of a pair alike in practice; BLiMP sentences are short). Returns (S,) float64.
+    """
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if bos is None:
+        raise UserError(f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token")
+    context = getattr(model.config, "n_positions", None) or getattr(
+        model.config, "max_position_embeddings", None) or 1 << 30
+    encoded = [[bos, *ids][:context]
+               for ids in tokenizer(list(sentences), add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    device = torch.device(device)
+    scores = np.zeros(len(encoded), dtype=np.float64)
+    model.eval()
+    with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="sent",
+                                      leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            width = len(encoded[batch[0]])
+            ids = torch.full((len(batch), width), bos, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, index in enumerate(batch):
+                ids[row, :len(encoded[index])] = torch.tensor(encoded[index])
+                mask[row, :len(encoded[index])] = 1
+            sums = token_logprobs(model, ids.to(device), mask.to(device)).double().sum(-1)
+            scores[batch] = sums.cpu().numpy()
+            bar.update(len(batch))
+    return scores
+
+
+# ----------------------------------------------------------------------------- minimal-pair files
+
+@dataclass(frozen=True)
+class MinimalPair:
+    good: str
+    bad: str
+    pair_id: object
+    """`pairID` or `pair_id` from the line (the line number when neither is given)."""
+    field: str | None
+
+
+@dataclass(frozen=True)
+class PairFile:
+    name: str
+    """The phenomenon: the file's path below the folder, without `.jsonl`."""
+    path: Path
+    pairs: tuple[MinimalPair, ...]
+    malformed: tuple[str, ...]
+    """`path:line: reason` for every skipped line."""
+
+
+def read_pair_file(path: Path | str, *, name: str | None = None, max_pairs: int = 0) -> PairFile:
+    """Parse one BLiMP-style jsonl file; malformed lines are recorded and skipped, never fatal."""
+    path = Path(path)
+    pairs, malformed = [], []
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            if max_pairs and len(pairs) >= max_pairs:
+                break
+            problem = None
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                item, problem = None, f"not JSON ({exc.msg})"
+            if problem is None and not isinstance(item, dict):
+                problem = "not a JSON object"
+            if problem is None:
+                missing = [key for key in ("sentence_good", "sentence_bad")
+                           if not isinstance(item.get(key), str) or not item[key].strip()]
+                if missing:
+                    problem = f"missing or empty {' and '.join(missing)}"
+            if problem:
+                malformed.append(f"{path}:{number}: {problem}")
+                continue
+            pair_id = item.get("pairID", item.get("pair_id", number))
+            field = item.get("field")
+            pairs.append(MinimalPair(good=item["sentence_good"], bad=item["sentence_bad"],
+                                     pair_id=pair_id, field=field if isinstance(field, str) else None))
+    return PairFile(name=name or path.stem, path=path, pairs=tuple(pairs), malformed=tuple(malformed))
+
+
+def read_pair_dir(directory: Path | str, *, max_pairs_per_file: int = 0) -> list[PairFile]:
+    """Every `*.jsonl` below `directory` (recursively, so a folder of BLiMP folders works)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"minimal-pairs folder {directory} does not exist")
+    paths = sorted(directory.rglob("*.jsonl"))
+    if not paths:
+        raise UserError(f"no *.jsonl minimal-pair files in {directory}")
+    return [read_pair_file(path, name=str(path.relative_to(directory).with_suffix("")),
+                           max_pairs=max_pairs_per_file) for path in paths]
+
+
+def score_pairs(model, tokenizer, files: list[PairFile], *, batch_size: int = 64,
+                device: str | torch.device = "cpu", desc: str = "pairs") -> dict:
+    """Accuracy of `model` on minimal-pair files (see module doc for the rule and the averages).
+
+    Each distinct sentence is scored once. Returns {"files": {name: {"pairs", "correct", "ties",
+    "accuracy", "tie_ids"}}, "fields": {field: accuracy}, "macro_accuracy", "pairs", "correct",
+    "ties"}; files without pairs are left out of the averages.
+    """
+    sentences = sorted({s for f in files for p in f.pairs for s in (p.good, p.bad)})
+    scores = dict(zip(sentences, sentence_logprobs(model, tokenizer, sentences,
+                                                   batch_size=batch_size, device=device, desc=desc)))
+    per_file, field_accuracies = {}, defaultdict(list)
+    for pair_file in files:
+        if not pair_file.pairs:
+            continue
+        margins = np.array([scores[p.good] - scores[p.bad] for p in pair_file.pairs])
+        right, tie = margins > 0, margins == 0
+        per_file[pair_file.name] = {
+            "pairs": len(margins), "correct": int(right.sum()), "ties": int(tie.sum()),
+            "accuracy": float(right.mean()),
+            "tie_ids": [p.pair_id for p, t in zip(pair_file.pairs, tie) if t][:MAX_TIE_IDS],
+        }
+        fields = np.array([p.field or "" for p in pair_file.pairs])
+        for field in sorted(set(fields) - {""}):
+            field_accuracies[field].append(float(right[fields == field].mean()))
+    accuracies = [entry["accuracy"] for entry in per_file.values()]
+    return {
+        "files": per_file,
+        "fields": {field: float(np.mean(values)) for field, values in sorted(field_accuracies.items())},
+        "macro_accuracy": float(np.mean(accuracies)) if accuracies else None,
+        "pairs": sum(e["pairs"] for e in per_file.values()),
+        "correct": sum(e["correct"] for e in per_file.values()),
+        "ties": sum(e["ties"] for e in per_file.values()),
+    }
+
+
+# ----------------------------------------------------------------------------- models of a run
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    """Row label: 'teacher', 'students/<run>', or the path/name given in eval.models."""
+    kind: str
+    """'teacher', 'student' or 'extra'."""
+    source: str
+    """Folder or hub name passed to from_pretrained."""
+
+
+def has_weights(folder: Path) -> bool:
+    """A finished save_pretrained folder (the trainer writes these last; checkpoint/ is separate)."""
+    return (folder / "config.json").is_file() and any(
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
+                                               "pytorch_model.bin", "adapter_model.safetensors"))
+
+
+def find_models(cfg: Config) -> list[ModelEntry]:
+    """The run's teacher, its finished students (sorted by name), then `eval.models`."""
+    run = cfg.run_path
+    entries = []
+    if has_weights(run / "teacher") or (run / "teacher" / "adapter_config.json").is_file():
+        entries.append(ModelEntry("teacher", "teacher", str(run / "teacher")))
+    students = run / "students"
+    for folder in sorted(students.iterdir() if students.is_dir() else []):
+        if has_weights(folder):
+            entries.append(ModelEntry(f"students/{folder.name}", "student", str(folder)))
+    entries += [ModelEntry(name, "extra", name) for name in cfg.eval.models]
+    return entries
+
+
+def load_model(source: str, *, device: torch.device):
+    """A causal LM from a save_pretrained folder, a PEFT adapter folder or a hub name, in eval mode.
+
+    Evaluation runs in fp32 on the CPU and in the checkpoint's own dtype on a GPU.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(source)
+    dtype = torch.float32 if device.type == "cpu" else "auto"
+    try:
+        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+            from peft import AutoPeftModelForCausalLM
+            model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except OSError as exc:
+        raise UserError(f"cannot load model '{source}': {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval()
+
+
+def own_tokenizer(source: str):
+    """The tokenizer saved beside a model, or None when the folder has none."""
+    from transformers import AutoTokenizer
+
+    folder = Path(source)
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(str(folder))
+
+
+def training_facts(folder: Path) -> dict:
+    """alpha, temperature and k from a student's resolved config.yaml (empty when absent)."""
+    path = folder / "config.yaml"
+    try:
+        distill = (yaml.safe_load(path.read_text()) or {}).get("distill") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return {}
+    return {key: distill[key] for key in ("alpha", "temperature", "k", "mode") if key in distill}
+
+
+def pairs_folder(cfg: Config) -> tuple[Path | None, str]:
+    """eval.minimal_pairs, else the demo's `<run>/corpus/minimal_pairs`, else none (and why)."""
+    if cfg.eval.minimal_pairs:
+        return Path(cfg.eval.minimal_pairs), ""
+    demo = cfg.run_path / "corpus" / "minimal_pairs"
+    if demo.is_dir() and any(demo.rglob("*.jsonl")):
+        return demo, ""
+    return None, (f"minimal pairs skipped: eval.minimal_pairs is empty and {demo} has no *.jsonl")
+
+
+def evaluate_run(cfg: Config) -> dict:
+    """Score every model of the run (see module doc); returns the results dict of results.json."""
+    run = cfg.run_path
+    device = resolve_device(cfg.student.device)
+    models = find_models(cfg)
+    if not models:
+        raise UserError(f"nothing to evaluate in {run}: no teacher/, no finished students/*, "
+                        "and eval.models is empty")
+    notes = []
+    val_path = run / "tokens" / "val.zarr"
+    val = open_token_store(val_path) if val_path.exists() else None
+    if val is None:
+        notes.append(f"LM metrics skipped: no validation token store at {val_path}")
+    run_tokenizer = None
+    if (run / "tokenizer").is_dir():
+        from precompute.tokenizer import load_tokenizer
+        run_tokenizer = load_tokenizer(run)
+    pair_dir, pair_note = pairs_folder(cfg)
+    pair_files = read_pair_dir(pair_dir, max_pairs_per_file=cfg.eval.max_pairs_per_file) \
+        if pair_dir else []
+    if pair_note:
+        notes.append(pair_note)
+    malformed = [line for f in pair_files for line in f.malformed]
+    for line in malformed[:10]:
+        print(f"warning: skipped malformed minimal pair {line}")
+    if len(malformed) > 10:
+        print(f"warning: ... {len(malformed) - 10} more malformed lines (all in results.json)")
+
+    rows = []
+    for entry in models:
+        print(f"evaluating {entry.name} ({entry.source}) on {device}")
+        model = load_model(entry.source, device=device)
+        row = {"name": entry.name, "kind": entry.kind, "path": entry.source,
+               "params": sum(p.numel() for p in model.parameters())}
+        if entry.kind == "student":
+            row["training"] = training_facts(Path(entry.source))
+        tokenizer = own_tokenizer(entry.source) if entry.kind == "extra" else None
+        same_tokens = tokenizer is None or (
+            run_tokenizer is not None and _fingerprint(tokenizer) == _fingerprint(run_tokenizer))
+        tokenizer = tokenizer or run_tokenizer
+        if val is not None and same_tokens:
+            row["lm"] = lm_metrics(model, val, batch_size=cfg.eval.batch_size, device=device,
+                                   desc=f"{entry.name} val")
+        elif val is not None:
+            row["lm_skipped"] = "the model's own tokenizer differs from the run's"
+        if pair_files and tokenizer is None:
+            row["minimal_pairs_skipped"] = f"no tokenizer (none in {run / 'tokenizer'} or beside the model)"
+        elif pair_files:
+            row["minimal_pairs"] = score_pairs(model, tokenizer, pair_files,
+                                               batch_size=cfg.eval.batch_size, device=device,
+                                               desc=f"{entry.name} pairs")
+        rows.append(row)
+        del model
+    return {
+        "run_dir": str(run),
+        "config": cfg.source,
+        "device": str(device),
+        "val_store": str(val_path) if val is not None else None,
+        "minimal_pairs_dir": str(pair_dir) if pair_dir else None,
+        "minimal_pairs_files": {f.name: len(f.pairs) for f in pair_files},
+        "malformed_lines": malformed,
+        "notes": notes,
+        "models": rows,
+    }
+
+
+def _fingerprint(tokenizer) -> str:
+    from precompute.tokenizer import fingerprint
+    return fingerprint(tokenizer)
+
+
+def main(cfg: Config) -> None:
+    from student.report import print_summary, write_report
+
+    results = evaluate_run(cfg)
+    for note in results["notes"]:
+        print(note)
+    report = write_report(cfg.run_path, results)
+    print_summary(results, report)
+
+
+if __name__ == "__main__":
+    from configs.cli import run
+
+    run(main, "Evaluate the run's teacher and students: perplexity, bits/byte, minimal pairs.")

@@ -1,0 +1,190 @@
+"""Loading the teacher: a hub name or a local folder, fp32/fp16/bf16 or 4-bit NF4 / 8-bit through
+bitsandbytes, optionally with a PEFT LoRA adapter; plus the weights fingerprint that goes into
+the logit cache's manifest.
+
+Which teacher the logits job and the teacher evaluation use (`resolve_teacher`):
+  1. `<run>/teacher/` when it holds a finished teacher, i.e. `teacher.json` is there (written
+     last by `python -m precompute.teacher`, for a fine-tuned or a from-scratch teacher). That
+     folder is either a full model (full fine-tune, from scratch, or LoRA merged into a full
+     precision base) or, after QLoRA, a LoRA adapter whose base is the `base` named in
+     `teacher.json` (merging into 4-bit weights would round the fine-tune away).
+  2. Otherwise `cfg.teacher.model` (hub name or folder) with `cfg.teacher.adapter`, pretrained,
+     without fine-tuning. With `teacher.from_scratch` there is no such fallback: train first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from configs import Config, UserError
+
+TEACHER_DIR = "teacher"
+TEACHER_INFO = "teacher.json"
+"""Written last into <run>/teacher/: marks the teacher finished and says what it is."""
+ADAPTER_CONFIG = "adapter_config.json"
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TeacherNotFound(UserError):
+    """No model at the given path or hub name."""
+
+
+class VocabularyMismatch(UserError):
+    """The teacher's vocabulary is not the token store's."""
+
+
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where a teacher comes from: `model` (hub name or folder) plus an optional LoRA `adapter`
+    folder. `info` is the run's `teacher.json` when the teacher was trained here (else empty)."""
+
+    model: str
+    adapter: str = ""
+    info: dict | None = None
+
+
+def resolve_teacher(cfg: Config) -> TeacherSource:
+    """The teacher the logits job uses: the run's finished teacher, else `cfg.teacher.model`."""
+    folder = cfg.run_path / TEACHER_DIR
+    info_path = folder / TEACHER_INFO
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if (folder / ADAPTER_CONFIG).is_file():
+            return TeacherSource(model=info["base"], adapter=str(folder), info=info)
+        return TeacherSource(model=str(folder), info=info)
+    if cfg.teacher.from_scratch:
+        raise TeacherNotFound(f"teacher.from_scratch is set but {folder} holds no finished "
+                              "teacher: run `make teacher` first")
+    return TeacherSource(model=cfg.teacher.model, adapter=cfg.teacher.adapter)
+
+
+def load_teacher(name_or_path: str, *, dtype: str = "fp32", quantization: str = "none",
+                 adapter: str = "", device: torch.device | str = "cpu",
+                 trainable_adapter: bool = False) -> torch.nn.Module:
+    """A causal LM from a hub name or local folder, in `dtype` ('fp32', 'fp16', 'bf16') or
+    quantised ('4bit' NF4 with `dtype` as compute dtype, '8bit'), in eval mode on `device`.
+
+    `adapter`: a PEFT LoRA folder, merged into the weights when they are full precision and kept
+    as a PeftModel on quantised weights (`trainable_adapter` keeps it trainable, for resuming
+    QLoRA). Never runs remote code; reads safetensors only.
+    """
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    device = torch.device(device)
+    kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=False, use_safetensors=True)
+    if quantization == "4bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=DTYPES[dtype])
+    elif quantization == "8bit":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantization != "none":
+        raise UserError(f"teacher.quantization = {quantization!r} must be 'none', '4bit' or '8bit'")
+    if quantization != "none":
+        # bitsandbytes places (and quantises) the weights while loading
+        kwargs["device_map"] = {"": device.index if device.type == "cuda" and device.index is not None
+                                else str(device)}
+    model = _from_pretrained(AutoModelForCausalLM, name_or_path, kwargs)
+    if quantization == "none":
+        model = model.to(device)
+    if adapter:
+        model = _apply_adapter(model, adapter, merge=quantization == "none" and not trainable_adapter,
+                               trainable=trainable_adapter)
+    return model.eval()
+
+
+def _from_pretrained(auto_class, name_or_path: str, kwargs: dict):
+    """from_pretrained with the user-fixable failures (missing folder, hub offline) as one line."""
+    if _looks_local(name_or_path):
+        folder = Path(name_or_path).expanduser()
+        if not (folder / "config.json").is_file():
+            what = "does not exist" if not folder.exists() else "holds no config.json"
+            raise TeacherNotFound(f"teacher model folder {folder} {what}")
+        return auto_class.from_pretrained(str(folder), **kwargs)
+    try:
+        return auto_class.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TeacherNotFound(
+            f"could not load teacher {name_or_path!r} from the Hugging Face hub ({first}); "
+            f"offline? download it once and pass its folder, e.g. teacher.model=/path/to/model"
+        ) from None
+
+
+def _looks_local(name_or_path: str) -> bool:
+    """A folder that exists, or something only a path looks like (hub ids are 'org/name')."""
+    return (Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", ".", "~"))
+            or name_or_path.count("/") > 1 or name_or_path.endswith("/"))
+
+
+def _apply_adapter(model, adapter: str, *, merge: bool, trainable: bool):
+    from peft import PeftModel
+
+    folder = Path(adapter).expanduser()
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise TeacherNotFound(f"teacher adapter folder {folder} holds no {ADAPTER_CONFIG}")
+    model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    return model.merge_and_unload() if merge else model
+
+
+def check_vocabulary(model: torch.nn.Module, *, vocab_size: int, tokenizer_fingerprint: str,
+                     source: TeacherSource, where: str) -> None:
+    """Refuse a teacher whose logits do not range over the token store's vocabulary: its size
+    must match, and a teacher trained in this run must have used the same tokenizer."""
+    teacher_vocab = model.config.vocab_size
+    if teacher_vocab != vocab_size:
+        raise VocabularyMismatch(
+            f"teacher {source.model} has a vocabulary of {teacher_vocab} tokens but {where} was "
+            f"made with a tokenizer of {vocab_size}: use a teacher trained on this tokenizer or "
+            "rebuild the token store with the teacher's tokenizer")
+    trained_with = (source.info or {}).get("tokenizer_fingerprint")
+    if trained_with and trained_with != tokenizer_fingerprint:
+        raise VocabularyMismatch(
+            f"teacher {source.model} was trained with another tokenizer than the one {where} "
+            f"was made with (tokenizer fingerprint {trained_with[:12]} vs "
+            f"{tokenizer_fingerprint[:12]}): retrain the teacher or rebuild the token store")
+
+
+def weights_fingerprint(source: TeacherSource) -> str:
+    """sha256 over the safetensors files of the teacher (and of its adapter), by name and bytes.
+
+    Reads the files rather than the loaded tensors, so it does not depend on dtype or
+    quantisation (both are recorded next to it in the manifest).
+    """
+    digest = hashlib.sha256()
+    for folder in (_weights_folder(source.model), source.adapter):
+        if not folder:
+            continue
+        files = sorted(Path(folder).expanduser().glob("*.safetensors"))
+        if not files:
+            raise TeacherNotFound(f"no *.safetensors weights in {folder}")
+        for path in files:
+            digest.update(f"{path.name}\0".encode())
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 24):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _weights_folder(name_or_path: str) -> str:
+    """The local folder of a model: itself, or its snapshot in the hub cache (already loaded)."""
+    if Path(name_or_path).expanduser().is_dir():
+        return name_or_path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name_or_path, local_files_only=True,
+                                 allow_patterns=["*.safetensors", "*.json"])
+    except Exception as exc:  # noqa: BLE001 -- any hub failure means "not cached"
+        raise TeacherNotFound(f"teacher {name_or_path!r} is not in the local hub cache: {exc}") from None
+
+
+def teacher_manifest(source: TeacherSource, *, dtype: str, quantization: str) -> dict:
+    """The `teacher` entry of a logit cache manifest."""
+    return {"name": source.model, "fingerprint": weights_fingerprint(source),
+            "dtype": dtype, "quantization": quantization, "adapter": source.adapter}

@@ -248,20 +248,30 @@ class ModelEntry:
     """'teacher', 'student' or 'extra'."""
     source: str
     """Folder or hub name passed to from_pretrained."""
+    adapter: str = ""
+    """PEFT LoRA folder applied on top of `source` (a teacher fine-tuned with LoRA/QLoRA)."""
 
 
 def has_weights(folder: Path) -> bool:
     """A finished save_pretrained folder (the trainer writes these last; checkpoint/ is separate)."""
     return (folder / "config.json").is_file() and any(
-        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json",
-                                               "pytorch_model.bin", "adapter_model.safetensors"))
+        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def find_models(cfg: Config) -> list[ModelEntry]:
-    """The run's teacher, its finished students (sorted by name), then `eval.models`."""
+    """The run's teacher, its finished students (sorted by name), then `eval.models`.
+
+    The teacher counts when `make teacher` finished it (teacher.json, possibly a LoRA adapter on
+    a base model) or when teacher/ holds a plain save_pretrained model.
+    """
+    from precompute.models import TEACHER_INFO, resolve_teacher
+
     run = cfg.run_path
     entries = []
-    if has_weights(run / "teacher") or (run / "teacher" / "adapter_config.json").is_file():
+    if (run / "teacher" / TEACHER_INFO).is_file():
+        source = resolve_teacher(cfg)
+        entries.append(ModelEntry("teacher", "teacher", source.model, source.adapter))
+    elif has_weights(run / "teacher"):
         entries.append(ModelEntry("teacher", "teacher", str(run / "teacher")))
     students = run / "students"
     for folder in sorted(students.iterdir() if students.is_dir() else []):
@@ -271,24 +281,18 @@ def find_models(cfg: Config) -> list[ModelEntry]:
     return entries
 
 
-def load_model(source: str, *, device: torch.device):
-    """A causal LM from a save_pretrained folder, a PEFT adapter folder or a hub name, in eval mode.
+def load_model(entry: ModelEntry, cfg: Config, *, device: torch.device):
+    """The model of `entry` in eval mode on `device`: the teacher in the dtype and quantisation
+    the logits job used (fp32 on the CPU, which has no fast half precision), the others in fp32."""
+    from precompute.models import load_teacher
+    from transformers.utils import logging as hf_logging
 
-    Evaluation runs in fp32 on the CPU and in the checkpoint's own dtype on a GPU.
-    """
-    from transformers import AutoModelForCausalLM
-
-    folder = Path(source)
-    dtype = torch.float32 if device.type == "cpu" else "auto"
-    try:
-        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
-            from peft import AutoPeftModelForCausalLM
-            model = AutoPeftModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    except OSError as exc:
-        raise UserError(f"cannot load model '{source}': {str(exc).splitlines()[0]}") from None
-    return model.to(device).eval()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
+    if entry.kind != "teacher":
+        return load_teacher(entry.source, dtype="fp32", device=device)
+    return load_teacher(entry.source, dtype=cfg.teacher.dtype if device.type == "cuda" else "fp32",
+                        quantization=cfg.teacher.quantization, adapter=entry.adapter,
+                        device=device)
 
 
 def own_tokenizer(source: str):
@@ -352,7 +356,7 @@ def evaluate_run(cfg: Config) -> dict:
     rows = []
     for entry in models:
         print(f"evaluating {entry.name} ({entry.source}) on {device}")
-        model = load_model(entry.source, device=device)
+        model = load_model(entry, cfg, device=device)
         row = {"name": entry.name, "kind": entry.kind, "path": entry.source,
                "params": sum(p.numel() for p in model.parameters())}
         if entry.kind == "student":

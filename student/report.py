@@ -61,7 +61,8 @@ def _cells(row: dict) -> list[str]:
             else format(value, fmt)
     params = row["params"]
     return [row["model"],
-            "-" if params is None else f"{params / 1e6:.2f}M" if params >= 1e5 else f"{params:,}",
+            "-" if params is None else f"{params / 1e6:.1f}M" if params >= 1e6
+            else f"{params / 1e3:.1f}K" if params >= 1e3 else str(params),
             number(row["val_loss"], ".4f"), number(row["perplexity"], ".2f"),
             number(row["bits_per_byte"], ".4f"),
             "-" if row["pairs_accuracy"] is None else f"{100 * row['pairs_accuracy']:.1f}%",
@@ -142,26 +143,29 @@ def _finish(fig, ax, title: str, path: Path) -> None:
 # ----------------------------------------------------------------------------- cache facts
 
 def cache_facts(run_path: Path) -> dict | None:
-    """k, value code, teacher and bytes/token of `cache/train.zarr`; None when there is no cache."""
+    """k, value code, teacher and bytes/token of `cache/train.zarr`; None when there is no cache.
+
+    Bytes/token is the cache's size on disk over the positions it covers (N x L).
+    """
     path = run_path / "cache" / "train.zarr"
     if not path.exists():
         return None
     try:
         from storage.cache import open_cache
-        manifest = dict(open_cache(path).manifest)
+        cache = open_cache(path, allow_incomplete=True)
+        manifest, done = dict(cache.manifest), cache.done_shards()
     except Exception as exc:  # noqa: BLE001  the report must not die on a cache it only describes
         return {"path": str(path), "error": f"{type(exc).__name__}: {exc}"}
     teacher = manifest.get("teacher")
     if isinstance(teacher, dict):
-        teacher = teacher.get("name") or teacher.get("path") or json.dumps(teacher)
-    tokens = manifest.get("n_tokens") or (
-        manifest["n_sequences"] * manifest["seq_len"]
-        if manifest.get("n_sequences") and manifest.get("seq_len") else None)
+        teacher = ", ".join(f"{key} {value}" for key, value in teacher.items()
+                            if key != "fingerprint" and value not in ("", None, "none"))
+    tokens = manifest["n_sequences"] * manifest["seq_len"]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return {"path": str(path), "k": manifest.get("k"), "value_code": manifest.get("value_code"),
+    return {"path": str(path), "k": manifest["k"], "value_code": manifest["value_code"],
             "teacher": teacher, "temperatures": manifest.get("temperatures"),
-            "bytes_on_disk": size, "tokens": tokens,
-            "bytes_per_token": size / tokens if tokens else None}
+            "shards_done": f"{int(done.sum())}/{done.size}", "bytes_on_disk": size,
+            "tokens": tokens, "bytes_per_token": size / tokens}
 
 
 # ----------------------------------------------------------------------------- the report
@@ -209,8 +213,8 @@ def render_markdown(results: dict) -> str:
             parts += [f"- path: `{cache['path']}`", f"- teacher: {cache['teacher']}",
                       f"- k: {cache['k']}, value code: {cache['value_code']}, "
                       f"temperatures: {cache['temperatures']}",
-                      f"- {cache['bytes_on_disk'] / 1e6:.1f} MB on disk, "
-                      + (f"{per_token:.1f} bytes/token" if per_token else "tokens unknown")]
+                      f"- {cache['bytes_on_disk'] / 1e6:.1f} MB on disk for {cache['tokens']:,} "
+                      f"positions: {per_token:.1f} bytes/token; shards done {cache['shards_done']}"]
     if results["curves"]:
         parts += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in results["curves"]]
     return "\n".join(parts) + "\n"

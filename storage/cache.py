@@ -1,0 +1,600 @@
+"""Teacher-logit cache: the teacher's top-k logits per position in a Zarr v3 group, row-aligned
+with one token store (row i is sequence i of that store).
+
+Arrays (N sequences, L positions, k kept entries, n_T temperatures):
+
+  ids     (N, L, k)    uint16 (vocab <= 65536) or uint32: the teacher's top-k ids, descending
+  logits  (N, L, k)    the value code (below) of the top-k logits
+  lse     (N, L, n_T)  float32: logsumexp over the FULL vocabulary of (stored logits) / T, for
+                       each T of `manifest["temperatures"]`
+  done    (n_shards,)  bool, one element per file: shard finished and fsynced
+
+Decoding is always  p_i = exp(logits_i / T - lse_T)  with the float32 `logits` and `lse` that
+`LogitCache.read` returns, exact up to the value code's rounding; the tail mass 1 - sum_i p_i is
+the teacher's true remaining probability (never a renormalised guess).
+
+Value codes (`value_code`, stored in the manifest). Both store logits shifted per position by
+the top-1 logit, v_i = z_i - z_0 <= 0 (softmax is shift-invariant), and store `lse` for the
+shifted logits (lse_T(z - c) = lse_T(z) - c / T). The top-1 probability exp(-lse_1) and the
+tail mass therefore come from float32 numbers and are exact whatever the code; only the other
+head entries carry the code's rounding:
+
+  'float16'  v_i in float16 (round to nearest). Relative error of p_i at T=1 below 2^-11 * |v_i|
+             (|v_i| < 8 nats: < 0.4 %; |v_i| < 1: < 0.05 %).
+  'gap8'     uint8 gaps of the quantised distance from the top-1 logit: u_i = round(-v_i / STEP)
+             with STEP = 1/32 nat, stored as g_i = u_i - u_{i-1} (g_0 = u_0 = 0). Rounding the
+             cumulative u_i (not each gap) keeps the error from drifting: |v_i' - v_i| <= 1/64
+             nat, so p_i is within a factor exp(+-1/(64 T)) of the truth (<= 1.6 % at T=1,
+             0.8 % at T=2). Gap 255 is an escape: an entry more than 254 steps (7.9 nats, a
+             probability ratio of 3.5e-4) below its predecessor, and every entry after it, decodes
+             to GAP8_FLOOR (p = 0), so its tiny mass is counted in the tail instead.
+             Measured on a trained teacher: see bench/cache.py.
+
+Because rounding can make the decoded head sum exceed 1 by up to the relative error above,
+consumers clamp the tail mass at 0 (or a small floor).
+
+Layout: chunks of `chunk_sequences` sequences are the unit of compression, CRC-32C checksum and
+contiguous reads; shards of `shard_chunks` chunks (one file per array, Zarr's sharding codec) are
+the unit of writing, resume and integrity reports. A shard has exactly one writer at a time
+(`CacheWriter.claim`, an flock per shard), is written whole, fsynced, and only then marked done,
+so a crash never leaves a done shard with bad bytes, and a resumed cache is byte-identical to an
+uninterrupted one (chunks carry no timestamps).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import zarr
+
+from storage.errors import CorruptData, ManifestMismatch, StorageError, StoreNotFound
+from storage.tokens import TokenStore, token_dtype
+from storage.zarr_codecs import checked_compressors
+
+FORMAT = "logit_cache"
+FORMAT_VERSION = 1
+VALUE_CODES = ("float16", "gap8")
+GAP8_STEP = 1.0 / 32
+GAP8_ESCAPE = 255
+GAP8_FLOOR = -1.0e4
+"""Decoded logit of escaped gap8 entries: exp(GAP8_FLOOR / T) is 0 in float32 for any T <= 100,
+and 0 * GAP8_FLOOR stays finite (no NaN in p log p)."""
+
+# Manifest keys that legitimately differ between a cache and the same cache resumed later.
+VOLATILE_KEYS = ("created", "software_version", "completed")
+DATA_ARRAYS = ("ids", "logits", "lse")
+# Blosc shuffle per array (bench/cache.py measures the alternatives).
+SHUFFLE = {"ids": "bitshuffle", "float16": "shuffle", "gap8": "bitshuffle", "lse": "shuffle"}
+VALUE_DTYPE = {"float16": np.float16, "gap8": np.uint8}
+
+
+@dataclass(frozen=True)
+class TeacherBlock:
+    """Decoded cache rows: ids int64 (n, L, k), logits float32 (n, L, k), lse float32 (n, L, n_T)."""
+
+    ids: np.ndarray
+    logits: np.ndarray
+    lse: np.ndarray
+
+
+# ---------------------------------------------------------------------------------------------
+# Value codes: pure functions.
+
+def encode_values(logits: np.ndarray, lse: np.ndarray, *, value_code: str,
+                  temperatures: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw teacher logits -> (stored values, stored lse).
+
+    logits: float32 (n, L, k) raw top-k logits, descending along k.
+    lse:    float32 (n, L, n_T) exact full-vocabulary logsumexp(raw logits / T) per temperature.
+    Returns values (n, L, k) in the code's dtype and lse float32 (n, L, n_T) for the logits
+    shifted by the top-1 logit (see the module docstring).
+    """
+    logits = np.asarray(logits, dtype=np.float32)
+    top = logits[..., :1]
+    shifted = np.minimum(logits - top, 0.0)
+    temps = np.asarray(temperatures, dtype=np.float32)
+    stored_lse = (np.asarray(lse, dtype=np.float32) - top / temps).astype(np.float32)
+    if value_code == "float16":
+        values = np.maximum(shifted, np.finfo(np.float16).min).astype(np.float16)
+    elif value_code == "gap8":
+        units = np.rint(-shifted.astype(np.float64) / GAP8_STEP).astype(np.int64)
+        gaps = np.diff(units, axis=-1, prepend=0)
+        escaped = np.logical_or.accumulate(gaps >= GAP8_ESCAPE, axis=-1)
+        values = np.where(escaped, GAP8_ESCAPE, gaps).astype(np.uint8)
+    else:
+        raise ValueError(f"unknown value code {value_code!r} (known: {', '.join(VALUE_CODES)})")
+    return values, stored_lse
+
+
+def decode_values(values: np.ndarray, *, value_code: str) -> np.ndarray:
+    """Stored values (n, L, k) -> float32 logits (n, L, k) shifted so that the top-1 is 0."""
+    if value_code == "float16":
+        return values.astype(np.float32)
+    if value_code == "gap8":
+        units = np.cumsum(values, axis=-1, dtype=np.int64)
+        decoded = (-units * GAP8_STEP).astype(np.float32)
+        return np.where(values == GAP8_ESCAPE, np.float32(GAP8_FLOOR), decoded)
+    raise ValueError(f"unknown value code {value_code!r} (known: {', '.join(VALUE_CODES)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest helpers.
+
+def _normalise(manifest: dict) -> dict:
+    """The manifest as it reads back from zarr attributes (JSON types: lists, not tuples)."""
+    return json.loads(json.dumps(manifest))
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON of a manifest; stored beside it to detect hand edits."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _differing_keys(wanted: dict, found: dict) -> list[str]:
+    """Dotted keys whose values differ, ignoring the volatile ones."""
+    a, b = _flatten(wanted), _flatten(found)
+    return sorted(key for key in a.keys() | b.keys()
+                  if key.split(".")[0] not in VOLATILE_KEYS and a.get(key) != b.get(key))
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def _read_manifest(path: Path) -> tuple[zarr.Group, dict]:
+    """Open the group and its manifest; a missing cache is StoreNotFound, a damaged one CorruptData."""
+    if not (path / "zarr.json").is_file():
+        raise StoreNotFound(f"no logit cache at {path} (run `make teacher-logits` first)")
+    try:
+        group = zarr.open_group(path, mode="r")
+        manifest = dict(group.attrs["manifest"])
+        digest = group.attrs["manifest_sha256"]
+    except (KeyError, ValueError, OSError, TypeError) as exc:
+        raise CorruptData(f"logit cache {path}: manifest unreadable ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise CorruptData(f"{path} is not a logit cache (format {manifest.get('format')!r})")
+    if manifest_digest(manifest) != digest:
+        raise CorruptData(f"logit cache {path}: manifest was edited after writing (its sha256 "
+                          "does not match); restore it or rebuild with `make teacher-logits`")
+    return group, manifest
+
+
+def _software_version() -> str:
+    try:
+        return metadata.version("babylm-kd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or directory entry) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _shard_file(path: Path, name: str, shard: int) -> Path:
+    """The file of `shard` in array `name` (Zarr v3 default chunk keys; shards split rows only)."""
+    file = path / name / "c" / str(shard)
+    return file if name == "done" else file / "0" / "0"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared geometry and reading.
+
+class _CacheBase:
+    """Geometry and manifest shared by the writer and the reader."""
+
+    path: Path
+    manifest: dict
+    group: zarr.Group
+
+    @property
+    def k(self) -> int:
+        return self.manifest["k"]
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        return tuple(self.manifest["temperatures"])
+
+    @property
+    def value_code(self) -> str:
+        return self.manifest["value_code"]
+
+    @property
+    def n_sequences(self) -> int:
+        return self.manifest["n_sequences"]
+
+    @property
+    def seq_len(self) -> int:
+        return self.manifest["seq_len"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.manifest["vocab_size"]
+
+    @property
+    def chunk_sequences(self) -> int:
+        return self.manifest["chunking"]["chunk_sequences"]
+
+    @property
+    def shard_sequences(self) -> int:
+        return self.manifest["chunking"]["shard_sequences"]
+
+    @property
+    def n_shards(self) -> int:
+        return self.manifest["chunking"]["n_shards"]
+
+    def shard_rows(self, shard: int) -> tuple[int, int]:
+        """[start, stop) sequence rows of `shard`."""
+        if not 0 <= shard < self.n_shards:
+            raise IndexError(f"shard {shard} out of range (cache has {self.n_shards})")
+        start = shard * self.shard_sequences
+        return start, min(start + self.shard_sequences, self.n_sequences)
+
+    def shard_of(self, row: int) -> int:
+        return row // self.shard_sequences
+
+    def done_shards(self) -> np.ndarray:
+        """bool (n_shards,): which shards are finished, read fresh from disk."""
+        return np.asarray(self.group["done"][:], dtype=bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing.
+
+def create_cache(path: Path | str, *, n_sequences: int, seq_len: int, k: int, vocab_size: int,
+                 temperatures: Sequence[float], value_code: str, chunk_sequences: int,
+                 shard_chunks: int, manifest: dict) -> "CacheWriter":
+    """Create an empty cache at `path`, or resume the one there if it was made for the same inputs.
+
+    `manifest` holds the caller's facts (teacher name/fingerprint/dtype/quantization/adapter,
+    tokenizer_fingerprint, token_store_fingerprint, ...); the format fields are added here. An
+    existing cache with another manifest (ignoring created/software_version/completed) raises
+    ManifestMismatch naming the differing keys, and nothing is touched.
+    """
+    path = Path(path)
+    if value_code not in VALUE_CODES:
+        raise ValueError(f"unknown value code {value_code!r} (known: {', '.join(VALUE_CODES)})")
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"k = {k} must be between 1 and the vocabulary size {vocab_size}")
+    if not temperatures or min(temperatures) <= 0:
+        raise ValueError(f"temperatures must be positive, got {temperatures}")
+    if min(n_sequences, seq_len, chunk_sequences, shard_chunks) < 1:
+        raise ValueError("n_sequences, seq_len, chunk_sequences and shard_chunks must be >= 1")
+    chunk_sequences = min(chunk_sequences, n_sequences)
+    shard_sequences = chunk_sequences * shard_chunks
+    wanted = _normalise({
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **manifest,
+        "n_sequences": n_sequences,
+        "seq_len": seq_len,
+        "k": k,
+        "vocab_size": vocab_size,
+        "temperatures": [float(t) for t in temperatures],
+        "value_code": value_code,
+        "chunking": {"chunk_sequences": chunk_sequences, "shard_chunks": shard_chunks,
+                     "shard_sequences": shard_sequences,
+                     "n_shards": -(-n_sequences // shard_sequences)},
+        "created": _now(),
+        "software_version": _software_version(),
+        "completed": None,
+    })
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        _create_new(path, wanted)
+    return _resume(path, wanted)
+
+
+def _create_new(path: Path, manifest: dict) -> None:
+    """Build the empty group beside `path` and rename it into place (atomic: a concurrent
+    creator either wins or finds the finished group)."""
+    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+    group = zarr.open_group(tmp, mode="w")
+    n, length, k = manifest["n_sequences"], manifest["seq_len"], manifest["k"]
+    chunking = manifest["chunking"]
+    rows, shard = chunking["chunk_sequences"], chunking["shard_sequences"]
+    n_t = len(manifest["temperatures"])
+    spec = {
+        "ids": ((n, length, k), token_dtype(manifest["vocab_size"]), "ids"),
+        "logits": ((n, length, k), VALUE_DTYPE[manifest["value_code"]], manifest["value_code"]),
+        "lse": ((n, length, n_t), np.float32, "lse"),
+    }
+    for name, (shape, dtype, shuffle_key) in spec.items():
+        group.create_array(name, shape=shape, dtype=dtype, chunks=(rows, *shape[1:]),
+                           shards=(shard, *shape[1:]), fill_value=0,
+                           compressors=checked_compressors(shuffle=SHUFFLE[shuffle_key]),
+                           config={"write_empty_chunks": True})
+    # One element per file: ranks finishing different shards never rewrite one chunk.
+    group.create_array("done", shape=(chunking["n_shards"],), dtype=bool, chunks=(1,),
+                       fill_value=False, compressors=checked_compressors())
+    group.attrs.update({"manifest": manifest, "manifest_sha256": manifest_digest(manifest)})
+    (tmp / "done" / "locks").mkdir()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another process created it first: resume theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resume(path: Path, wanted: dict) -> "CacheWriter":
+    group, found = _read_manifest(path)
+    differing = _differing_keys(wanted, found)
+    if differing:
+        flat_w, flat_f = _flatten(wanted), _flatten(found)
+        detail = ", ".join(f"{key}: {_short(flat_f.get(key))} there, {_short(flat_w.get(key))} now"
+                           for key in differing[:4])
+        raise ManifestMismatch(
+            f"logit cache {path} was made with other settings ({detail}); delete it to rebuild, "
+            "or rerun with the settings it was made with")
+    return CacheWriter(path=path, manifest=found, group=zarr.open_group(path, mode="r+"))
+
+
+class CacheWriter(_CacheBase):
+    """Writes whole shards of one cache. Any number of processes may hold a writer on the same
+    cache: `claim` makes each shard's writer exclusive."""
+
+    def __init__(self, *, path: Path, manifest: dict, group: zarr.Group):
+        self.path, self.manifest, self.group = path, manifest, group
+        self._arrays = {name: group[name] for name in (*DATA_ARRAYS, "done")}
+        self._held: set[int] = set()
+
+    def pending_shards(self, *, rank: int = 0, world_size: int = 1) -> list[int]:
+        """Shards not done yet whose index is `rank` modulo `world_size`."""
+        done = self.done_shards()
+        return [s for s in range(rank, self.n_shards, world_size) if not done[s]]
+
+    @contextlib.contextmanager
+    def claim(self, shard: int, *, wait: bool = True) -> Iterator[bool]:
+        """Hold the exclusive inter-process lock of `shard` (fcntl.flock on done/locks/<shard>).
+
+        Yields True when the caller owns the shard and must write it, False when it is already
+        done (re-checked after locking) or, with wait=False, when another process holds it.
+        """
+        lock_path = self.path / "done" / "locks" / f"{shard}.lock"
+        lock_path.parent.mkdir(exist_ok=True)
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                mine = not bool(self._arrays["done"][shard])
+                if mine:
+                    self._held.add(shard)
+                yield mine
+            finally:
+                self._held.discard(shard)
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def claimed_shards(self, *, rank: int = 0, world_size: int = 1) -> Iterator[int]:
+        """Claim and yield this rank's pending shards one at a time (the lock is held while the
+        caller writes). Shards other processes hold are skipped and revisited, waiting for them
+        only when nothing else is left, so processes started together share the work."""
+        while pending := self.pending_shards(rank=rank, world_size=world_size):
+            claimed_any = False
+            for shard in pending:
+                with self.claim(shard, wait=False) as mine:
+                    if mine:
+                        claimed_any = True
+                        yield shard
+                        if not self._arrays["done"][shard]:
+                            raise RuntimeError(f"shard {shard} was claimed but not written")
+            if not claimed_any:  # all held elsewhere: wait for the first, then look again
+                with self.claim(pending[0]) as mine:
+                    if mine:  # its holder died without finishing it
+                        yield pending[0]
+
+    def write_shard(self, shard: int, *, ids: np.ndarray, logits: np.ndarray,
+                    lse: np.ndarray) -> None:
+        """Encode and write one whole shard, fsync its files, then mark it done.
+
+        ids int (n, L, k) top-k ids descending; logits float32 (n, L, k) raw teacher logits
+        (T = 1) of those ids; lse float32 (n, L, n_T) exact logsumexp of the raw logits / T over
+        the full vocabulary; n = the shard's row count. Must run inside `claim(shard)`.
+        """
+        if shard not in self._held:
+            raise RuntimeError(f"write_shard({shard}) outside `with writer.claim({shard})`: "
+                               "concurrent writers of one shard corrupt it")
+        start, stop = self.shard_rows(shard)
+        shape = (stop - start, self.seq_len, self.k)
+        lse_shape = (*shape[:2], len(self.temperatures))
+        for name, array, want in (("ids", ids, shape), ("logits", logits, shape),
+                                  ("lse", lse, lse_shape)):
+            if array.shape != want:
+                raise ValueError(f"shard {shard}: {name} has shape {array.shape}, expected {want}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"shard {shard}: ids outside [0, {self.vocab_size})")
+        logits = np.asarray(logits, dtype=np.float32)
+        if not np.all(logits[..., :-1] >= logits[..., 1:]):
+            raise ValueError(f"shard {shard}: logits must be finite and descending along k")
+        values, stored_lse = encode_values(logits, lse, value_code=self.value_code,
+                                           temperatures=self.temperatures)
+        data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values, "lse": stored_lse}
+        for name in DATA_ARRAYS:
+            # Leftovers of a crashed write (zarr writes via temp file + rename) are not ours to keep.
+            file = _shard_file(self.path, name, shard)
+            for stale in file.parent.glob("*.partial"):
+                stale.unlink()
+            self._arrays[name][start:stop] = data[name]
+            _fsync(file)
+            _fsync(file.parent)
+        self._arrays["done"][shard] = True
+        done_file = _shard_file(self.path, "done", shard)
+        _fsync(done_file)
+        _fsync(done_file.parent)
+
+    def finish(self) -> bool:
+        """Record completion in the manifest when every shard is done; True if complete."""
+        if not self.done_shards().all():
+            return False
+        if self.manifest.get("completed") is None:
+            manifest = {**self.manifest, "completed": _now()}
+            self.group.attrs.update({"manifest": manifest,
+                                     "manifest_sha256": manifest_digest(manifest)})
+            self.manifest = manifest
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading.
+
+def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
+               vocab_size: int | None = None, allow_incomplete: bool = False) -> "LogitCache":
+    """Open a cache for reading, refusing one made for another token store / tokenizer / vocab.
+
+    Raises StoreNotFound (missing, or incomplete unless allow_incomplete), ManifestMismatch,
+    CorruptData (unreadable or hand-edited manifest).
+    """
+    path = Path(path)
+    group, manifest = _read_manifest(path)
+    cache = LogitCache(path=path, manifest=manifest, group=group)
+    if token_store is not None:
+        checks = (
+            ("token store", manifest.get("token_store_fingerprint"), token_store.fingerprint),
+            ("tokenizer", manifest.get("tokenizer_fingerprint"), token_store.tokenizer_fingerprint),
+            ("sequence count", manifest["n_sequences"], token_store.n_sequences),
+            ("seq_len", manifest["seq_len"], token_store.seq_len),
+        )
+        for what, made_for, given in checks:
+            if made_for != given:
+                raise ManifestMismatch(
+                    f"logit cache {path} was made for another {what} ({_short(made_for)}, not "
+                    f"{_short(given)} of {token_store.path}); rerun `make teacher-logits` for it")
+    if vocab_size is not None and vocab_size != manifest["vocab_size"]:
+        raise ManifestMismatch(f"logit cache {path} has vocabulary {manifest['vocab_size']}, the "
+                               f"student has {vocab_size}; use a cache made with its tokenizer")
+    missing = int((~cache.done).sum())
+    if missing and not allow_incomplete:
+        raise StoreNotFound(f"logit cache {path} is incomplete: {missing} of {cache.n_shards} "
+                            "shards missing; rerun `make teacher-logits` to finish it")
+    return cache
+
+
+class LogitCache(_CacheBase):
+    """Read-only view of a cache; reads contiguous rows, decoding the value code."""
+
+    def __init__(self, *, path: Path, manifest: dict, group: zarr.Group):
+        self.path, self.manifest, self.group = path, manifest, group
+        self._arrays = {name: group[name] for name in DATA_ARRAYS}
+        self.done = self.done_shards()
+        """Shards done when the cache was opened."""
+
+    def __repr__(self) -> str:
+        return (f"LogitCache({self.path}, n={self.n_sequences}, L={self.seq_len}, k={self.k}, "
+                f"code={self.value_code}, shards {int(self.done.sum())}/{self.n_shards})")
+
+    def read(self, start: int, stop: int, *, k: int | None = None) -> TeacherBlock:
+        """Rows [start, stop), contiguous: ids int64 (n, L, k'), logits float32 (n, L, k'),
+        lse float32 (n, L, n_T), with k' = k or the cached k. A failed checksum, missing file or
+        unfinished shard is CorruptData naming the shard and file."""
+        if not 0 <= start < stop <= self.n_sequences:
+            raise IndexError(f"rows [{start}, {stop}) outside the cache's {self.n_sequences}")
+        k = self.k if k is None else k
+        if not 1 <= k <= self.k:
+            raise ValueError(f"k = {k} but the cache holds k = {self.k}")
+        shards = range(self.shard_of(start), self.shard_of(stop - 1) + 1)
+        for shard in shards:
+            self._check_present(shard)
+        try:
+            ids = self._arrays["ids"][start:stop, :, :k]
+            values = self._arrays["logits"][start:stop, :, :k]
+            lse = self._arrays["lse"][start:stop]
+        except Exception:  # locate the damage (zarr raises various types for bad bytes)
+            for shard in shards:
+                for name in DATA_ARRAYS:
+                    problem = self._read_problem(shard, name)
+                    if problem:
+                        raise CorruptData(f"logit cache {self.path}: {problem}") from None
+            raise
+        return TeacherBlock(ids=ids.astype(np.int64),
+                            logits=decode_values(values, value_code=self.value_code),
+                            lse=lse)
+
+    def _check_present(self, shard: int) -> None:
+        if not self.done[shard]:
+            raise CorruptData(f"logit cache {self.path}: shard {shard} is not written "
+                              "(rerun `make teacher-logits`)")
+        for name in DATA_ARRAYS:
+            file = _shard_file(self.path, name, shard)
+            if not file.is_file():
+                raise CorruptData(f"logit cache {self.path}: shard {shard}: file "
+                                  f"{file.relative_to(self.path)} is missing")
+
+    def _read_problem(self, shard: int, name: str) -> str | None:
+        """Why shard `shard` of array `name` cannot be read, or None if it reads cleanly."""
+        file = _shard_file(self.path, name, shard)
+        where = f"shard {shard}: file {file.relative_to(self.path)}"
+        if not file.is_file():
+            return f"{where} is missing"
+        start, stop = self.shard_rows(shard)
+        try:
+            self._arrays[name][start:stop]
+        except Exception as exc:
+            why = "checksum mismatch" if "checksum" in str(exc) else type(exc).__name__
+            return f"{where} is corrupt or truncated ({why})"
+        return None
+
+    def verify(self, *, progress: bool = False) -> list[str]:
+        """Every problem found, one line each naming the shard: manifest unreadable or edited,
+        shard not done, shard file missing, truncated or failing its checksum."""
+        try:
+            _, manifest = _read_manifest(self.path)
+        except StorageError as exc:
+            return [str(exc)]
+        problems = []
+        for name in DATA_ARRAYS:
+            array = self._arrays[name]
+            last = self.k if name != "lse" else len(self.temperatures)
+            if array.shape != (self.n_sequences, self.seq_len, last):
+                problems.append(f"array {name} has shape {array.shape}, manifest says "
+                                f"{(self.n_sequences, self.seq_len, last)}")
+        done = self.done_shards()
+        shards = range(self.n_shards)
+        if progress:
+            from tqdm import tqdm
+            shards = tqdm(shards, desc="verify", unit="shard")
+        for shard in shards:
+            if not done[shard]:
+                problems.append(f"shard {shard}: not done (rerun `make teacher-logits`)")
+                continue
+            for name in DATA_ARRAYS:
+                problem = self._read_problem(shard, name)
+                if problem:
+                    problems.append(problem)
+        return problems
+
+
+def cache_bytes(path: Path | str) -> int:
+    """Bytes on disk of every file under `path`."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

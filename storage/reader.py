@@ -1,0 +1,192 @@
+"""Training-order streaming of a token store, with the logit cache rows alongside when given.
+
+The epoch order is a pure function of (seed, epoch, n_sequences, block_rows, batch_size,
+world_size, rank, shuffle_buffer, skip_shards): blocks of `block_rows` consecutive rows (one
+cache chunk by default) are permuted with rng(seed, epoch); the resulting row stream is cut into
+`world_size` equal contiguous slices (rank r reads only its slice); inside a slice, consecutive
+windows of `shuffle_buffer` rows are permuted with rng(seed, epoch, rank); the remainder that
+does not fill a batch is dropped, so every rank yields the same number of batches. `start_batch`
+skips batches without reading them, so a resumed epoch continues exactly. With cache=None the
+same order streams tokens only (the CE baseline sees the rows the distilled student sees).
+
+Reads are always contiguous runs of rows (a block, or less at a slice edge): random
+single-sequence reads are 5-20x slower. A background thread reads and decodes blocks ahead of the
+consumer into a bounded queue and stops when the consumer stops.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Collection, Iterator
+
+import numpy as np
+
+from storage.cache import LogitCache
+from storage.tokens import TokenStore
+
+DEFAULT_BLOCK_ROWS = 32
+"""Rows per shuffled block; matches the default cache chunk (`cache.chunk_sequences`)."""
+
+
+@dataclass
+class Batch:
+    """indices int64 (B,): sequence rows; tokens int64 (B, L); ids int64 (B, L, k),
+    logits float32 (B, L, k), lse float32 (B, L, n_T) from the cache, or None without one."""
+
+    indices: np.ndarray
+    tokens: np.ndarray
+    ids: np.ndarray | None = None
+    logits: np.ndarray | None = None
+    lse: np.ndarray | None = None
+
+
+def kept_rows(*, n_sequences: int, shard_sequences: int = 0,
+              skip_shards: Collection[int] = ()) -> np.ndarray:
+    """int64 (n_kept,): row indices left after removing the rows of `skip_shards`."""
+    rows = np.arange(n_sequences, dtype=np.int64)
+    if skip_shards:
+        rows = rows[~np.isin(rows // shard_sequences, np.fromiter(skip_shards, dtype=np.int64))]
+    return rows
+
+
+def epoch_order(*, n_sequences: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 256,
+                block_rows: int = DEFAULT_BLOCK_ROWS, shard_sequences: int = 0,
+                skip_shards: Collection[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's epoch: (stream, order).
+
+    stream int64 (m,): the rank's slice of the block-shuffled row stream (the read order).
+    order int64 (n_batches * batch_size,): positions into `stream` in yield order.
+    """
+    rows = kept_rows(n_sequences=n_sequences, shard_sequences=shard_sequences,
+                     skip_shards=skip_shards)
+    if shuffle:
+        blocks = np.split(rows, np.flatnonzero(np.diff(rows // block_rows)) + 1)
+        permutation = np.random.default_rng([seed, epoch]).permutation(len(blocks))
+        rows = np.concatenate([blocks[b] for b in permutation]) if blocks else rows
+    share = len(rows) // world_size
+    stream = rows[rank * share:(rank + 1) * share]
+    used = share // batch_size * batch_size
+    order = np.arange(share, dtype=np.int64)
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch, rank])
+        for start in range(0, share, shuffle_buffer):
+            window = order[start:start + shuffle_buffer]
+            window[:] = rng.permutation(window)
+    return stream, order[:used]
+
+
+def batches_per_epoch(*, n_sequences: int, batch_size: int, world_size: int = 1,
+                      shard_sequences: int = 0, skip_shards: Collection[int] = ()) -> int:
+    """Batches each rank yields per epoch (the same on every rank; the remainder is dropped)."""
+    n_kept = len(kept_rows(n_sequences=n_sequences, shard_sequences=shard_sequences,
+                           skip_shards=skip_shards))
+    return n_kept // world_size // batch_size
+
+
+def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
+    """Contiguous [start, stop) runs covering the increasing-by-one stretches of `rows`."""
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
+
+
+def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
+                k: int | None) -> dict[str, np.ndarray]:
+    """Fields of `rows` (contiguous runs), read one run at a time, concatenated."""
+    parts = []
+    for start, stop in _runs(rows):
+        part = {"tokens": tokens.read(start, stop).astype(np.int64)}
+        if cache is not None:
+            block = cache.read(start, stop, k=k)
+            part.update(ids=block.ids, logits=block.logits, lse=block.lse)
+        parts.append(part)
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+
+
+def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch_size: int,
+                   seed: int, epoch: int, start_batch: int = 0, rank: int = 0,
+                   world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 256,
+                   prefetch: int = 4, k: int | None = None, skip_shards: Collection[int] = (),
+                   block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[Batch]:
+    """Yield this rank's batches of one epoch, from batch `start_batch` on (see module docstring).
+
+    shuffle=False gives rows in order (validation). k limits the teacher entries read.
+    skip_shards: cache shards whose rows are left out. The same arguments always give the same
+    batches; `block_rows` must stay the same for a resumed run and its CE baseline.
+    """
+    if cache is not None and (cache.n_sequences, cache.seq_len) != (tokens.n_sequences,
+                                                                    tokens.seq_len):
+        raise ValueError(f"cache rows {cache.n_sequences}x{cache.seq_len} do not match the token "
+                         f"store's {tokens.n_sequences}x{tokens.seq_len}")
+    if skip_shards and cache is None:
+        raise ValueError("skip_shards needs the cache whose shards they are")
+    stream, order = epoch_order(
+        n_sequences=tokens.n_sequences, batch_size=batch_size, seed=seed, epoch=epoch,
+        rank=rank, world_size=world_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
+        block_rows=block_rows, shard_sequences=cache.shard_sequences if cache else 0,
+        skip_shards=skip_shards)
+    first = start_batch * batch_size
+    if first >= len(order):
+        return
+    # Every slot from batch_start on holds a position >= the start of batch_start's window, so
+    # reading starts there and pieces wholly before it are dropped.
+    window = shuffle_buffer if shuffle else 1
+    read_from = first // window * window
+    pieces = _pieces(stream, read_from, len(stream), block_rows)
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-prefetch")
+    futures: deque = deque()
+    try:
+        def submit_next() -> None:
+            piece = next(pieces, None)
+            if piece is not None:
+                futures.append((piece[0], executor.submit(
+                    _read_block, stream[piece[0]:piece[1]], tokens, cache, k)))
+
+        for _ in range(max(1, prefetch)):
+            submit_next()
+        loaded: deque = deque()  # (first stream position, fields) of pieces still needed
+        for batch_start in range(first, len(order), batch_size):
+            positions = order[batch_start:batch_start + batch_size]
+            while not loaded or loaded[-1][0] + len(loaded[-1][1]["tokens"]) <= positions.max():
+                piece_start, future = futures.popleft()
+                loaded.append((piece_start, future.result()))
+                submit_next()
+            low = batch_start // window * window
+            while loaded[0][0] + len(loaded[0][1]["tokens"]) <= low:
+                loaded.popleft()
+            yield Batch(indices=stream[positions], **_gather(loaded, positions))
+    finally:
+        for _, future in futures:
+            future.cancel()
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _gather(loaded: deque, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows at stream `positions` (B,) from the loaded pieces, in that order."""
+    first_fields = loaded[0][1]
+    out = {name: np.empty((len(positions), *a.shape[1:]), a.dtype)
+           for name, a in first_fields.items()}
+    for start, fields in loaded:
+        inside = (positions >= start) & (positions < start + len(fields["tokens"]))
+        if inside.any():
+            for name, array in fields.items():
+                out[name][inside] = array[positions[inside] - start]
+    return out
+
+
+def _pieces(stream: np.ndarray, start: int, stop: int, block_rows: int) -> Iterator[tuple[int, int]]:
+    """[a, b) spans of stream positions, split where a block ends (rows // block_rows changes)
+    so each piece is one contiguous read of at most one block."""
+    if start >= stop:
+        return
+    segment = stream[start:stop]
+    cuts = np.flatnonzero((np.diff(segment // block_rows) != 0) | (np.diff(segment) != 1)) + 1
+    edges = [0, *cuts.tolist(), len(segment)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        yield start + a, start + b
+
+
+__all__ = ["Batch", "stream_batches", "batches_per_epoch", "epoch_order", "kept_rows",
+           "DEFAULT_BLOCK_ROWS"]

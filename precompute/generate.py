@@ -230,7 +230,7 @@ def vocabulary() -> set[str]:
     words |= set("an that and to home does do doesn't don't did didn't has have can can't not "
                  "what where who doing very there once upon a time named lived happily ever "
                  "after end every day said asked thought let's give me at yes no come here "
-                 "was were wasn't weren't hasn't haven't".split())
+                 "was were met together".split())
     return words
 
 
@@ -463,9 +463,9 @@ def statement(rng: random.Random) -> list[str]:
         verb = draw(rng, REFLEXIVE_VERBS)
         return m.words + [present(verb, m.agr), reflexive(m)]
     if r < 0.93:
-        first, second = name_mention(rng), subject(rng, modifier=0)
-        if second.person != 3:
-            second = name_mention(rng)
+        first = name_mention(rng)
+        second = name_mention(rng) if rng.random() < 0.5 else noun_mention(
+            rng, draw(rng, ANIMATE_NOUNS), rng.random() < 0.4)
         if rng.random() < 0.5:
             return first.words + ["and"] + second.words + ["are"] + predicate_adjective(rng, first)
         verb = draw(rng, ALL_VERBS)

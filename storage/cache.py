@@ -442,10 +442,11 @@ class CacheWriter(_CacheBase):
                                            temperatures=self.temperatures)
         data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values, "lse": stored_lse}
         for name in DATA_ARRAYS:
-            # Leftovers of a crashed write (zarr writes via temp file + rename) are not ours to keep.
+            # Leftovers of a crashed write go first: zarr merges into an existing shard file (and
+            # fails on a torn one), and leaves its temp files behind when killed.
             file = _shard_file(self.path, name, shard)
-            for stale in file.parent.glob("*.partial"):
-                stale.unlink()
+            for stale in [file, *file.parent.glob("*.partial")]:
+                stale.unlink(missing_ok=True)
             self._arrays[name][start:stop] = data[name]
             _fsync(file)
             _fsync(file.parent)

@@ -263,6 +263,7 @@ NAME_DRAW = zipf(NAMES)
 ADJECTIVES_FOR = {True: zipf([a for a, kind in ADJECTIVES if kind in "ab"]),
                   False: zipf([a for a, kind in ADJECTIVES if kind in "tb"])}
 SINGULAR_DET_DRAW = zipf(SINGULAR_DETERMINERS)
+EXISTENTIAL_DETERMINERS = {False: zipf(["a"]), True: zipf(["some", "two", "many", "three"])}
 PLURAL_DET_DRAW = zipf(PLURAL_DETERMINERS)
 PRONOUN_DRAW = zipf(PRONOUNS)
 ALL_VERBS = zipf(VERBS)
@@ -445,7 +446,7 @@ def statement(rng: random.Random) -> list[str]:
     if r < 0.65:
         verb = draw(rng, ALL_VERBS)
         if m.agr == "1sg" or rng.random() < 0.6:
-            aux = {"1sg": "don't", "3sg": "doesn't", "pl": "don't"}[m.agr]
+            aux = "doesn't" if m.agr == "3sg" else "don't"
             return m.words + [aux, verb.base] + complement(rng, verb)
         return m.words + [BE_NOT[m.agr], verb.ing] + complement(rng, verb)
     if r < 0.73:
@@ -456,9 +457,9 @@ def statement(rng: random.Random) -> list[str]:
         return m.words + ["has" if m.agr == "3sg" else "have", verb.part] + complement(rng, verb)
     if r < 0.83:
         matrix = pronoun_mention(rng) if rng.random() < 0.6 else name_mention(rng)
-        think = rng.choice(EMBEDDING_VERBS)
+        thinks = rng.choice(EMBEDDING_VERBS)[matrix.agr == "3sg"]
         that = ["that"] if rng.random() < 0.6 else []
-        return matrix.words + [think[matrix.agr == "3sg"]] + that + simple_clause(rng, m).words
+        return matrix.words + [thinks] + that + simple_clause(rng, m).words
     if r < 0.88:
         verb = draw(rng, REFLEXIVE_VERBS)
         return m.words + [present(verb, m.agr), reflexive(m)]
@@ -472,7 +473,8 @@ def statement(rng: random.Random) -> list[str]:
         return first.words + ["and"] + second.words + [verb.base] + complement(rng, verb)
     plural = rng.random() < 0.4
     noun = draw(rng, ANY_NOUNS)
-    return ["there", "are" if plural else "is"] + noun_phrase(rng, noun, plural) + locative(rng)
+    some = noun_phrase(rng, noun, plural, determiners=EXISTENTIAL_DETERMINERS[plural])
+    return ["there", "are" if plural else "is"] + some + locative(rng)
 
 
 def imperative(rng: random.Random) -> tuple[list[str], str]:

@@ -1,0 +1,240 @@
+"""Distillation losses: pure functions over (B, L, ...) tensors, per token.
+
+Shapes: B sequences, L positions, V vocabulary, k cached teacher entries, n_T stored temperatures.
+Position t of the student logits, of the labels and of the cache all describe the token after
+token t (labels are the inputs shifted left; the last position is ignored).
+
+The combined objective (DESIGN.md, "KD loss"), averaged over non-ignored tokens:
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_T || q_T)
+
+Cached KD compares k + 1 buckets: the teacher's top-k ids plus one tail bucket holding the rest
+of the mass. The teacher side is exact: with the stored full-vocabulary logsumexp lse_T,
+p_i = exp(z_i / T - lse_T) and the tail is 1 - sum p_i. The student's q is its tempered softmax
+over the same ids plus its own tail 1 - sum q_i (computed in log space with log1mexp).
+
+`ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits in
+row chunks for CE and KL together and writes their gradients into a single (B, L, V) buffer, so
+cached KD costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over
+(B, L, V) and ran 7-28% slower than CE).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+TAIL_FLOOR = 1e-6
+"""Smallest tail mass taken at face value. A tail is 1 minus a float32 sum of head probabilities,
+so below ~1e-6 it is rounding noise; smaller student tails are clamped (no gradient through the
+clamp), which also keeps k = V exact: both tails are then ~0 and contribute nothing."""
+CHUNK_ELEMENTS = 1 << 17
+"""Logits processed together by the fused loss: small enough to stay in the CPU's cache."""
+
+
+class LossTerms(NamedTuple):
+    """Scalars of one (micro-)batch: the loss to backpropagate, and its parts for logging."""
+
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+    n_tokens: int
+
+
+def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Next-token labels (B, L) for input tokens (B, L): tokens shifted left, last position ignored."""
+    labels = torch.full_like(tokens, ignore_index)
+    labels[:, :-1] = tokens[:, 1:]
+    return labels
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, accurate near 0 and for very negative x (Maechler's split)."""
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: float,
+                    temperatures: tuple[float, ...], vocab_size: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's tempered top-k head and tail from the cache.
+
+    logits: (B, L, k) cached teacher logits at T = 1 (possibly shifted per position).
+    lse: (B, L, n_T) logsumexp over the full vocabulary of logits / T for T in `temperatures`.
+    Returns (log_p_head (B, L, k), p_tail (B, L)), with p_tail = 1 - sum exp(log_p_head) >= 0.
+
+    When `temperature` is stored this is exact. Otherwise (the fallback, an approximation) the
+    tail mass at the nearest stored temperature T0 is assumed spread uniformly over the V - k
+    tokens outside the head: each gets logit z_tail = T0 * (lse_T0 + log(tail_T0 / (V - k))),
+    and lse_T = logsumexp(z_head / T, z_tail / T + log(V - k)). That is exact when the teacher's
+    tail is flat and close when the tail mass is small (a peaked teacher); it misjudges the tail
+    mass of a flat-headed teacher at T far from T0.
+    """
+    logits = logits.float()
+    nearest = min(range(len(temperatures)), key=lambda i: abs(temperatures[i] - temperature))
+    t0 = temperatures[nearest]
+    lse_t0 = lse[..., nearest].float()
+    if math.isclose(t0, temperature, rel_tol=1e-6):
+        log_p = logits / temperature - lse_t0.unsqueeze(-1)
+    else:
+        n_tail = vocab_size - logits.shape[-1]
+        log_p0 = logits / t0 - lse_t0.unsqueeze(-1)
+        log_tail0 = log1mexp(torch.logsumexp(log_p0, -1).clamp(max=-1e-7))
+        if n_tail > 0:
+            z_tail = t0 * (lse_t0 + log_tail0 - math.log(n_tail))
+            tail_term = (z_tail / temperature + math.log(n_tail)).unsqueeze(-1)
+            lse_t = torch.logsumexp(torch.cat([logits / temperature, tail_term], -1), -1)
+        else:
+            lse_t = torch.logsumexp(logits / temperature, -1)
+        log_p = logits / temperature - lse_t.unsqueeze(-1)
+    p_tail = (1 - log_p.exp().sum(-1)).clamp(min=0)
+    return log_p, p_tail
+
+
+class _FusedCEKL(torch.autograd.Function):
+    """Per-row CE and tail-bucket KL of logits (N, V); see `ce_and_cached_kl` for the maths.
+
+    Neither pass keeps a (N, V) intermediate. Rows are processed in chunks small enough to stay
+    in the CPU cache, and every read of a chunk (max, logsumexp at T = 1 and at T, the gathers;
+    in the backward both softmaxes and the scatters) happens while it is there: on a small
+    student the loss is memory-bound, so each extra trip over the logits costs ~5% of a step.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature):
+        distil = head_ids is not None
+        n = logits.shape[0]
+        targets = labels.clamp(min=0).unsqueeze(-1)
+        lse1 = logits.new_empty(n)
+        label_logit = logits.new_empty(n)
+        if distil:
+            lse_t = logits.new_empty(n)
+            head_logits = logits.new_empty(head_ids.shape)
+        with torch.no_grad():
+            for rows, x, (shifted, exps) in _row_chunks(logits, scratches=2):
+                row_max = x.amax(-1, keepdim=True)
+                torch.sub(x, row_max, out=shifted)
+                lse1[rows] = torch.exp(shifted, out=exps).sum(-1).log_() + row_max.squeeze(-1)
+                label_logit[rows] = x.gather(-1, targets[rows]).squeeze(-1)
+                if distil:
+                    # in place on the cache-hot shifted logits: re-reading x costs more than exp
+                    lse_t[rows] = (shifted.mul_(1 / temperature).exp_().sum(-1).log_()
+                                   + row_max.squeeze(-1) / temperature)
+                    head_logits[rows] = x.gather(-1, head_ids[rows])
+            valid = labels != IGNORE_INDEX
+            ce = torch.where(valid, lse1 - label_logit, 0.0)
+            if not distil:
+                ctx.save_for_backward(logits, labels, lse1)
+                return ce, torch.zeros_like(ce)
+            log_q = head_logits / temperature - lse_t.unsqueeze(-1)
+            q_tail = -torch.expm1(torch.logsumexp(log_q, -1).clamp(max=0))
+            tail_free = q_tail >= TAIL_FLOOR
+            q_tail = q_tail.clamp(min=TAIL_FLOOR)
+            p = log_p.exp()
+            kl = (p * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
+            kl = torch.where(valid, kl, 0.0)
+        ctx.save_for_backward(logits, labels, lse1, head_ids, p, p_tail, lse_t, log_q, q_tail,
+                              tail_free)
+        ctx.temperature = temperature
+        return ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        logits, labels, lse1, *teacher = ctx.saved_tensors
+        valid = labels != IGNORE_INDEX
+        targets = labels.clamp(min=0).unsqueeze(-1)
+        grad_ce = torch.where(valid, grad_ce, 0.0)
+        if teacher:
+            head_ids, p, p_tail, lse_t, log_q, q_tail, tail_free = teacher
+            temperature = ctx.temperature
+            grad_kl = torch.where(valid, grad_kl, 0.0) / temperature
+            # d KL / d s_j = (1/T) q_j c for tail tokens and (1/T) (q_j h - p_j) for head tokens,
+            # with c = (q_tail - p_tail) / q_tail and h = 1 while the student tail is above the
+            # floor, c = h = 1 - p_tail when it is clamped. Head and tail are written separately
+            # so that no large terms cancel when the tails are tiny.
+            tail_coef = (torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail)
+                         * grad_kl).unsqueeze(-1)
+            head_coef = torch.where(tail_free, 1.0, 1 - p_tail).unsqueeze(-1)
+            head_grad = (log_q.exp() * head_coef - p) * grad_kl.unsqueeze(-1)
+            shift_t = (lse_t * temperature).unsqueeze(-1)
+        # softmax(s) * g_ce computed as exp(s - lse + log g_ce), one pass fewer; a loss's
+        # backward has g_ce >= 0, anything else takes the multiply.
+        fold = bool((grad_ce >= 0).all())
+        shift1 = (lse1 - grad_ce.log() if fold else lse1).unsqueeze(-1)
+        grad = torch.empty_like(logits)
+        with torch.no_grad():
+            for rows, x, (scratch,) in _row_chunks(logits):
+                g = grad[rows]
+                torch.sub(x, shift1[rows], out=g).exp_()
+                if not fold:
+                    g.mul_(grad_ce[rows].unsqueeze(-1))
+                if teacher:
+                    torch.sub(x, shift_t[rows], out=scratch).mul_(1 / temperature).exp_()
+                    scratch.scatter_(-1, head_ids[rows], 0.0)
+                    g.addcmul_(scratch, tail_coef[rows])
+                    g.scatter_add_(-1, head_ids[rows], head_grad[rows])
+                g.scatter_add_(-1, targets[rows], -grad_ce[rows].unsqueeze(-1))
+        return grad, None, None, None, None, None
+
+
+def _row_chunks(logits: torch.Tensor, scratches: int = 1):
+    """(row slice, logits rows, scratch buffers of their shape) over (N, V) in cache-sized chunks."""
+    n, vocab = logits.shape
+    rows = max(1, CHUNK_ELEMENTS // vocab)
+    buffers = [logits.new_empty(min(rows, n), vocab) for _ in range(scratches)]
+    for start in range(0, n, rows):
+        x = logits[start:start + rows]
+        yield slice(start, start + rows), x, [b[: x.shape[0]] for b in buffers]
+
+
+def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
+                     head_ids: torch.Tensor | None = None, log_p_head: torch.Tensor | None = None,
+                     p_tail: torch.Tensor | None = None, temperature: float = 1.0
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token CE and cached-KD KL, fused into one pass over the logits.
+
+    logits: (B, L, V) student logits; labels: (B, L) with IGNORE_INDEX where ignored.
+    head_ids: (B, L, k) teacher top-k ids; log_p_head: (B, L, k) and p_tail: (B, L) from
+    `teacher_buckets` at `temperature`; all None for plain CE (the baseline), when kl is None.
+    Returns (ce, kl), each (B, L), 0 where ignored. With q_i = softmax(logits / T)_i over the head
+    ids and q_tail = 1 - sum q_i (floored at TAIL_FLOOR):
+    kl = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail).
+    """
+    shape = labels.shape
+    if head_ids is None:
+        ce, _ = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), None, None, None, 1.0)
+        return ce.view(shape), None
+    ce, kl = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), head_ids.flatten(0, 1),
+                              log_p_head.flatten(0, 1), p_tail.flatten(), float(temperature))
+    return ce.view(shape), kl.view(shape)
+
+
+def full_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,
+            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-token KL(p_T || q_T) (B, L) over the full vocabulary (online KD, the reference).
+
+    logits, teacher_logits: (B, L, V). Positions whose label is IGNORE_INDEX give 0.
+    """
+    log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
+    log_q = F.log_softmax(logits / temperature, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return kl if labels is None else torch.where(labels != IGNORE_INDEX, kl, 0.0)
+
+
+def combine(ce: torch.Tensor, kl: torch.Tensor | None, labels: torch.Tensor, *, alpha: float,
+            temperature: float) -> LossTerms:
+    """alpha * CE + (1 - alpha) * T^2 * KL per token, averaged over non-ignored tokens.
+
+    ce, kl: (B, L) per-token terms (kl None for the CE baseline); labels: (B, L).
+    """
+    n_tokens = int((labels != IGNORE_INDEX).sum())
+    denominator = max(n_tokens, 1)
+    ce_mean = ce.sum() / denominator
+    if kl is None:
+        return LossTerms(ce_mean, ce_mean.detach(), ce_mean.new_zeros(()), n_tokens)
+    kl_mean = kl.sum() / denominator
+    loss = alpha * ce_mean + (1 - alpha) * temperature ** 2 * kl_mean
+    return LossTerms(loss, ce_mean.detach(), kl_mean.detach(), n_tokens)

@@ -163,13 +163,19 @@ def run(*, teacher: Path = DEFAULT_TEACHER, tokens: Path = DEFAULT_TOKENS, seque
     return rows
 
 
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}" if abs(value) < 10 \
+            else f"{value:.1f}"
+    return str(value)
+
+
 def print_tables(rows: list[dict]) -> None:
     for table in dict.fromkeys(row["table"] for row in rows):
         subset = [{k: v for k, v in row.items() if k != "table"} for row in rows
                   if row["table"] == table]
         columns = list(dict.fromkeys(key for row in subset for key in row))
-        cells = [[f"{row.get(c):,.1f}" if isinstance(row.get(c), float) else str(row.get(c, ""))
-                  for c in columns] for row in subset]
+        cells = [[_cell(row.get(c, "")) for c in columns] for row in subset]
         widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
         print(f"\n[{table}]")
         print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))

@@ -19,16 +19,22 @@ def token_store(path: Path, *, seed: int = 0, n: int = N, tokenizer: str = "tok-
                              manifest={"tokenizer": {"fingerprint": tokenizer, "vocab_size": vocab}})
 
 
+def full_logits(*, n: int = N, seed: int = 0, vocab: int = V) -> np.ndarray:
+    """float32 (n, L, vocab) fake teacher logits behind `teacher_outputs`."""
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((n, L, vocab)).astype(np.float32) * 3 + 5
+    peaked = rng.random((n, L)) < 0.3
+    z[peaked, rng.integers(0, vocab, peaked.sum())] += 15
+    return z
+
+
 def teacher_outputs(*, n: int = N, seed: int = 0, k: int = K, vocab: int = V):
     """(ids int64 (n, L, k), raw logits float32 (n, L, k) descending, lse float32 (n, L, n_T)).
 
     Logits mix broad positions and peaked ones (one id +15 nats above the rest), so gap8's
     escape path and float16's precision near the top both get exercised.
     """
-    rng = np.random.default_rng(seed)
-    z = rng.standard_normal((n, L, vocab)).astype(np.float32) * 3 + 5
-    peaked = rng.random((n, L)) < 0.3
-    z[peaked, rng.integers(0, vocab, peaked.sum())] += 15
+    z = full_logits(n=n, seed=seed, vocab=vocab)
     ids = np.argsort(-z, axis=-1, kind="stable")[..., :k]
     logits = np.take_along_axis(z, ids, -1)
     z64 = z.astype(np.float64)

@@ -137,31 +137,6 @@ def decode_values(values: np.ndarray, *, value_code: str) -> np.ndarray:
     raise ValueError(f"unknown value code {value_code!r} (known: {', '.join(VALUE_CODES)})")
 
 
-def approximate_lse(logits: np.ndarray, lse: np.ndarray, *, temperatures: Sequence[float],
-                    temperature: float, vocab_size: int) -> np.ndarray:
-    """lse at a temperature the cache did not store: float32 (n, L).
-
-    logits (n, L, k) and lse (n, L, n_T) as `LogitCache.read` returns them. Uses the stored
-    temperature T_s nearest to `temperature` (in log T) and assumes that temperature's tail mass
-    m_s is spread evenly over the V - k ids outside the head, each with logit
-    v_tail = T_s (log(m_s / (V - k)) + lse_s); then lse_T = log(sum_i exp(v_i / T) +
-    (V - k) exp(v_tail / T)). Exact at the stored temperatures; elsewhere the head probabilities
-    are exact relative to each other and the tail's share is the approximation.
-    """
-    temps = np.asarray(temperatures, dtype=np.float64)
-    nearest = int(np.argmin(np.abs(np.log(temps) - np.log(temperature))))
-    t_s, lse_s = temps[nearest], lse[..., nearest].astype(np.float64)
-    v = logits.astype(np.float64)
-    head = np.exp(v / t_s - lse_s[..., None]).sum(-1)
-    rest = vocab_size - v.shape[-1]
-    tail = np.clip(1.0 - head, 1e-30, 1.0) if rest else np.zeros_like(head)
-    terms = [v / temperature]
-    if rest:
-        v_tail = t_s * (np.log(tail / rest) + lse_s)
-        terms.append((np.log(rest) + v_tail / temperature)[..., None])
-    return np.logaddexp.reduce(np.concatenate(terms, -1), axis=-1).astype(np.float32)
-
-
 # ---------------------------------------------------------------------------------------------
 # Manifest helpers.
 

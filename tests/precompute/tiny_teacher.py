@@ -53,9 +53,17 @@ def save_teacher(folder: Path, *, vocab: int = VOCAB, n_layer: int = 2, n_embd: 
     return folder
 
 
-def tiny_config(run_dir: Path, *overrides: str) -> Config:
+def tiny_overrides(run_dir: Path, *overrides: str) -> list[str]:
     """demo.yaml scaled down to the tiny run: small batches, k = 8, two temperatures, CPU."""
-    return load_config(CONFIG_DIR / "demo.yaml", [
-        f"run_dir={run_dir}", "data.seq_len=32", "teacher.device=cpu", "student.device=cpu",
-        "cache.k=8", "cache.temperatures=[1.0, 2.0]", "cache.chunk_sequences=16",
-        "cache.shard_chunks=2", "cache.batch_size=16", *overrides])
+    return [f"run_dir={run_dir}", "data.seq_len=32", "teacher.device=cpu", "student.device=cpu",
+            "cache.k=8", "cache.temperatures=[1.0, 2.0]", "cache.chunk_sequences=16",
+            "cache.shard_chunks=2", "cache.batch_size=16", *overrides]
+
+
+def tiny_config(run_dir: Path, *overrides: str) -> Config:
+    return load_config(CONFIG_DIR / "demo.yaml", tiny_overrides(run_dir, *overrides))
+
+
+def cli_args(run_dir: Path, *overrides: str) -> list[str]:
+    """The same configuration as command-line arguments of a `python -m` module."""
+    return ["--config", str(CONFIG_DIR / "demo.yaml"), *tiny_overrides(run_dir, *overrides)]

@@ -1,0 +1,167 @@
+"""The teacher-logits job: cached values equal the teacher's own, an interrupted job (SIGKILL)
+resumes to a byte-identical cache, two torchrun ranks write what one process writes, and bad
+inputs end with one line, exit code 2 and nothing overwritten."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from configs.cli import run as run_cli
+from precompute.logits import main, teacher_topk
+from storage.cache import VOLATILE_KEYS, open_cache
+from storage.tokens import open_token_store
+from tests.precompute.tiny_teacher import (cli_args, save_teacher, tiny_config, tiny_run,
+                                           write_tokens)
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    return save_teacher(tmp_path_factory.mktemp("teacher") / "model", seed=4)
+
+
+def uses(teacher, *extra):
+    return ("teacher.from_scratch=false", f"teacher.model={teacher}", *extra)
+
+
+def test_topk_and_lse_of_a_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 50)
+    model = lambda input_ids, use_cache: type("Out", (), {"logits": logits})  # noqa: E731
+    ids, values, lse = teacher_topk(model, torch.zeros(2, 3, dtype=torch.long), k=5,
+                                    temperatures=(1.0, 2.0))
+    assert ids.dtype == torch.int32 and ids.shape == values.shape == (2, 3, 5)
+    assert torch.all(values[..., :-1] >= values[..., 1:])
+    torch.testing.assert_close(values, logits.gather(-1, ids.long()))
+    torch.testing.assert_close(lse[..., 1], torch.logsumexp(logits / 2, -1))
+
+
+def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):
+    run = tiny_run(tmp_path, n_train=96, n_val=32)
+    main(tiny_config(run, *uses(teacher, "cache.splits=[train, val]")))
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    for split in ("train", "val"):
+        store = open_token_store(run / "tokens" / f"{split}.zarr")
+        cache = open_cache(run / "cache" / f"{split}.zarr", token_store=store, vocab_size=300)
+        assert cache.manifest["teacher"]["name"] == str(teacher)
+        block = cache.read(0, store.n_sequences)
+        with torch.inference_mode():
+            logits = model(torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64))
+                           ).logits.double().numpy()
+        top_values = np.sort(logits, axis=-1)[..., ::-1][..., :8]
+        np.testing.assert_array_equal(block.ids, np.argsort(-logits, axis=-1, kind="stable")[..., :8])
+        shifted = top_values - top_values[..., :1]  # the cache stores logits minus the top-1
+        assert np.all(np.abs(block.logits - shifted) <= 2.0 ** -11 * np.abs(shifted) + 1e-6)
+        for index, temperature in enumerate((1.0, 2.0)):
+            lse = np.log(np.exp(logits / temperature).sum(-1)) - top_values[..., 0] / temperature
+            np.testing.assert_allclose(block.lse[..., index], lse, atol=1e-3, rtol=0)
+            probs = np.exp(block.logits / temperature - block.lse[..., index:index + 1])
+            softmax = np.exp(logits / temperature - np.log(np.exp(logits / temperature).sum(
+                -1, keepdims=True)))
+            np.testing.assert_allclose(probs, np.take_along_axis(softmax, block.ids, -1),
+                                       rtol=2e-3, atol=1e-6)
+    assert (run / "cache" / "config.yaml").is_file()
+    assert open_cache(run / "cache" / "train.zarr").manifest["completed"]
+
+
+def cache_files(path: Path) -> dict[str, str]:
+    """sha256 of every data file of a cache, plus its manifest without the volatile keys."""
+    files = {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(path.rglob("*")) if f.is_file() and f.parent.name != "locks"
+             and f != path / "zarr.json"}
+    manifest = json.loads((path / "zarr.json").read_text())["attributes"]["manifest"]
+    files["manifest"] = json.dumps({k: v for k, v in manifest.items() if k not in VOLATILE_KEYS})
+    return files
+
+
+def job(run, teacher, *extra):
+    return [PYTHON, "-m", "precompute.logits", *cli_args(run, *uses(teacher, *extra))]
+
+
+SMALL_SHARDS = ("cache.chunk_sequences=8", "cache.shard_chunks=1", "cache.batch_size=8")
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
+    reference = tiny_run(tmp_path / "reference", n_train=384, n_val=16)
+    main(tiny_config(reference, *uses(teacher, *SMALL_SHARDS)))
+    run = tiny_run(tmp_path / "killed", n_train=384, n_val=16)
+    done_dir = run / "cache" / "train.zarr" / "done" / "c"
+    process = subprocess.Popen(job(run, teacher, *SMALL_SHARDS), cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "job ended before the kill"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = open_cache(run / "cache" / "train.zarr", allow_incomplete=True)
+    assert 3 <= partial.done.sum() < partial.n_shards
+    problems = partial.verify()
+    assert problems and all("not done" in line for line in problems)  # done shards are sound
+    main(tiny_config(run, *uses(teacher, *SMALL_SHARDS)))
+    assert cache_files(run / "cache" / "train.zarr") == cache_files(reference / "cache" / "train.zarr")
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
+    single = tiny_run(tmp_path / "single", n_train=160, n_val=16)
+    main(tiny_config(single, *uses(teacher)))
+    ranks = tiny_run(tmp_path / "ranks", n_train=160, n_val=16)
+    torchrun = [str(Path(PYTHON).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
+                "-m", "precompute.logits", *cli_args(ranks, *uses(teacher))]
+    result = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cached train" in result.stdout
+    assert cache_files(ranks / "cache" / "train.zarr") == cache_files(single / "cache" / "train.zarr")
+    assert open_cache(ranks / "cache" / "train.zarr").manifest["completed"]
+
+
+def fails_with(capsys, argv, pattern):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, "logits", argv=argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    # one error line and no traceback (transformers' own "Loading weights" bar may precede it)
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert err.splitlines()[-1].startswith("error:") and pattern in err.splitlines()[-1], err
+
+
+def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, teacher, capsys, monkeypatch):
+    run = tiny_run(tmp_path / "run", n_train=64, n_val=16)
+    cache = run / "cache"
+    fails_with(capsys, cli_args(run, *uses(tmp_path / "missing")), "does not exist")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    fails_with(capsys, cli_args(run, *uses("no-such-org/no-such-model")), "offline")
+    fails_with(capsys, cli_args(run, *uses(teacher, "cache.k=301")), "larger than the teacher's vocabulary")
+    assert not cache.exists()
+
+    other = tiny_run(tmp_path / "other", n_train=64, n_val=16, vocab=256)
+    fails_with(capsys, cli_args(other, *uses(teacher)), "vocabulary of 300 tokens")
+    trained = save_teacher(tmp_path / "trained" / "teacher")  # a run's teacher knows its tokenizer
+    (trained / "teacher.json").write_text(json.dumps({"tokenizer_fingerprint": "another"}))
+    fails_with(capsys, cli_args(tmp_path / "trained", "teacher.from_scratch=true"),
+               "no token store")
+    tiny_run(tmp_path / "trained", n_train=64, n_val=16)
+    fails_with(capsys, cli_args(tmp_path / "trained", "teacher.from_scratch=true"),
+               "another tokenizer")
+    assert not (tmp_path / "other" / "cache").exists() and not (tmp_path / "trained" / "cache").exists()
+
+    main(tiny_config(run, *uses(teacher)))
+    before = {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()}
+    another = save_teacher(tmp_path / "another", seed=9)
+    fails_with(capsys, cli_args(run, *uses(another)), "was made with other settings")
+    assert {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()} == before

@@ -258,7 +258,9 @@ THING_NOUNS = _nouns(("food", "toy", "thing", "text"))
 PLACE_NOUNS = _nouns(("place",))
 ANY_NOUNS = zipf(NOUNS)
 OBJECT_NOUNS = {v: _nouns(v.objects) for v in VERBS if v.objects}
-VERBS_TAKING = {category: zipf([v for v in VERBS if category in v.objects]) for category in ANIMATE}
+VERBS_TAKING = {category: zipf([v for v in VERBS if category in v.objects])
+                for category in {n.category for n in NOUNS}}
+PROP_NOUNS = _nouns(("toy", "food"))
 NAME_DRAW = zipf(NAMES)
 ADJECTIVES_FOR = {True: zipf([a for a, kind in ADJECTIVES if kind in "ab"]),
                   False: zipf([a for a, kind in ADJECTIVES if kind in "tb"])}
@@ -612,9 +614,10 @@ def introduce(rng: random.Random, c: Character) -> list[str]:
     return [c.name, "was"] + intro
 
 
-def story_sentence(rng: random.Random, hero: Character, friend: Character,
+def story_sentence(rng: random.Random, hero: Character, friend: Character, prop: Noun,
                    friend_known: bool) -> tuple[str, bool]:
-    """One past-tense sentence (or a quotation) about the hero or the friend."""
+    """One past-tense sentence (or a quotation) about the hero or the friend, often doing
+    something with the story's prop ('the ball', 'it')."""
     who = hero if rng.random() < 0.75 or not friend_known else friend
     m = refer(rng, who)
     verb = draw(rng, ALL_VERBS)
@@ -623,7 +626,10 @@ def story_sentence(rng: random.Random, hero: Character, friend: Character,
         met = noun_phrase(rng, friend.noun, friend.plural, adjective=0.4,
                           determiners=zipf(["a"] if not friend.plural else ["some", "two"]))
         return sentence(refer(rng, hero).words + [rng.choice(["saw", "met", "found"])] + met), True
-    if r < 0.3:
+    if r < 0.2:
+        verb = draw(rng, VERBS_TAKING[prop.category])
+        words = m.words + [verb.past] + (["it"] if rng.random() < 0.3 else ["the", prop.sg])
+    elif r < 0.3:
         words = m.words + [verb.past] + complement(rng, verb)
     elif r < 0.42:
         words = m.words + [BE[(m.agr, True)]] + predicate_adjective(rng, m)
@@ -657,14 +663,17 @@ def story_sentence(rng: random.Random, hero: Character, friend: Character,
 
 
 def story(rng: random.Random) -> str:
-    """One paragraph: an introduction, 3-8 sentences, and sometimes a closing line."""
-    hero, friend = new_character(rng), new_character(rng)
+    """One paragraph: an introduction, a prop, 3-8 sentences, and sometimes a closing line."""
+    hero, friend, prop = new_character(rng), new_character(rng), draw(rng, PROP_NOUNS)
     # The friend is met as "a duck", then called "the duck" or "it": it has no name.
     friend = friend._replace(name=None, gender=friend.noun.gender if friend.noun.gender in "mfn"
                              else friend.gender)
-    sentences, friend_known = [sentence(introduce(rng, hero))], False
-    for _ in range(rng.randint(3, 8)):
-        text, friend_known = story_sentence(rng, hero, friend, friend_known)
+    m = refer(rng, hero)
+    has = m.words + [rng.choice(["had", "found", "wanted"])] + noun_phrase(
+        rng, prop, False, adjective=0.6, determiners=zipf(["a"]))
+    sentences, friend_known = [sentence(introduce(rng, hero)), sentence(has)], False
+    for _ in range(rng.randint(3, 7)):
+        text, friend_known = story_sentence(rng, hero, friend, prop, friend_known)
         sentences.append(text)
     if rng.random() < 0.3:
         m = refer(rng, hero, pronoun=0.6)

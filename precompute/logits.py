@@ -215,8 +215,9 @@ def _reduce(value: float, op: str) -> float:
     return tensor.item()
 
 
-def run_job(cfg: Config) -> list[dict]:
-    """Cache every configured split; returns one summary dict per split (this rank's share)."""
+def fill_caches(cfg: Config) -> list[dict]:
+    """Cache every configured split, print a summary line per split (rank 0) and return the
+    summaries (tokens computed by all ranks, seconds, bytes on disk, total tokens, path)."""
     rank, world_size, local_rank = _distributed()
     device = resolve_device(cfg.teacher.device)
     if device.type == "cuda" and device.index is None:
@@ -250,6 +251,8 @@ def run_job(cfg: Config) -> list[dict]:
             summary["tokens"] = int(_reduce(summary["tokens"], "sum"))
             summary["seconds"] = _reduce(summary["seconds"], "max")
         summaries.append({"split": split, "path": str(cache_path), **summary})
+        if rank == 0:
+            print(summary_line(summaries[-1]))
     if rank == 0:
         cfg.save(run / CACHE_DIR)
     return summaries
@@ -268,10 +271,7 @@ def summary_line(summary: dict) -> str:
 
 
 def main(cfg: Config) -> None:
-    rank, _world_size, _ = _distributed()
-    for summary in run_job(cfg):
-        if rank == 0:
-            print(summary_line(summary))
+    fill_caches(cfg)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Evaluation of every model of a run: language-model metrics and minimal pairs.
 
 `make eval` (`python -m student.evaluate --config CONFIG [run_dir=RUN] [eval.minimal_pairs=DIR]`)
-scores the run's teacher, every finished student under `students/*` and the extra `eval.models`,
-then writes `RUN/reports/results.json`, `report.md` and training-curve PNGs (student/report.py).
+scores the run's teacher, every finished student under `students/*` and the extra `eval.models`
+on `student.device`, then writes `RUN/reports/results.json`, `report.md` and training-curve PNGs (student/report.py).
 
 Language-model metrics (`lm_metrics`) on the validation token store `tokens/val.zarr`:
   * each row is scored on its own: position t is predicted from tokens 0..t-1 of the same row, so
@@ -35,6 +35,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from configs import Config, UserError
+from precompute.models import TEACHER_INFO, load_teacher, resolve_teacher
+from precompute.tokenizer import fingerprint, load_tokenizer
 from storage.tokens import TokenStore, open_token_store
 from student.model import resolve_device
 
@@ -264,8 +266,6 @@ def find_models(cfg: Config) -> list[ModelEntry]:
     The teacher counts when `make teacher` finished it (teacher.json, possibly a LoRA adapter on
     a base model) or when teacher/ holds a plain save_pretrained model.
     """
-    from precompute.models import TEACHER_INFO, resolve_teacher
-
     run = cfg.run_path
     entries = []
     if (run / "teacher" / TEACHER_INFO).is_file():
@@ -284,7 +284,6 @@ def find_models(cfg: Config) -> list[ModelEntry]:
 def load_model(entry: ModelEntry, cfg: Config, *, device: torch.device):
     """The model of `entry` in eval mode on `device`: the teacher in the dtype and quantisation
     the logits job used (fp32 on the CPU, which has no fast half precision), the others in fp32."""
-    from precompute.models import load_teacher
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
@@ -340,7 +339,6 @@ def evaluate_run(cfg: Config) -> dict:
         notes.append(f"LM metrics skipped: no validation token store at {val_path}")
     run_tokenizer = None
     if (run / "tokenizer").is_dir():
-        from precompute.tokenizer import load_tokenizer
         run_tokenizer = load_tokenizer(run)
     pair_dir, pair_note = pairs_folder(cfg)
     pair_files = read_pair_dir(pair_dir, max_pairs_per_file=cfg.eval.max_pairs_per_file) \
@@ -355,7 +353,8 @@ def evaluate_run(cfg: Config) -> dict:
 
     rows = []
     for entry in models:
-        print(f"evaluating {entry.name} ({entry.source}) on {device}")
+        adapter = f" + adapter {entry.adapter}" if entry.adapter else ""
+        print(f"evaluating {entry.name} ({entry.source}{adapter}) on {device}")
         model = load_model(entry, cfg, device=device)
         row = {"name": entry.name, "kind": entry.kind, "path": entry.source,
                "params": sum(p.numel() for p in model.parameters())}
@@ -363,7 +362,7 @@ def evaluate_run(cfg: Config) -> dict:
             row["training"] = training_facts(Path(entry.source))
         tokenizer = own_tokenizer(entry.source) if entry.kind == "extra" else None
         same_tokens = tokenizer is None or (
-            run_tokenizer is not None and _fingerprint(tokenizer) == _fingerprint(run_tokenizer))
+            run_tokenizer is not None and fingerprint(tokenizer) == fingerprint(run_tokenizer))
         tokenizer = tokenizer or run_tokenizer
         if val is not None and same_tokens:
             row["lm"] = lm_metrics(model, val, batch_size=cfg.eval.batch_size, device=device,
@@ -389,11 +388,6 @@ def evaluate_run(cfg: Config) -> dict:
         "notes": notes,
         "models": rows,
     }
-
-
-def _fingerprint(tokenizer) -> str:
-    from precompute.tokenizer import fingerprint
-    return fingerprint(tokenizer)
 
 
 def main(cfg: Config) -> None:

@@ -43,6 +43,7 @@ def fake_run(tmp_path_factory):
     shape = dict(vocab_size=len(tokenizer), seq_len=32, n_layer=2, n_head=2,
                  eos_token_id=tokenizer.eos_token_id)
     new_gpt2(n_embd=64, seed=0, **shape).save_pretrained(run / "teacher")
+    (run / "teacher" / "teacher.json").write_text("{}")  # what `make teacher` leaves when done
     _metrics(run / "teacher", alpha=1.0)
     for name, alpha, seed in (("ce", 1.0, 1), ("kd-a0.5", 0.5, 2)):
         folder = run / "students" / name
@@ -144,3 +145,18 @@ def test_cache_facts_come_from_the_manifest(tmp_path):
     assert cache["teacher"] == "name runs/demo/teacher, dtype fp32"
     assert cache["bytes_per_token"] == pytest.approx(cache["bytes_on_disk"] / 128)
     assert "k: 4, value code: gap8" in report
+
+
+def test_extra_model_with_its_own_tokenizer_skips_lm_metrics_but_scores_pairs(fake_run, tmp_path):
+    other = train_bpe([TEXT], vocab_size=280, min_frequency=1)
+    folder = tmp_path / "other-model"
+    new_gpt2(vocab_size=len(other), seq_len=32, n_layer=2, n_embd=32, n_head=2,
+             eos_token_id=other.eos_token_id).save_pretrained(folder)
+    other.save_pretrained(str(folder))
+    cfg = load_config(CONFIG_DIR / "demo.yaml", [
+        f"run_dir={fake_run}", "student.device=cpu", f"eval.models=[{folder}]",
+        f"eval.minimal_pairs={fake_run / 'my_pairs'}"])
+    extra = evaluate_run(cfg)["models"][-1]
+    assert extra["name"] == str(folder) and extra["kind"] == "extra"
+    assert "lm" not in extra and "tokenizer differs" in extra["lm_skipped"]
+    assert extra["minimal_pairs"]["pairs"] == 6

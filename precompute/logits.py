@@ -34,7 +34,7 @@ from configs import Config, UserError
 from precompute.models import (TeacherSource, check_vocabulary, load_teacher, resolve_teacher,
                                teacher_manifest)
 from storage.cache import cache_bytes, create_cache
-from storage.tokens import open_token_store
+from storage.tokens import TokenStore, open_token_store
 from student.model import resolve_device
 
 CACHE_DIR = "cache"
@@ -52,42 +52,65 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
     """
     logits = model(input_ids=input_ids, use_cache=False).logits.float()
     values, ids = torch.topk(logits, k, dim=-1, sorted=True)
-    lse = torch.stack([torch.logsumexp(logits if t == 1 else logits / t, dim=-1)
+    top = values[..., :1]  # the max, so exp never overflows; reusing it saves a pass per T
+    lse = torch.stack([_sum_exp(logits - top, t).log_() + top[..., 0] / t
                        for t in temperatures], dim=-1)
     return ids.to(torch.int32), values, lse
+
+
+def _sum_exp(shifted: torch.Tensor, temperature: float) -> torch.Tensor:
+    """sum(exp(shifted / T)) over the last dimension, in place on `shifted` (a temporary)."""
+    if temperature != 1:
+        shifted.div_(temperature)
+    return shifted.exp_().sum(-1)
 
 
 def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Path,
                 cache_path: Path, cfg: Config, device: torch.device, rank: int = 0,
                 world_size: int = 1, barrier=lambda: None) -> dict:
-    """Fill the logit cache of one token store with `model` (loaded from `source`; `teacher` is
-    its manifest entry). Returns this rank's {"tokens" computed, "seconds", "bytes" of the
-    cache on disk, "total_tokens" of the store}.
-
-    `barrier` synchronises ranks: rank 0 creates the cache before the others open it, and
-    finishes it after everyone has written.
-    """
+    """Check the inputs, then fill the logit cache of one token store with `model` (loaded from
+    `source`; `teacher` is its manifest entry) as `cfg.cache` says; see `write_cache`."""
     store = open_token_store(tokens_path)
     check_inputs(model, store=store, cfg=cfg, source=source, where=str(tokens_path))
+    c = cfg.cache
+    return write_cache(model, store=store, cache_path=cache_path, teacher=teacher, k=c.k,
+                       temperatures=tuple(c.temperatures), value_code=c.value_code,
+                       chunk_sequences=c.chunk_sequences, shard_chunks=c.shard_chunks,
+                       batch_size=c.batch_size, device=device, rank=rank,
+                       world_size=world_size, barrier=barrier)
+
+
+def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k: int,
+                temperatures: tuple[float, ...], value_code: str = "float16",
+                chunk_sequences: int = 32, shard_chunks: int = 16, batch_size: int = 32,
+                device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
+                barrier=lambda: None, progress: bool = True) -> dict:
+    """Run `model` over `store` and write (or resume) its top-k logit cache at `cache_path`.
+
+    `teacher`: the manifest's teacher entry (name, fingerprint, dtype, quantization, adapter).
+    `barrier` synchronises ranks: rank 0 creates the cache before the others open it, and
+    finishes it after everyone has written. Returns this rank's {"tokens" computed, "seconds",
+    "bytes" of the cache on disk, "total_tokens" of the store}.
+    """
     manifest = {"teacher": teacher, "tokenizer_fingerprint": store.tokenizer_fingerprint,
                 "token_store_fingerprint": store.fingerprint}
-    k, temperatures = cfg.cache.k, tuple(cfg.cache.temperatures)
 
     def create():
         return create_cache(
             cache_path, n_sequences=store.n_sequences, seq_len=store.seq_len, k=k,
-            vocab_size=store.vocab_size, temperatures=temperatures,
-            value_code=cfg.cache.value_code, chunk_sequences=cfg.cache.chunk_sequences,
-            shard_chunks=cfg.cache.shard_chunks, manifest=manifest)
+            vocab_size=store.vocab_size, temperatures=temperatures, value_code=value_code,
+            chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, manifest=manifest)
 
     writer = create() if rank == 0 else None
     barrier()
     writer = writer or create()
+    name = Path(store.path).stem
     started = time.perf_counter()
     computed = _run_shards(model, store=store, writer=writer, rank=rank, world_size=world_size,
-                           k=k, temperatures=temperatures, batch_size=cfg.cache.batch_size,
-                           device=device, desc=f"{tokens_path.stem} r{rank}" if world_size > 1 else tokens_path.stem,
-                           show=rank == 0)
+                           k=k, temperatures=temperatures, batch_size=batch_size,
+                           device=torch.device(device),
+                           desc=f"{name} r{rank}" if world_size > 1 else name,
+                           show=progress and rank == 0)
     seconds = time.perf_counter() - started
     barrier()
     if rank == 0:

@@ -364,7 +364,7 @@ def modified_subject(rng: random.Random, head: Noun, plural: bool) -> Mention:
     return subject._replace(words=subject.words + tail)
 
 
-def subject(rng: random.Random, *, modifier: float = 0.25) -> Mention:
+def subject(rng: random.Random, *, modifier: float = 0.45) -> Mention:
     """An animate subject: pronoun, name, or noun phrase (sometimes with a modifier)."""
     r = rng.random()
     if r < 0.3:

@@ -3,6 +3,7 @@
 import collections
 import json
 import math
+import os
 import random
 import re
 import subprocess
@@ -201,7 +202,7 @@ def test_a_model_of_the_corpus_prefers_the_good_sentences(corpus):
                 / len(items) for uid, items in read_pairs(out / "minimal_pairs").items()}
     local = ["subject_verb_agreement", "copula_agreement", "determiner_noun_agreement",
              "indefinite_article", "negation_auxiliary", "question_auxiliary"]
-    assert all(accuracy[uid] > 0.7 for uid in local), accuracy
+    assert all(accuracy[uid] > 0.65 for uid in local), accuracy  # chance: 0.5 +- 0.035
     assert accuracy["agreement_across_pp"] < 0.6, accuracy
 
 
@@ -215,10 +216,13 @@ def test_300k_words_generate_fast(tmp_path):
 def test_cli_writes_corpus_and_pairs_and_rejects_bad_sizes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "precompute.generate", str(tmp_path / "out"),
                          "--words", "3000", "--pairs", "10", "--seed", "1"],
-                        cwd=REPO, capture_output=True, text=True)
+                        cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "123"})
     assert ok.returncode == 0, ok.stderr
     assert sorted(p.name for p in (tmp_path / "out").glob("*.train")) == \
         ["child_speech.train", "stories.train"]
+    g.write_corpus(tmp_path / "here", words=3000, seed=1)  # another process, another hash seed
+    for name in ("child_speech.train", "stories.train"):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
     assert len(list((tmp_path / "out" / "minimal_pairs").glob("*.jsonl"))) == len(g.PHENOMENA)
     bad = subprocess.run([sys.executable, "-m", "precompute.generate", str(tmp_path / "x"),
                           "--words", "0"], cwd=REPO, capture_output=True, text=True)

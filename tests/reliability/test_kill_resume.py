@@ -1,0 +1,124 @@
+"""Crash and resume with real processes: the teacher-logits job SIGKILLed at seeded random
+moments and rerun ends byte-identical to an uninterrupted run; Ctrl-C stops it cleanly."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from storage.cache import open_cache
+from tests.reliability.world import (cache_digest, differing, message_lines, started,
+                                     torn_leftovers)
+
+SEED = 20240611
+
+
+def wait_started(process, what: str) -> None:
+    """Block until the job prints its first stdout line (it has parsed its config, found its
+    inputs and is about to load the teacher)."""
+    line = process.stdout.readline()
+    assert line, f"{what} ended before printing anything (exit {process.wait()})"
+
+
+def assert_done_shards_sound(cache_path) -> int:
+    """Every shard marked done reads back with good checksums; returns how many are done."""
+    if not (cache_path / "zarr.json").is_file():
+        return 0
+    cache = open_cache(cache_path, allow_incomplete=True)
+    problems = [p for p in cache.verify() if "not done" not in p]
+    assert problems == [], problems
+    return int(cache.done.sum())
+
+
+def shard_in_flight(cache) -> bool:
+    """A shard has data files but no done mark yet: its writer is between those two points."""
+    if not (cache / "ids" / "c").is_dir():
+        return False
+    done = set(os.listdir(cache / "done" / "c")) if (cache / "done" / "c").is_dir() else set()
+    return bool(set(os.listdir(cache / "ids" / "c")) - done)
+
+
+def kill_after(process, *, delay: float, cache, mid_write: bool) -> None:
+    """SIGKILL `process` `delay` seconds from now or, with `mid_write`, at the first moment
+    after that when a shard write is seen in flight; nothing if it has exited by then."""
+    try:
+        process.wait(timeout=delay)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    while mid_write and process.poll() is None and not shard_in_flight(cache):
+        time.sleep(0.0005)
+    process.send_signal(signal.SIGKILL)
+
+
+def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_kills, tmp_path,
+                                                                    capsys):
+    """Kill the job `chaos_kills` times, rerunning after each kill. Each kill comes after a
+    seeded random delay (uniform in [0, a quarter of the clean job's duration]); every third
+    one then also waits until a shard write is in flight, so some kills surely land between a
+    shard's first data file and its done mark. A rerun that finishes before its kill ends a
+    "chain": its cache is compared with the clean one and deleted, and the next run starts
+    from nothing, so the number of kills does not depend on the machine's speed."""
+    rng = random.Random(SEED)
+    clean = cache_digest(world.clean_cache)
+    run = world.new_run(tmp_path / "run")
+    cache = run / "cache" / "train.zarr"
+    command = world.command("precompute.logits", run)
+    kills, chains, torn, resumed_from = 0, 0, 0, []
+    while True:
+        killing = kills < chaos_kills
+        delay = rng.uniform(0, world.clean_seconds / 4)
+        with started(command, stderr_file=tmp_path / f"stderr-{kills}-{chains}") as process:
+            wait_started(process, "the logits job")
+            if killing:
+                kill_after(process, delay=delay, cache=cache, mid_write=kills % 3 == 1)
+            returncode = process.wait(timeout=300)
+        if returncode == -signal.SIGKILL:
+            kills += 1
+            torn += bool(cache.is_dir() and torn_leftovers(cache))
+            resumed_from.append(assert_done_shards_sound(cache))
+            continue
+        assert returncode == 0, (tmp_path / f"stderr-{kills}-{chains}").read_text()[-2000:]
+        chains += 1
+        assert differing(cache_digest(cache), clean) == []
+        if not killing:
+            break
+        shutil.rmtree(run / "cache")  # the job won the race: start another chain
+    with capsys.disabled():
+        print(f"\n[chaos] {kills} SIGKILLs survived, {torn} inside a shard write, {chains} "
+              f"caches rebuilt byte-identical; done shards at each kill: {resumed_from}")
+    assert kills >= chaos_kills
+    assert torn >= 1, "no kill landed inside a shard write"
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_completes(world, tmp_path):
+    run = world.new_run(tmp_path / "run")
+    cache = run / "cache" / "train.zarr"
+    command = world.command("precompute.logits", run)
+    with started(command, stderr_file=tmp_path / "stderr") as process:
+        wait_started(process, "the logits job")
+        deadline = time.monotonic() + 120
+        while not (cache / "done" / "c").is_dir():  # interrupt mid-job, not during start-up
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=120) == 130
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr
+    lines = message_lines(stderr)
+    assert lines[-1] == "interrupted: finished work is kept; rerun the same command to resume"
+    assert sum("interrupted" in line or line.startswith("error") for line in lines) == 1, lines
+    done = assert_done_shards_sound(cache)
+    assert 1 <= done < open_cache(cache, allow_incomplete=True).n_shards
+    assert torn_leftovers(cache) == [], "Ctrl-C should let the writer finish the queued shards"
+
+    with started(command, stderr_file=tmp_path / "stderr-rerun") as process:
+        assert process.wait(timeout=300) == 0
+        assert "cached train" in process.stdout.read()
+    assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []

@@ -1,0 +1,103 @@
+"""The alpha x temperature (x k) grid on one logit cache: `python -m student.sweep` (`make sweep`).
+
+Every grid point is an ordinary `train(cfg.replace(...))` run with its own students/<name>/
+directory; the cache is opened once, read-only, and shared. Finished runs are skipped and
+unfinished ones resume, so rerunning the sweep continues it. At the end a table of the final
+validation loss and perplexity of every run is printed and written to <run>/reports/sweep.md and
+sweep.json.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+from configs import Config
+from configs.cli import run
+from storage.cache import LogitCache, open_cache
+from student.train import (METRICS_FILE, is_finished, open_tokens, read_metrics, student_dir,
+                           train)
+
+
+def grid(cfg: Config) -> list[Config]:
+    """One config per (alpha, temperature, k) point, distinct run names only (every alpha = 1
+    point is the same CE baseline)."""
+    d = cfg.distill
+    runs: dict[str, Config] = {}
+    for alpha, temperature, k in itertools.product(d.sweep_alphas, d.sweep_temperatures,
+                                                   d.sweep_ks or (d.k,)):
+        point = cfg.replace(**{"distill.alpha": alpha, "distill.temperature": temperature,
+                               "distill.k": k, "distill.run": ""})
+        runs.setdefault(student_dir(point).name, point)
+    return list(runs.values())
+
+
+def sweep(cfg: Config) -> list[dict]:
+    """Train every grid point (skipping finished ones); returns the summary rows."""
+    points = grid(cfg)
+    cache = shared_cache(cfg) if any(p.distill.alpha < 1 for p in points) else None
+    rows = []
+    for i, point in enumerate(points, 1):
+        out = student_dir(point)
+        status = "finished earlier" if is_finished(out) else "trained"
+        if status == "trained":
+            print(f"\n--- sweep {i}/{len(points)}: {out.name}", flush=True)
+            train(point, cache=cache)
+        rows.append(summary_row(point, out, status))
+    write_summary(cfg.run_path / "reports", rows)
+    return rows
+
+
+def shared_cache(cfg: Config) -> LogitCache | None:
+    """The train cache, opened once for every run (None in online mode: nothing to share)."""
+    if cfg.distill.mode != "cached":
+        return None
+    tokens, _ = open_tokens(cfg)
+    path = cfg.run_path / "cache" / "train.zarr"
+    if not (path / "zarr.json").is_file():
+        return None  # train() says what to run
+    return open_cache(path, token_store=tokens, vocab_size=tokens.vocab_size)
+
+
+def summary_row(cfg: Config, out: Path, status: str) -> dict:
+    """A run's grid point and final validation numbers (from its metrics log)."""
+    rows = read_metrics(out / METRICS_FILE) if (out / METRICS_FILE).is_file() else []
+    last_val = next((r for r in reversed(rows) if "val_loss" in r), {})
+    return {"run": out.name, "alpha": cfg.distill.alpha, "temperature": cfg.distill.temperature,
+            "k": cfg.distill.k or cfg.cache.k, "steps": rows[-1]["step"] if rows else 0,
+            "val_loss": last_val.get("val_loss"), "val_ppl": last_val.get("val_ppl"),
+            "status": status}
+
+
+def table(rows: list[dict]) -> str:
+    """The summary as a markdown table (best validation loss first)."""
+    ordered = sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0.0))
+    lines = ["| run | alpha | T | k | steps | val loss | val ppl | |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in ordered:
+        loss = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+        ppl = f"{r['val_ppl']:.2f}" if r["val_ppl"] is not None else "-"
+        lines.append(f"| {r['run']} | {r['alpha']:g} | {r['temperature']:g} | {r['k']} | "
+                     f"{r['steps']} | {loss} | {ppl} | {r['status']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(reports: Path, rows: list[dict]) -> None:
+    """Print the table and write reports/sweep.md and sweep.json (each renamed into place)."""
+    text = table(rows)
+    print("\n" + text)
+    reports.mkdir(parents=True, exist_ok=True)
+    for name, content in (("sweep.md", "# Sweep\n\n" + text),
+                          ("sweep.json", json.dumps(rows, indent=2) + "\n")):
+        tmp = reports / (name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(reports / name)
+
+
+def main(cfg: Config) -> None:
+    sweep(cfg)
+
+
+if __name__ == "__main__":
+    run(main, "Train the alpha x temperature (x k) grid of students on one logit cache.")

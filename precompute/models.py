@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from configs import Config, UserError
+from precompute.tokenizer import looks_like_local_path
 
 TEACHER_DIR = "teacher"
 TEACHER_INFO = "teacher.json"
@@ -65,14 +66,12 @@ def resolve_teacher(cfg: Config) -> TeacherSource:
 
 
 def load_teacher(name_or_path: str, *, dtype: str = "fp32", quantization: str = "none",
-                 adapter: str = "", device: torch.device | str = "cpu",
-                 trainable_adapter: bool = False) -> torch.nn.Module:
+                 adapter: str = "", device: torch.device | str = "cpu") -> torch.nn.Module:
     """A causal LM from a hub name or local folder, in `dtype` ('fp32', 'fp16', 'bf16') or
     quantised ('4bit' NF4 with `dtype` as compute dtype, '8bit'), in eval mode on `device`.
 
     `adapter`: a PEFT LoRA folder, merged into the weights when they are full precision and kept
-    as a PeftModel on quantised weights (`trainable_adapter` keeps it trainable, for resuming
-    QLoRA). Never runs remote code; reads safetensors only.
+    as a PeftModel on quantised weights. Never runs remote code; reads safetensors only.
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -93,8 +92,7 @@ def load_teacher(name_or_path: str, *, dtype: str = "fp32", quantization: str = 
     if quantization == "none":
         model = model.to(device)
     if adapter:
-        model = _apply_adapter(model, adapter, merge=quantization == "none" and not trainable_adapter,
-                               trainable=trainable_adapter)
+        model = _apply_adapter(model, adapter, merge=quantization == "none")
     return model.eval()
 
 
@@ -117,18 +115,18 @@ def _from_pretrained(auto_class, name_or_path: str, kwargs: dict):
 
 
 def _looks_local(name_or_path: str) -> bool:
-    """A folder that exists, or something only a path looks like (hub ids are 'org/name')."""
-    return (Path(name_or_path).expanduser().exists() or name_or_path.startswith(("/", ".", "~"))
-            or name_or_path.count("/") > 1 or name_or_path.endswith("/"))
+    """A folder that exists, or a name only a path looks like (hub ids are 'name' or 'org/name')."""
+    return (Path(name_or_path).expanduser().exists() or looks_like_local_path(name_or_path)
+            or name_or_path.endswith("/"))
 
 
-def _apply_adapter(model, adapter: str, *, merge: bool, trainable: bool):
+def _apply_adapter(model, adapter: str, *, merge: bool):
     from peft import PeftModel
 
     folder = Path(adapter).expanduser()
     if not (folder / ADAPTER_CONFIG).is_file():
         raise TeacherNotFound(f"teacher adapter folder {folder} holds no {ADAPTER_CONFIG}")
-    model = PeftModel.from_pretrained(model, str(folder), is_trainable=trainable)
+    model = PeftModel.from_pretrained(model, str(folder))
     return model.merge_and_unload() if merge else model
 
 

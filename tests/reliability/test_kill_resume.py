@@ -11,6 +11,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from storage.cache import open_cache
 from tests.reliability.world import (cache_digest, differing, message_lines, started,
@@ -38,7 +39,7 @@ def assert_done_shards_sound(cache_path) -> int:
 
 def shard_in_flight(cache) -> bool:
     """A shard has data files but no done mark yet: its writer is between those two points."""
-    if not (cache / "ids" / "c").is_dir():
+    if cache is None or not (cache / "ids" / "c").is_dir():
         return False
     done = set(os.listdir(cache / "done" / "c")) if (cache / "done" / "c").is_dir() else set()
     return bool(set(os.listdir(cache / "ids" / "c")) - done)
@@ -122,3 +123,112 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(world, tmp_path):
         assert process.wait(timeout=300) == 0
         assert "cached train" in process.stdout.read()
     assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []
+
+
+# ------------------------------------------------------------------------------ student training
+
+TIMING = ("tokens_per_s", "elapsed_s")
+"""metrics.jsonl keys that are wall-clock measurements, different in every run; every other key
+of every line must match the uninterrupted run."""
+
+
+def student_result(folder) -> tuple[dict, list[dict]]:
+    """(weights name -> tensor, metrics rows without the timing keys) of a finished student."""
+    from safetensors.torch import load_file
+
+    from student.train import read_metrics
+
+    rows = [{k: v for k, v in row.items() if k not in TIMING}
+            for row in read_metrics(folder / "metrics.jsonl")]
+    return load_file(folder / "model.safetensors"), rows
+
+
+def assert_same_student(folder, clean) -> None:
+    weights, rows = student_result(folder)
+    clean_weights, clean_rows = clean
+    assert sorted(weights) == sorted(clean_weights)
+    assert [name for name in weights if not torch.equal(weights[name], clean_weights[name])] == []
+    assert rows == clean_rows
+
+
+@pytest.fixture(scope="module")
+def clean_student(world, tmp_path_factory):
+    """The uninterrupted reference: (result, seconds the in-process training took)."""
+    train = pytest.importorskip("student.train")
+    from configs import load_config
+
+    run = world.new_run(tmp_path_factory.mktemp("student") / "run")
+    shutil.copytree(world.clean_cache, run / "cache" / "train.zarr")
+    began = time.perf_counter()
+    folder = train.train(load_config(world.config, [f"run_dir={run}"]))
+    return student_result(folder), time.perf_counter() - began
+
+
+def student_run(world, tmp_path):
+    run = world.new_run(tmp_path / "run")
+    shutil.copytree(world.clean_cache, run / "cache" / "train.zarr")
+    return run, run / "students" / "kd-a0.5-T2-k8", world.command("student.train", run)
+
+
+def wait_training(process, metrics) -> None:
+    """Block until this process has touched metrics.jsonl (it truncates it to its checkpoint on
+    start, then appends a line per step)."""
+    before = metrics.stat().st_mtime_ns if metrics.exists() else None
+    deadline = time.monotonic() + 180
+    while not metrics.exists() or metrics.stat().st_mtime_ns == before:
+        assert process.poll() is None, f"training ended early (exit {process.returncode})"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+
+
+def test_student_sigkill_then_resume_gives_the_same_weights_and_metrics(world, clean_student,
+                                                                         chaos_kills, tmp_path,
+                                                                         capsys):
+    """Like the logits chain, with fewer kills (a third of --chaos-kills, at least 3: each
+    costs a full process start) at uniform delays in [0, a third of the clean training time]
+    after the run starts training; checkpoints every 4 of 24 steps."""
+    clean, seconds = clean_student
+    rng = random.Random(SEED + 1)
+    run, folder, command = student_run(world, tmp_path)
+    target = max(3, chaos_kills // 3)
+    kills, chains, resumed = 0, 0, 0
+    while True:
+        killing = kills < target
+        with started(command, stderr_file=tmp_path / f"stderr-{kills}-{chains}") as process:
+            if killing:
+                wait_training(process, folder / "metrics.jsonl")
+                kill_after(process, delay=rng.uniform(0, seconds / 3), cache=None, mid_write=False)
+            out, _ = process.communicate(timeout=300)
+        resumed += "resuming" in out
+        if process.returncode == -signal.SIGKILL:
+            kills += 1
+            continue
+        assert process.returncode == 0, (tmp_path / f"stderr-{kills}-{chains}").read_text()[-2000:]
+        chains += 1
+        assert_same_student(folder, clean)
+        if not killing:
+            break
+        shutil.rmtree(run / "students")
+    with capsys.disabled():
+        print(f"\n[chaos] student: {kills} SIGKILLs survived, {resumed} runs resumed from a "
+              f"checkpoint, {chains} students identical to the clean one")
+    assert kills >= target and resumed >= 1
+
+
+def test_student_ctrl_c_checkpoints_and_the_rerun_matches(world, clean_student, tmp_path):
+    run, folder, command = student_run(world, tmp_path)
+    with started(command, stderr_file=tmp_path / "stderr") as process:
+        wait_training(process, folder / "metrics.jsonl")
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, out
+    stderr = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in stderr
+    assert message_lines(stderr)[-1] == (
+        "interrupted: finished work is kept; rerun the same command to resume")
+    assert (folder / "checkpoint" / "model.safetensors").is_file()
+    assert not (folder / "model.safetensors").exists()
+    with started(command, stderr_file=tmp_path / "stderr-rerun") as process:
+        out, _ = process.communicate(timeout=300)
+    assert process.returncode == 0 and "resuming" in out, out
+    assert_same_student(folder, clean_student[0])

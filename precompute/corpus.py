@@ -133,18 +133,21 @@ def corpus_dir(cfg: Config) -> Path:
 
 
 def prepare(cfg: Config) -> dict[str, Path]:
-    """Run the whole corpus stage; returns {split: token store path}."""
+    """Run the whole corpus stage; returns {split: token store path}.
+
+    Everything is computed before anything is written, so a run that fails on bad input leaves
+    the outputs of an earlier run as they were.
+    """
     source_dir = corpus_dir(cfg)
     documents, facts = split_documents(cfg, source_dir)
+    tokenizer = build_tokenizer(cfg.tokenizer, (line for doc in documents["train"] for line in doc))
+    packed = {split: pack(documents[split], tokenizer, cfg.data.seq_len) for split in SPLITS}
     out = cfg.run_path / "tokens"
     out.mkdir(parents=True, exist_ok=True)
-    for split in SPLITS:
-        (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc) for doc in documents[split]))
-    tokenizer = build_tokenizer(cfg.tokenizer, (line for doc in documents["train"] for line in doc))
     tokenizer.save_pretrained(str(tokenizer_dir(cfg.run_path)))
     stores = {}
-    for split in SPLITS:
-        rows, text_bytes = pack(documents[split], tokenizer, cfg.data.seq_len)
+    for split, (rows, text_bytes) in packed.items():
+        (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc) for doc in documents[split]))
         stores[split] = out / f"{split}.zarr"
         store = write_token_store(stores[split], sequences=rows, manifest={
             "split": split, "corpus_dir": str(source_dir), **facts,

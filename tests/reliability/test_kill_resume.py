@@ -170,13 +170,16 @@ def student_run(world, tmp_path):
     return run, run / "students" / "kd-a0.5-T2-k8", world.command("student.train", run)
 
 
-def wait_training(process, metrics) -> None:
-    """Block until this process has touched metrics.jsonl (it truncates it to its checkpoint on
-    start, then appends a line per step)."""
-    before = metrics.stat().st_mtime_ns if metrics.exists() else None
-    deadline = time.monotonic() + 180
-    while not metrics.exists() or metrics.stat().st_mtime_ns == before:
-        assert process.poll() is None, f"training ended early (exit {process.returncode})"
+def wait_touched(process, path) -> None:
+    """Block until this process has replaced or modified `path`: metrics.jsonl (truncated to
+    the checkpoint on start, then a line per step) or checkpoint/ (renamed into place)."""
+    def state():
+        return (path.stat().st_ino, path.stat().st_mtime_ns) if path.exists() else None
+
+    before, deadline = state(), time.monotonic() + 180
+    while state() in (before, None):
+        if process.poll() is not None:
+            return
         assert time.monotonic() < deadline
         time.sleep(0.005)
 
@@ -186,7 +189,8 @@ def test_student_sigkill_then_resume_gives_the_same_weights_and_metrics(world, c
                                                                          capsys):
     """Like the logits chain, with fewer kills (a third of --chaos-kills, at least 3: each
     costs a full process start) at uniform delays in [0, a third of the clean training time]
-    after the run starts training; checkpoints every 4 of 24 steps."""
+    after the run starts training; every other kill first waits for this run to write a
+    checkpoint (every 4 of 24 steps), so later runs surely resume from one."""
     clean, seconds = clean_student
     rng = random.Random(SEED + 1)
     run, folder, command = student_run(world, tmp_path)
@@ -196,7 +200,9 @@ def test_student_sigkill_then_resume_gives_the_same_weights_and_metrics(world, c
         killing = kills < target
         with started(command, stderr_file=tmp_path / f"stderr-{kills}-{chains}") as process:
             if killing:
-                wait_training(process, folder / "metrics.jsonl")
+                wait_touched(process, folder / "metrics.jsonl")
+                if kills % 2:
+                    wait_touched(process, folder / "checkpoint")
                 kill_after(process, delay=rng.uniform(0, seconds / 3), cache=None, mid_write=False)
             out, _ = process.communicate(timeout=300)
         resumed += "resuming" in out
@@ -218,7 +224,7 @@ def test_student_sigkill_then_resume_gives_the_same_weights_and_metrics(world, c
 def test_student_ctrl_c_checkpoints_and_the_rerun_matches(world, clean_student, tmp_path):
     run, folder, command = student_run(world, tmp_path)
     with started(command, stderr_file=tmp_path / "stderr") as process:
-        wait_training(process, folder / "metrics.jsonl")
+        wait_touched(process, folder / "metrics.jsonl")
         process.send_signal(signal.SIGINT)
         out, _ = process.communicate(timeout=120)
     assert process.returncode == 130, out

@@ -75,6 +75,8 @@ def load_teacher(name_or_path: str, *, dtype: str = "fp32", quantization: str = 
     """
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    if adapter and not (Path(adapter).expanduser() / ADAPTER_CONFIG).is_file():
+        raise TeacherNotFound(f"teacher adapter folder {adapter} holds no {ADAPTER_CONFIG}")
     device = torch.device(device)
     kwargs = dict(dtype=DTYPES[dtype], trust_remote_code=False, use_safetensors=True)
     if quantization == "4bit":
@@ -123,10 +125,7 @@ def _looks_local(name_or_path: str) -> bool:
 def _apply_adapter(model, adapter: str, *, merge: bool):
     from peft import PeftModel
 
-    folder = Path(adapter).expanduser()
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise TeacherNotFound(f"teacher adapter folder {folder} holds no {ADAPTER_CONFIG}")
-    model = PeftModel.from_pretrained(model, str(folder))
+    model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
     return model.merge_and_unload() if merge else model
 
 

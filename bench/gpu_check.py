@@ -168,7 +168,11 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, d
     lse = torch.stack([torch.logsumexp(logits / t, -1) - values[..., 0] / t
                        for t in temperatures], -1).numpy()
     lse_err = float(np.abs(block.lse - lse).max())
-    ok = top1_match == 1.0 and ids_match > 0.999 and value_err < 2e-3 and lse_err < 1e-3
+    # Half-precision logits of a random teacher tie often, and tied entries may come out of top-k
+    # in either order; the cached ids are right when the direct logits at those ids are the top-k.
+    at_cached_ids = logits.gather(-1, torch.from_numpy(block.ids))
+    id_value_err = float((at_cached_ids - values).abs().max())
+    ok = id_value_err < 1e-6 and value_err < 2e-3 and lse_err < 1e-3
     del model
     _free(device)
     shape = "x".join(map(str, shapes.teacher[:2]))
@@ -184,7 +188,8 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, d
                  f"{job / topk:.2f} x fwd+topk+lse, {job / forward:.2f} x forward; "
                  f"{summary['bytes'] / summary['total_tokens']:.0f} bytes/token; peak {peak}"},
         {"check": f"teacher {name}: cache vs direct forward", "value": "PASS" if ok else "FAIL",
-         "unit": "", "note": f"top-1 ids equal {top1_match:.4f}, top-k ids equal {ids_match:.4f}, "
+         "unit": "", "note": f"top-1 ids equal {top1_match:.4f}, top-k ids equal {ids_match:.4f} (ties), "
+                             f"max |logit at cached id - direct top-k| {id_value_err:.1e}, "
                              f"max rel logit err {value_err:.1e}, max lse err {lse_err:.1e}"},
     ]
 

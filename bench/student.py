@@ -1,14 +1,45 @@
-"""Student trainer benchmark (placeholder being written)."""
+"""Student trainer benchmark: speed, memory and quality of cached KD against CE and online KD.
+
+Everything is built in a temporary run directory in a few minutes on a CPU: a synthetic language
+(first-order Markov chain, V = 512, seq 64), a teacher (4 x 128, ~6x the student's parameters)
+trained with the same loop, its top-64 logit caches (float16 and gap8, T = 1, 2, 4), then the
+same 2 x 64 student trained by `student.train.train` in every mode:
+
+  step     forward + backward + AdamW on one batch, the modes interleaved in one process
+           (fastest of 30): the cost of the loss itself, without reading the cache.
+  speed    tokens/s of the real training loop (median step, one thread, each mode in its own
+           subprocess, run twice interleaved; best of the two), CE = 1; peak RSS growth of that
+           subprocess from just before training (VmHWM - VmRSS, /proc).
+  quality  final validation perplexity after the same steps and seed: cached KD over k and over
+           the stored temperatures, gap8 vs float16, against online full-vocabulary KD and CE.
+
+`python -m bench.student [--steps N]` prints the table; `run(...)` returns its rows.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from configs import CONFIG_DIR, load_config
 from storage.cache import create_cache
-from storage.tokens import TokenStore
+from storage.tokens import TokenStore, open_token_store, write_token_store
+
+VOCAB, SEQ_LEN = 512, 64
+STUDENT = dict(n_layer=2, n_embd=64, n_head=2)
+TEACHER = dict(n_layer=4, n_embd=128, n_head=4)
+TEMPERATURES = (1.0, 2.0, 4.0)
+CACHE_K = 64
 
 
 @torch.no_grad()
@@ -41,3 +72,224 @@ def write_cache(path: Path, teacher: torch.nn.Module, store: TokenStore, *, k: i
                                lse=np.concatenate([p[2] for p in parts]))
     writer.finish()
     return path
+
+
+def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """(n, seq_len) sequences of a fixed random first-order Markov chain: each token has 8
+    Zipf-weighted successors, plus 10% uniform noise. A tiny model learns it in a few hundred
+    steps, a larger one trained longer learns it better: the teacher has something to teach."""
+    successors = np.random.default_rng(1234).integers(0, vocab, (vocab, 8))
+    weights = 1.0 / np.arange(1, 9)
+    rng = np.random.default_rng(seed)
+    rows = np.empty((n, seq_len), dtype=np.int64)
+    rows[:, 0] = rng.integers(0, vocab, n)
+    for t in range(1, seq_len):
+        pick = rng.choice(8, size=n, p=weights / weights.sum())
+        rows[:, t] = successors[rows[:, t - 1], pick]
+        noise = rng.random(n) < 0.1
+        rows[noise, t] = rng.integers(0, vocab, int(noise.sum()))
+    return rows
+
+
+def overrides(root: Path, *extra: str) -> list[str]:
+    s, t = STUDENT, TEACHER
+    return [f"run_dir={root}", f"data.seq_len={SEQ_LEN}", "student.device=cpu",
+            f"student.n_layer={s['n_layer']}", f"student.n_embd={s['n_embd']}",
+            f"student.n_head={s['n_head']}", "student.dropout=0", "student.batch_size=16",
+            "student.lr=3e-3", "student.warmup_steps=20", "student.eval_every=0",
+            "student.checkpoint_every=0", f"cache.k={CACHE_K}",
+            f"cache.temperatures=[{', '.join(map(str, TEMPERATURES))}]",
+            "teacher.from_scratch=false", f"teacher.model={root / 'teacher'}",
+            f"teacher.n_layer={t['n_layer']}", f"teacher.n_embd={t['n_embd']}",
+            f"teacher.n_head={t['n_head']}", "teacher.device=cpu", "teacher.batch_size=16",
+            "teacher.grad_accum=1", "teacher.lr=3e-3", "teacher.warmup_steps=20",
+            "teacher.eval_every=0", "teacher.checkpoint_every=0", *extra]
+
+
+def build(root: Path, *, teacher_steps: int) -> dict:
+    """Token stores, a trained teacher and its float16 cache in `root`, and a sibling run
+    `root`-gap8 sharing them with a gap8 cache. Returns the teacher's val perplexity."""
+    from transformers import AutoModelForCausalLM
+
+    from student.model import new_gpt2
+    from student.train import fit, open_tokens, read_metrics
+
+    manifest = {"tokenizer": {"fingerprint": "markov-512", "vocab_size": VOCAB, "eos_id": 0}}
+    for split, n, seed in (("train", 2048, 1), ("val", 128, 2)):
+        write_token_store(root / "tokens" / f"{split}.zarr",
+                          sequences=markov_tokens(n, seed=seed), manifest=manifest)
+    cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root, f"teacher.max_steps={teacher_steps}"))
+    tokens, val = open_tokens(cfg)
+    model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, seed=1, **TEACHER)
+    fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
+    store = open_token_store(root / "tokens" / "train.zarr")
+    gap8 = root.with_name(root.name + "-gap8")
+    for link in ("tokens", "teacher"):
+        (gap8 / link).parent.mkdir(parents=True, exist_ok=True)
+        (gap8 / link).symlink_to(root / link)
+    for run_dir, code in ((root, "float16"), (gap8, "gap8")):
+        write_cache(run_dir / "cache" / "train.zarr", teacher, store, k=CACHE_K,
+                    temperatures=TEMPERATURES, value_code=code)
+    val_rows = [r for r in read_metrics(root / "teacher" / "metrics.jsonl") if "val_ppl" in r]
+    return {"teacher_val_ppl": val_rows[-1]["val_ppl"],
+            "teacher_params": sum(p.numel() for p in teacher.parameters())}
+
+
+def worker(root: str, extra: list[str]) -> None:
+    """One training run in this process; prints a JSON line: tokens/s (median step) and the
+    growth of peak RSS from just before training."""
+    torch.set_num_threads(1)
+    from student.train import read_metrics, train
+
+    cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(Path(root), *extra))
+    before = _proc_status("VmRSS")
+    out = train(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    steady = [r["tokens_per_s"] for r in rows[5:] if "val_loss" not in r] or [rows[-1]["tokens_per_s"]]
+    print(json.dumps({"tokens_per_s": statistics.median(steady),
+                      "peak_rss_mb": (_proc_status("VmHWM") - before) / 1024,
+                      "val_ppl": rows[-1].get("val_ppl")}))
+
+
+def _proc_status(key: str) -> int:
+    """A kB field of /proc/self/status (VmRSS now, VmHWM the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _subprocess_run(root: Path, extra: list[str]) -> dict:
+    code = "import sys, json; from bench.student import worker; worker(sys.argv[1], json.loads(sys.argv[2]))"
+    result = subprocess.run([sys.executable, "-c", code, str(root), json.dumps(extra)],
+                            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if result.returncode:
+        raise RuntimeError(result.stderr[-3000:])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
+        root: Path | None = None) -> list[dict]:
+    """Build everything in a temporary directory (or `root`) and measure; rows of the table."""
+    tmp = Path(tempfile.mkdtemp(prefix="bench-student-")) if root is None else Path(root)
+    try:
+        base = tmp / "run"
+        facts = build(base, teacher_steps=teacher_steps)
+        rows = step_rows(base)
+        rows += speed_rows(base, speed_steps)
+        rows += quality_rows(base, steps, facts)
+        return rows
+    finally:
+        if root is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def step_rows(root: Path, repeats: int = 30) -> list[dict]:
+    """The loss side alone: forward + backward + AdamW on one pre-read batch, the three modes
+    interleaved in this process (fastest of `repeats`), no data reading."""
+    import time
+
+    from storage.reader import stream_batches
+    from student.model import new_gpt2
+    from student.train import batch_losses, distillation, make_optimizer, open_tokens
+
+    torch.set_num_threads(1)
+    cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
+    tokens, _ = open_tokens(cfg)
+    cached = distillation(cfg, tokens, vocab_size=VOCAB)
+    online = distillation(cfg.replace(**{"distill.mode": "online"}), tokens, vocab_size=VOCAB)
+    batch = next(stream_batches(tokens=tokens, cache=cached.cache, batch_size=16, seed=0, epoch=0))
+    model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, **STUDENT)
+    optimizer = make_optimizer(model, cfg.student)
+    modes = {"CE baseline": None, "cached KD (k=64, T=2)": cached, "online KD (T=2)": online}
+    seconds = {mode: [] for mode in modes}
+    for _ in range(repeats):
+        for mode, distil in modes.items():
+            started = time.perf_counter()
+            batch_losses(model, batch, distil, device=torch.device("cpu"), amp_dtype=None).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds[mode].append(time.perf_counter() - started)
+    n_tokens = batch.tokens.shape[0] * (batch.tokens.shape[1] - 1)
+    fastest = {mode: min(times) for mode, times in seconds.items()}
+    return [{"section": "step (one batch, no reading, interleaved)", "run": mode,
+             "tokens_per_s": round(n_tokens / t), "vs_ce": round(fastest["CE baseline"] / t, 3)}
+            for mode, t in fastest.items()]
+
+
+def speed_rows(root: Path, steps: int) -> list[dict]:
+    modes = {"CE baseline": ["distill.alpha=1"], "cached KD (k=64, T=2)": [],
+             "online KD (T=2)": ["distill.mode=online"]}
+    best: dict[str, dict] = {}
+    for repeat in range(2):  # interleaved, so a load spike on the shared CPU hits all modes
+        for i, (mode, extra) in enumerate(modes.items()):
+            result = _subprocess_run(root, [*extra, f"student.max_steps={steps}",
+                                            f"distill.run=speed-{repeat}-{i}"])
+            if mode not in best or result["tokens_per_s"] > best[mode]["tokens_per_s"]:
+                best[mode] = result
+    ce = best["CE baseline"]
+    rows = []
+    for mode, result in best.items():
+        rows.append({"section": "speed", "run": mode, "tokens_per_s": round(result["tokens_per_s"]),
+                     "vs_ce": round(result["tokens_per_s"] / ce["tokens_per_s"], 3),
+                     "peak_rss_mb": round(result["peak_rss_mb"], 1),
+                     "rss_vs_ce": round(result["peak_rss_mb"] / max(ce["peak_rss_mb"], 1e-9), 2)})
+    online = best["online KD (T=2)"]["tokens_per_s"]
+    rows[1]["speedup_vs_online"] = round(best["cached KD (k=64, T=2)"]["tokens_per_s"] / online, 2)
+    return rows
+
+
+def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
+    """Final val perplexity of the same student (same steps and seed) in every mode."""
+    from student.train import read_metrics, train
+
+    gap8 = root.with_name(root.name + "-gap8")
+    runs = [("CE baseline", root, []),
+            ("online KD T=2", root, ["distill.mode=online"])]
+    runs += [(f"cached KD k={k} T=2", root, [f"distill.k={k}"]) for k in (4, 16, 64)]
+    runs += [(f"cached KD k=64 T={t:g}", root, [f"distill.temperature={t}"]) for t in (1.0, 4.0)]
+    runs += [("cached KD k=64 T=2 gap8", gap8, [])]
+    torch.set_num_threads(1)
+    ppl = {}
+    for name, run_dir, extra in runs:
+        alpha = 1 if name == "CE baseline" else 0.5
+        cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(
+            run_dir, f"distill.alpha={alpha}", *extra, f"student.max_steps={steps}",
+            f"distill.run=q-{name.replace(' ', '_')}"))
+        out = train(cfg)
+        ppl[name] = read_metrics(out / "metrics.jsonl")[-1]["val_ppl"]
+    rows = [{"section": "quality", "run": "teacher (4x128, trained longer)",
+             "val_ppl": round(facts["teacher_val_ppl"], 3)}]
+    for name, value in ppl.items():
+        reference = ppl["online KD T=2"] if "T=2" in name else None
+        rows.append({"section": "quality", "run": name, "val_ppl": round(value, 3),
+                     "vs_online_%": round(100 * (value / reference - 1), 2)
+                     if reference and "cached" in name else None,
+                     "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    columns = []
+    for row in rows:
+        columns += [key for key in row if key not in columns and key != "section"]
+    for section in dict.fromkeys(r["section"] for r in rows):
+        part = [r for r in rows if r["section"] == section]
+        used = [c for c in columns if any(r.get(c) is not None for r in part)]
+        cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in used] for r in part]
+        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(used)]
+        print(f"\n{section}")
+        print("  ".join(c.ljust(w) for c, w in zip(used, widths)))
+        for row in cells:
+            print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=200, help="student steps for quality rows")
+    parser.add_argument("--speed-steps", type=int, default=40)
+    parser.add_argument("--teacher-steps", type=int, default=400)
+    args = parser.parse_args()
+    print_table(run(steps=args.steps, speed_steps=args.speed_steps, teacher_steps=args.teacher_steps))

@@ -11,7 +11,8 @@ The combined objective (DESIGN.md, "KD loss"), averaged over non-ignored tokens:
 Cached KD compares k + 1 buckets: the teacher's top-k ids plus one tail bucket holding the rest
 of the mass. The teacher side is exact: with the stored full-vocabulary logsumexp lse_T,
 p_i = exp(z_i / T - lse_T) and the tail is 1 - sum p_i. The student's q is its tempered softmax
-over the same ids plus its own tail 1 - sum q_i (computed in log space with log1mexp).
+over the same ids plus its own tail 1 - sum q_i (floored at TAIL_FLOOR: below it float32 sums
+are rounding noise).
 
 `ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits in
 row chunks for CE and KL together and writes their gradients into a single (B, L, V) buffer, so
@@ -130,13 +131,15 @@ class _FusedCEKL(torch.autograd.Function):
                 ctx.save_for_backward(logits, labels, lse1)
                 return ce, torch.zeros_like(ce)
             log_q = head_logits / temperature - lse_t.unsqueeze(-1)
-            q_tail = -torch.expm1(torch.logsumexp(log_q, -1).clamp(max=0))
+            q = log_q.exp()
+            # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
+            q_tail = 1 - q.sum(-1)
             tail_free = q_tail >= TAIL_FLOOR
             q_tail = q_tail.clamp(min=TAIL_FLOOR)
             p = log_p.exp()
             kl = (p * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
             kl = torch.where(valid, kl, 0.0)
-        ctx.save_for_backward(logits, labels, lse1, head_ids, p, p_tail, lse_t, log_q, q_tail,
+        ctx.save_for_backward(logits, labels, lse1, head_ids, p, p_tail, lse_t, q, q_tail,
                               tail_free)
         ctx.temperature = temperature
         return ce, kl
@@ -148,7 +151,7 @@ class _FusedCEKL(torch.autograd.Function):
         targets = labels.clamp(min=0).unsqueeze(-1)
         grad_ce = torch.where(valid, grad_ce, 0.0)
         if teacher:
-            head_ids, p, p_tail, lse_t, log_q, q_tail, tail_free = teacher
+            head_ids, p, p_tail, lse_t, q, q_tail, tail_free = teacher
             temperature = ctx.temperature
             grad_kl = torch.where(valid, grad_kl, 0.0) / temperature
             # d KL / d s_j = (1/T) q_j c for tail tokens and (1/T) (q_j h - p_j) for head tokens,
@@ -158,7 +161,7 @@ class _FusedCEKL(torch.autograd.Function):
             tail_coef = (torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail)
                          * grad_kl).unsqueeze(-1)
             head_coef = torch.where(tail_free, 1.0, 1 - p_tail).unsqueeze(-1)
-            head_grad = (log_q.exp() * head_coef - p) * grad_kl.unsqueeze(-1)
+            head_grad = (q * head_coef - p) * grad_kl.unsqueeze(-1)
             shift_t = (lse_t * temperature).unsqueeze(-1)
         # softmax(s) * g_ce computed as exp(s - lse + log g_ce), one pass fewer; a loss's
         # backward has g_ce >= 0, anything else takes the multiply.

@@ -13,23 +13,32 @@ import pytest
 
 from storage.cache import cache_bytes
 from tests.reliability.test_kill_resume import assert_done_shards_sound
-from tests.reliability.world import cache_digest, cli, differing, message_lines
+from tests.reliability.world import PYTHON, cache_digest, cli, differing, message_lines
 
 
 def mount(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(["mount", *args], capture_output=True, text=True)
 
 
+@pytest.fixture(scope="session")
+def can_mount(tmp_path_factory) -> bool:
+    probe = tmp_path_factory.mktemp("mount-probe")
+    if mount("-t", "tmpfs", "-o", "size=64k", "tmpfs", str(probe)).returncode != 0:
+        return False
+    subprocess.run(["umount", str(probe)], check=True)
+    return True
+
+
 @pytest.fixture
-def small_disk(world, tmp_path) -> Path:
+def small_disk(world, tmp_path, can_mount) -> Path:
     """<run>/cache on a tmpfs holding about 40 % of the cache (skipped where mounting is refused)."""
     run = world.new_run(tmp_path / "run")
     target = run / "cache"
     target.mkdir()
     size_kb = max(256, int(cache_bytes(world.clean_cache) * 0.4) // 1024)
-    mounted = mount("-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(target))
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    if not can_mount:
+        pytest.skip("cannot mount a tmpfs here (test_injected_enospc covers the case)")
+    assert mount("-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(target)).returncode == 0
     try:
         yield run
     finally:
@@ -55,3 +64,77 @@ def test_full_disk_is_one_line_and_resumable(world, small_disk):
     rerun = cli(command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []
+
+
+ENOSPC_AFTER_60_FILES = """
+import errno, sys
+import zarr.storage._local as local
+from configs.cli import run
+from precompute.logits import main
+real_put, writes = local._put, []
+def put_until_full(path, value, *args, **kwargs):
+    writes.append(path)
+    if len(writes) > 60:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return real_put(path, value, *args, **kwargs)
+local._put = put_until_full
+run(main, "logits", argv=sys.argv[1:])
+"""
+"""The logits job with zarr's lowest write (zarr.storage._local._put) failing with ENOSPC after
+60 files: a full disk for machines that refuse mounts."""
+
+
+def test_injected_enospc_where_mounting_is_refused(world, tmp_path, can_mount):
+    if can_mount:
+        pytest.skip("test_full_disk_is_one_line_and_resumable runs on a real full tmpfs here")
+    run = world.new_run(tmp_path / "run")
+    command = world.command("precompute.logits", run)
+    full = cli([PYTHON, "-c", ENOSPC_AFTER_60_FILES, *command[3:]])
+    assert full.returncode == 2 and "Traceback" not in full.stderr, full.stderr[-2000:]
+    errors = [line for line in message_lines(full.stderr) if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith("error: disk full while writing"), errors
+    assert 0 < assert_done_shards_sound(run / "cache" / "train.zarr") < 64
+    assert cli(command).returncode == 0
+    assert differing(cache_digest(run / "cache" / "train.zarr"),
+                     cache_digest(world.clean_cache)) == []
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug: precompute/logits.py _run_shards: when the writer thread fails (here ENOSPC), the "
+    "claims (flocks) of the shards still queued for it are never closed; the process keeps "
+    "them, so a retry in the same process (student.pipeline, a notebook) waits forever on its "
+    "own locks. Fix: after thread.join(), drain `finished` and close each queued claim"))
+def test_failed_job_releases_its_shard_locks(world, tmp_path, monkeypatch):
+    import errno
+    import gc
+
+    import zarr.storage._local as local
+
+    from configs import load_config
+    from precompute.logits import main
+    from storage.cache import CacheWriter, _read_manifest
+
+    run = world.new_run(tmp_path / "run")
+    real_put, writes = local._put, []
+
+    def put_until_full(path, value, *args, **kwargs):
+        writes.append(path)
+        if len(writes) > 60:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_put(path, value, *args, **kwargs)
+
+    monkeypatch.setattr(local, "_put", put_until_full)
+    try:
+        main(load_config(world.config, [f"run_dir={run}"]))
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    monkeypatch.setattr(local, "_put", real_put)
+    path = run / "cache" / "train.zarr"
+    group, manifest = _read_manifest(path)
+    writer = CacheWriter(path=path, manifest=manifest, group=group)
+    held = []
+    for shard in writer.pending_shards():
+        with writer.claim(shard, wait=False) as mine:
+            held += [] if mine else [shard]
+    gc.collect()  # the failure's traceback (and the leaked lock files) can now go
+    assert held == [], f"shards still locked by this process after the job failed: {held}"

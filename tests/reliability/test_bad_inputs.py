@@ -199,10 +199,7 @@ LOGITS_CASES = [
     Case("teacher-from-scratch-untrained", "from_scratch teacher that was never trained",
          "precompute.logits", config("teacher.from_scratch=true"), "run `make teacher` first"),
     Case("adapter-not-an-adapter", "LoRA adapter folder without an adapter", "precompute.logits",
-         config("teacher.adapter={case}/adapter"), "adapter", both(tokens, mkdir("adapter")),
-         bug="importing peft prints bitsandbytes' 'Failed to load CPU gemm_4bit_forward from "
-             "kernels-community' line on stderr before the error (precompute/models.py "
-             "_apply_adapter)"),
+         config("teacher.adapter={case}/adapter"), "adapter", both(tokens, mkdir("adapter"))),
     Case("k-above-teacher-vocab", "cache.k larger than the teacher's vocabulary (GPT-2 "
          "tokenizer: no config-time check)", "precompute.logits",
          config("tokenizer.kind=gpt2", "cache.k=300"), "larger than the teacher's vocabulary"),
@@ -368,11 +365,9 @@ def test_catalogue_is_large_enough():
     assert len({c.id for c in CASES}) == len(CASES)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: precompute/corpus.py prepare() writes tokens/{train,val}.txt and saves tokenizer/ "
-    "before packing, so a rerun that then fails (here: corpus shorter than one sequence) "
-    "replaces the tokenizer of the finished token stores with another one"))
 def test_failed_corpus_rerun_keeps_the_finished_run(tmp_path, capsys):
+    """A rerun of `make data` that fails late (corpus shorter than one sequence) must not
+    replace the tokenizer or texts of the finished token stores (fixed in 2db0280)."""
     from configs import load_config
     from configs.cli import run as run_cli
     from precompute.corpus import main, prepare

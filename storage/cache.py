@@ -273,8 +273,30 @@ class _CacheBase:
         return row // self.shard_sequences
 
     def done_shards(self) -> np.ndarray:
-        """bool (n_shards,): which shards are finished, read fresh from disk."""
-        return np.asarray(self.group["done"][:], dtype=bool)
+        """bool (n_shards,): which shards are finished, read fresh from disk. A done mark that
+        cannot be read counts as not done: its shard is rewritten on resume."""
+        return self._done_marks()[0]
+
+    def _done_marks(self) -> tuple[np.ndarray, list[int]]:
+        """(done bool (n_shards,), the shards whose done mark is unreadable, counted not done)."""
+        done = self.group["done"]
+        try:
+            return np.asarray(done[:], dtype=bool), []
+        except OSError:
+            raise
+        except Exception:  # bad bytes (zarr raises various types): find them mark by mark
+            marks = [self._is_done(shard) for shard in range(self.n_shards)]
+            return (np.array([bool(mark) for mark in marks], dtype=bool),
+                    [shard for shard, mark in enumerate(marks) if mark is None])
+
+    def _is_done(self, shard: int) -> bool | None:
+        """Whether `shard` is marked done; None when its done mark is unreadable."""
+        try:
+            return bool(self.group["done"][shard])
+        except OSError:
+            raise
+        except Exception:  # a checksum mismatch or truncated mark
+            return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,7 +422,7 @@ class CacheWriter(_CacheBase):
                 yield False
                 return
             try:
-                mine = not bool(self._arrays["done"][shard])
+                mine = not self._is_done(shard)
                 if mine:
                     self._held.add(shard)
                 yield mine
@@ -419,7 +441,7 @@ class CacheWriter(_CacheBase):
                     if mine:
                         claimed_any = True
                         yield shard
-                        if not self._arrays["done"][shard]:
+                        if not self._is_done(shard):
                             raise RuntimeError(f"shard {shard} was claimed but not written")
             if not claimed_any:  # all held elsewhere: wait for the first, then look again
                 with self.claim(pending[0]) as mine:
@@ -591,12 +613,16 @@ class LogitCache(_CacheBase):
             if array.shape != (self.n_sequences, self.seq_len, last):
                 problems.append(f"array {name} has shape {array.shape}, manifest says "
                                 f"{(self.n_sequences, self.seq_len, last)}")
-        done = self.done_shards()
+        done, corrupt_marks = self._done_marks()
         shards = range(self.n_shards)
         if progress:
             from tqdm import tqdm
             shards = tqdm(shards, desc="verify", unit="shard")
         for shard in shards:
+            if shard in corrupt_marks:
+                problems.append(f"shard {shard}: done mark is corrupt (rerun `make "
+                                "teacher-logits` to rewrite the shard)")
+                continue
             if not done[shard]:
                 problems.append(f"shard {shard}: not done (rerun `make teacher-logits`)")
                 continue

@@ -115,11 +115,6 @@ def test_edited_manifest(run):
         open_cache(cache_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: storage/cache.py _CacheBase.done_shards (group['done'][:]) lets zarr's ValueError "
-    "'Stored and computed checksum do not match' escape: a flipped byte in a done mark makes "
-    "`python -m storage verify`, open_cache, the trainer and the logits job's resume crash "
-    "with a traceback (exit 1)"))
 def test_corrupt_done_mark_is_reported_not_a_traceback(run):
     cache_path = run / "cache" / "train.zarr"
     flip("done/c/9")(cache_path)

@@ -228,3 +228,25 @@ def test_create_refuses_a_foreign_directory(tmp_path, store):
     (tmp_path / "cache.zarr" / "notes.txt").write_text("mine")
     with pytest.raises(StorageError, match="exists and is not a logit cache"):
         new_writer(tmp_path / "cache.zarr", store)
+
+
+def test_corrupt_done_mark_counts_as_not_done_and_is_rewritten(tmp_path, store, outputs):
+    cache = full_cache(tmp_path, store, outputs, "float16")
+    before = (cache.path / "ids" / "c" / "3" / "0" / "0").read_bytes()
+    mark = cache.path / "done" / "c" / "3"
+    data = bytearray(mark.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    mark.write_bytes(bytes(data))
+    with pytest.raises(StoreNotFound, match="1 of 5 shards missing"):
+        open_cache(cache.path)
+    damaged = open_cache(cache.path, allow_incomplete=True)
+    assert damaged.done.tolist() == [True, True, True, False, True]
+    assert damaged.verify() == ["shard 3: done mark is corrupt (rerun `make teacher-logits` to "
+                                "rewrite the shard)"]
+    with pytest.raises(CorruptData, match="shard 3 is not written"):
+        damaged.read(24, 32)
+    writer = new_writer(cache.path, store)  # resume: only the shard with the bad mark is redone
+    assert writer.pending_shards() == [3]
+    assert write_all(writer, outputs) == [3]
+    assert open_cache(cache.path).verify() == []
+    assert (cache.path / "ids" / "c" / "3" / "0" / "0").read_bytes() == before

@@ -21,6 +21,7 @@ from pathlib import Path
 import numcodecs
 import numpy as np
 
+from bench.tables import markdown_sections
 from storage.cache import SHUFFLE, VALUE_CODES, cache_bytes, create_cache, encode_values, open_cache
 from storage.errors import StoreNotFound
 from storage.reader import stream_batches
@@ -163,24 +164,9 @@ def run(*, teacher: Path = DEFAULT_TEACHER, tokens: Path = DEFAULT_TOKENS, seque
     return rows
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}" if abs(value) < 10 \
-            else f"{value:.1f}"
-    return str(value)
-
-
-def print_tables(rows: list[dict]) -> None:
-    for table in dict.fromkeys(row["table"] for row in rows):
-        subset = [{k: v for k, v in row.items() if k != "table"} for row in rows
-                  if row["table"] == table]
-        columns = list(dict.fromkeys(key for row in subset for key in row))
-        cells = [[_cell(row.get(c, "")) for c in columns] for row in subset]
-        widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-        print(f"\n[{table}]")
-        print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-        for r in cells:
-            print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+def markdown(rows: list[dict]) -> str:
+    """The rows of `run` as markdown tables, one per "table"."""
+    return markdown_sections(rows, by="table")
 
 
 def main() -> None:
@@ -191,8 +177,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=Path, default=DEFAULT_TOKENS)
     parser.add_argument("--sequences", type=int, default=256)
     args = parser.parse_args()
-    exit_on_user_error(lambda: print_tables(run(teacher=args.teacher, tokens=args.tokens,
-                                                sequences=args.sequences)))
+    exit_on_user_error(lambda: print(markdown(run(teacher=args.teacher, tokens=args.tokens,
+                                                  sequences=args.sequences))))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.tables import markdown_table
 from precompute.tokenizer import train_bpe
 from student.evaluate import read_pair_dir, score_pairs
 from student.model import new_gpt2
@@ -69,13 +70,9 @@ def run(*, n_pairs: int = 10_000,
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    keys = list(rows[0])
-    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
-    print("  ".join(k.rjust(w) for k, w in zip(keys, widths)))
-    for row in rows:
-        print("  ".join(str(row[k]).rjust(w) for k, w in zip(keys, widths)))
+def markdown(rows: list[dict]) -> str:
+    return markdown_table(rows)
 
 
 if __name__ == "__main__":
-    print_table(run(n_pairs=int(sys.argv[1]) if len(sys.argv) > 1 else 10_000))
+    print(markdown(run(n_pairs=int(sys.argv[1]) if len(sys.argv) > 1 else 10_000)))

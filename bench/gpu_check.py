@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.tables import markdown_table
 from configs import CONFIG_DIR, load_config
 
 
@@ -257,10 +258,8 @@ def _peak_gb(device: str) -> str:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| check | value | unit | note |", "|---|---|---|---|"]
-    lines += [f"| {r['check']} | {r['value']} | {r['unit']} | {r['note']} |" for r in rows]
-    return "\n".join(lines)
+def markdown(rows: list[dict]) -> str:
+    return markdown_table(rows, columns=("check", "value", "unit", "note"))
 
 
 if __name__ == "__main__":
@@ -269,7 +268,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     began = time.perf_counter()
     result = run(tiny=args.tiny)
-    text = table(result) + f"\n\ntotal {time.perf_counter() - began:.0f} s\n"
+    text = markdown(result) + f"\n\ntotal {time.perf_counter() - began:.0f} s\n"
     print(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gpu_check.md").write_text(text)

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
 from storage.cache import create_cache
 from storage.tokens import TokenStore, open_token_store, write_token_store
@@ -271,19 +272,9 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     return rows
 
 
-def print_table(rows: list[dict]) -> None:
-    columns = []
-    for row in rows:
-        columns += [key for key in row if key not in columns and key != "section"]
-    for section in dict.fromkeys(r["section"] for r in rows):
-        part = [r for r in rows if r["section"] == section]
-        used = [c for c in columns if any(r.get(c) is not None for r in part)]
-        cells = [[str(r.get(c, "")) if r.get(c) is not None else "" for c in used] for r in part]
-        widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(used)]
-        print(f"\n{section}")
-        print("  ".join(c.ljust(w) for c, w in zip(used, widths)))
-        for row in cells:
-            print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+def markdown(rows: list[dict]) -> str:
+    """The rows of `run` as markdown tables, one per section."""
+    return markdown_sections(rows, by="section")
 
 
 if __name__ == "__main__":
@@ -292,4 +283,5 @@ if __name__ == "__main__":
     parser.add_argument("--speed-steps", type=int, default=40)
     parser.add_argument("--teacher-steps", type=int, default=400)
     args = parser.parse_args()
-    print_table(run(steps=args.steps, speed_steps=args.speed_steps, teacher_steps=args.teacher_steps))
+    print(markdown(run(steps=args.steps, speed_steps=args.speed_steps,
+                       teacher_steps=args.teacher_steps)))

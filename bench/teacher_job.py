@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.tables import markdown_table
+
 KINDS = ("forward", "forward+topk+lse", "job")
 
 
@@ -106,14 +108,16 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def table(rows: list[dict]) -> str:
-    header = ("measurement", "tokens/s", "x fwd+topk+lse", "x forward", "peak RSS MB")
-    lines = [" | ".join(header), " | ".join("-" * len(h) for h in header)]
-    for row in rows:
-        lines.append(" | ".join([row["measurement"], f"{row['tokens_per_s']:,}",
-                                 f"{row['vs_topk_lse']:.3f}", f"{row['vs_forward']:.3f}",
-                                 f"{row['peak_rss_mb']:,}"]))
-    return "\n".join(lines)
+def markdown(rows: list[dict]) -> str:
+    """The rows of `run`: what was measured, then the table."""
+    first = rows[0]
+    return (f"teacher {first['teacher']}; {first['tokens']:,} tokens on {first['device']}, "
+            f"{first['torch_threads']} torch threads\n\n"
+            + markdown_table(rows, columns={"measurement": "measurement",
+                                            "tokens_per_s": "tokens/s",
+                                            "vs_topk_lse": "x fwd+topk+lse",
+                                            "vs_forward": "x forward",
+                                            "peak_rss_mb": "peak RSS MB"}))
 
 
 if __name__ == "__main__":
@@ -133,8 +137,6 @@ if __name__ == "__main__":
     result = run(n_layer=args.layers, n_embd=args.width, n_head=args.heads, vocab_size=args.vocab,
                  seq_len=args.seq_len, n_sequences=args.sequences, batch_size=args.batch,
                  k=args.k, repeats=args.repeats, device=args.device)
-    print(f"teacher {result[0]['teacher']}; {result[0]['tokens']:,} tokens on {args.device}, "
-          f"{result[0]['torch_threads']} torch threads")
-    print(table(result))
+    print(markdown(result))
     if args.json:
         print(json.dumps(result, indent=1))

@@ -24,7 +24,7 @@ def test_bench_rows(tmp_path):
     assert set(reads) == {"shuffled stream", "contiguous", "random single-seq"}
     assert all(v > 0 for v in reads.values())
     assert {r["array"] for r in rows if r["table"] == "shuffle"} == {"ids", "float16", "gap8", "lse"}
-    bench_cache.print_tables(rows)
+    assert "### size" in bench_cache.markdown(rows)
 
 
 def test_bench_without_teacher(tmp_path):

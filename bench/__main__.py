@@ -1,0 +1,331 @@
+"""`make bench` (`python -m bench`): the four CPU benchmarks in one run, one summary of their
+headline figures against the project's targets, and bench/results.md.
+
+    python -m bench [--only cache,student] [--teacher DIR --tokens STORE] [--out FILE]
+                    [--cache-sequences 256] [--job-sequences 192] [--student-steps 200]
+                    [--pairs 10000] ...
+
+Benchmarks (each in a fresh process, one after another, so that none inherits another's
+threads, allocator or page cache): `bench.cache` (bytes/token and read/write speed of the logit
+cache on a real trained teacher), `bench.teacher_job` (the logits job against the teacher's bare
+compute), `bench.student` (CE vs cached vs online KD: speed, memory, quality), `bench.evaluate`
+(minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
+
+bench.cache needs a trained teacher: without --teacher/--tokens and without runs/demo/teacher,
+the demo's data and teacher stages run first (`precompute.corpus` and `precompute.teacher` on
+configs/demo.yaml, ~15-20 min on 2 busy cores, once). On a shared machine throughputs are noisy;
+the ratios, measured side by side within one benchmark, are the figures that count.
+
+results.md holds the machine (cores, CPU model, torch, date, load average), the summary table,
+then every benchmark's full tables; it is written when all have run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from multiprocessing import get_context
+from pathlib import Path
+
+from bench import cache, evaluate, student, teacher_job
+from bench.tables import markdown_table
+from configs import CONFIG_DIR, UserError
+
+BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student, "evaluate": evaluate}
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = Path(__file__).with_name("results.md")
+DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
+TEACHER_DONE = "teacher.json"  # precompute.teacher writes it last: the teacher is finished
+READ_K, JOB_K = 32, 64  # the k of the cache's read table and of the teacher job's cache
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    only = [name for name in args.only.split(",") if name] if args.only else list(BENCHES)
+    unknown = set(only) - set(BENCHES)
+    if unknown:
+        raise UserError(f"--only: unknown benchmark(s) {', '.join(sorted(unknown))} "
+                        f"(known: {', '.join(BENCHES)})")
+    facts = machine_facts()
+    print(f"bench: {', '.join(only)} on {facts['cores']} cores, load average {facts['load average']}")
+    if "cache" in only:
+        ensure_teacher(args.teacher, args.tokens)
+    kwargs = {
+        "cache": dict(teacher=args.teacher, tokens=args.tokens, sequences=args.cache_sequences,
+                      read_k=READ_K),
+        "teacher_job": dict(n_sequences=args.job_sequences, k=JOB_K),
+        "student": dict(steps=args.student_steps, speed_steps=args.speed_steps,
+                        teacher_steps=args.teacher_steps),
+        "evaluate": dict(n_pairs=args.pairs),
+    }
+    results, seconds, errors = {}, {}, {}
+    for name in only:
+        print(f"\n== bench.{name} ==", flush=True)
+        started = time.perf_counter()
+        try:
+            results[name] = run_isolated(BENCHES[name].run, **kwargs[name])
+            print(BENCHES[name].markdown(results[name]), flush=True)
+        except Exception as exc:  # noqa: BLE001 -- one failed bench must not lose the others
+            traceback.print_exc()
+            last_line = (str(exc).strip().splitlines() or [""])[-1]  # a subprocess's stderr tail
+            errors[name] = f"{type(exc).__name__}: {last_line}"
+        seconds[name] = time.perf_counter() - started
+    facts["load average at end"] = _load_average()
+    rows = summary(results, errors)
+    print("\n== summary ==\n" + markdown_table(rows))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(report(facts, rows, results, seconds, errors, argv=sys.argv[1:] if argv is None
+                          else argv))
+    tmp.replace(args.out)
+    print(f"\nwrote {args.out}")
+    return 1 if errors else 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="",
+                        help=f"comma-separated subset of {','.join(BENCHES)} (default: all)")
+    parser.add_argument("--teacher", type=Path, default=cache.DEFAULT_TEACHER,
+                        help="trained teacher (HF model dir) for bench.cache")
+    parser.add_argument("--tokens", type=Path, default=cache.DEFAULT_TOKENS,
+                        help="token store the teacher was trained on, for bench.cache")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown report")
+    parser.add_argument("--cache-sequences", type=int, default=256,
+                        help="bench.cache: sequences run through the teacher")
+    parser.add_argument("--job-sequences", type=int, default=192,
+                        help="bench.teacher_job: sequences per measurement")
+    parser.add_argument("--student-steps", type=int, default=200,
+                        help="bench.student: steps of each quality run")
+    parser.add_argument("--speed-steps", type=int, default=40,
+                        help="bench.student: steps of each speed run")
+    parser.add_argument("--teacher-steps", type=int, default=400,
+                        help="bench.student: steps of its synthetic teacher")
+    parser.add_argument("--pairs", type=int, default=10_000, help="bench.evaluate: minimal pairs")
+    return parser.parse_args(argv)
+
+
+def run_isolated(function, **kwargs) -> list[dict]:
+    """`function(**kwargs)` in a fresh spawned process (its own threads, memory and imports)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(function, **kwargs).result()
+
+
+def ensure_teacher(teacher: Path, tokens: Path) -> None:
+    """The demo teacher that bench.cache measures: run the demo's data and teacher stages when
+    the default paths lack them (resuming an interrupted teacher); refuse other missing paths."""
+    defaults = (teacher, tokens) == (cache.DEFAULT_TEACHER, cache.DEFAULT_TOKENS)
+    if not defaults:
+        if not (teacher / "config.json").is_file():
+            raise UserError(f"--teacher {teacher}: no trained model there (no config.json)")
+        if not (tokens / "zarr.json").is_file():
+            raise UserError(f"--tokens {tokens}: no token store there")
+        return
+    run_dir = teacher.parent
+    stages = [("precompute.corpus", not (tokens / "zarr.json").is_file()),
+              ("precompute.teacher", not (teacher / TEACHER_DONE).is_file())]
+    for module, needed in stages:
+        if needed:
+            command = [sys.executable, "-m", module, "--config", str(DEMO_CONFIG),
+                       f"run_dir={run_dir}"]
+            print(f"bench.cache needs a trained teacher and {run_dir} lacks it: running "
+                  f"`{' '.join(command[1:])}` first", flush=True)
+            subprocess.run(command, check=True)
+
+
+def machine_facts() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor() or "unknown")
+    return {"date": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cores": f"{os.cpu_count()} ({len(os.sched_getaffinity(0))} usable)",
+            "cpu": cpu,
+            "memory": _meminfo_gib(),
+            "python": platform.python_version(),
+            "torch": f"{torch.__version__} ({torch.get_num_threads()} threads by default)",
+            "commit": _git_commit(),
+            "load average": _load_average()}
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
+
+
+def _meminfo_gib() -> str:
+    for line in _read("/proc/meminfo").splitlines():
+        if line.startswith("MemTotal:"):
+            return f"{int(line.split()[1]) / 2**20:.1f} GiB"
+    return "unknown"
+
+
+def _load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1 / 5 / 15 min)"
+
+
+def _git_commit() -> str:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + (" + uncommitted changes" if dirty else "")
+
+
+# -- the summary --------------------------------------------------------------------------------
+
+def summary(results: dict[str, list[dict]], errors: dict[str, str] | None = None) -> list[dict]:
+    """Headline rows {figure, measured, target, met} from the benches' rows (keyed by bench name);
+    a bench that did not run or failed gives one row saying so."""
+    errors = errors or {}
+    rows: list[dict] = []
+    for name, figures in (("cache", _cache_figures), ("teacher_job", _job_figures),
+                          ("student", _student_figures), ("evaluate", _evaluate_figures)):
+        if name in results:
+            rows += figures(results[name], results)
+        else:
+            rows.append({"figure": f"bench.{name}", "measured": errors.get(name, "not run"),
+                         "target": "", "met": "failed" if name in errors else ""})
+    return rows
+
+
+def _row(figure: str, measured: str, target: str = "", met: bool | None = None) -> dict:
+    return {"figure": figure, "measured": measured, "target": target,
+            "met": "" if met is None else "met" if met else "NOT met"}
+
+
+def _n(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+
+
+def _cache_figures(rows: list[dict], _results) -> list[dict]:
+    sizes = [r for r in rows if r["table"] == "size"]
+    out = []
+    for code in dict.fromkeys(r["value_code"] for r in sizes):
+        per_k = {r["k"]: r["B/token"] for r in sizes if r["value_code"] == code}
+        at_read_k = per_k.get(READ_K)
+        out.append(_row(f"cache bytes/token at k = {' / '.join(map(str, per_k))}, {code}",
+                        " / ".join(f"{v:.1f}" for v in per_k.values()),
+                        f"<= 64 at k = {READ_K}",
+                        None if at_read_k is None else at_read_k <= 64))
+    reads = [r for r in rows if r["table"] == "read"]
+    for code in dict.fromkeys(r["value_code"] for r in reads):
+        speed = {r["read"]: r["tok/s"] for r in reads if r["value_code"] == code}
+        k = next(r["k"] for r in reads if r["value_code"] == code)
+        out.append(_row(f"reader tokens/s, shuffled stream (k = {k}, {code}, one thread)",
+                        f"{_n(speed['shuffled stream'])} (contiguous "
+                        f"{_n(speed['contiguous'])}, random single-seq "
+                        f"{_n(speed['random single-seq'])})",
+                        ">= 250,000", speed["shuffled stream"] >= 250_000))
+    return out
+
+
+def _job_figures(rows: list[dict], results) -> list[dict]:
+    by = {r["measurement"]: r for r in rows}
+    job = by["job"]
+    out = []
+    sizes = [r for r in results.get("cache", []) if r["table"] == "size"]
+    write = next((r for r in sizes if r["k"] == JOB_K and r["value_code"] == "float16"), None)
+    if write:
+        ratio = write["write tok/s"] / job["tokens_per_s"]
+        out.append(_row(f"cache write tokens/s (k = {JOB_K}, float16) / teacher job tokens/s",
+                        f"{ratio:.1f} x ({_n(write['write tok/s'])} vs {_n(job['tokens_per_s'])})",
+                        ">= 5 x", ratio >= 5))
+    out.append(_row("teacher job tokens/s / (forward + top-k + lse)",
+                    f"{job['vs_topk_lse']:.3f} ({_n(job['tokens_per_s'])} vs "
+                    f"{_n(by['forward+topk+lse']['tokens_per_s'])}; {job['teacher']})",
+                    ">= 0.95", job["vs_topk_lse"] >= 0.95))
+    out.append(_row("teacher job tokens/s / bare forward",
+                    f"{job['vs_forward']:.3f} (forward {_n(by['forward']['tokens_per_s'])})"))
+    out.append(_row("teacher job peak RSS MB (forward / forward+topk+lse / job)",
+                    " / ".join(_n(by[kind]["peak_rss_mb"]) for kind in teacher_job.KINDS)))
+    return out
+
+
+def _student_figures(rows: list[dict], _results) -> list[dict]:
+    speed = {r["run"]: r for r in rows if r["section"] == "speed"}
+    step = {r["run"]: r for r in rows if r["section"].startswith("step")}
+    ppl = {r["run"]: r["val_ppl"] for r in rows if r["section"] == "quality"}
+    ce, cached, online = (speed[name] for name in
+                          ("CE baseline", "cached KD (k=64, T=2)", "online KD (T=2)"))
+    cached_step = step["cached KD (k=64, T=2)"]
+    cached_ppl, online_ppl, ce_ppl = ppl["cached KD k=64 T=2"], ppl["online KD T=2"], ppl["CE baseline"]
+    gap = 100 * (cached_ppl / online_ppl - 1)
+    return [
+        _row("cached KD tokens/s / CE tokens/s (training loop)",
+             f"{cached['vs_ce']:.3f} ({_n(cached['tokens_per_s'])} vs {_n(ce['tokens_per_s'])}; "
+             f"one step without reading: {cached_step['vs_ce']:.3f})",
+             ">= 0.95", cached["vs_ce"] >= 0.95),
+        _row("cached KD speed-up over online KD (training loop)",
+             f"{cached['tokens_per_s'] / online['tokens_per_s']:.2f} x "
+             f"(online {_n(online['tokens_per_s'])} tokens/s)"),
+        _row("peak RSS growth, cached KD / CE",
+             f"{cached['rss_vs_ce']:.2f} ({cached['peak_rss_mb']:.1f} vs {ce['peak_rss_mb']:.1f} MB;"
+             f" online KD {online['rss_vs_ce']:.2f})",
+             "<= 1.1", cached["rss_vs_ce"] <= 1.1),
+        _row("val perplexity, cached KD (k=64, T=2) vs online KD (T=2)",
+             f"{gap:+.2f} % ({cached_ppl:.3f} vs {online_ppl:.3f})",
+             "within 1 %", abs(gap) <= 1),
+        _row("val perplexity vs CE baseline",
+             f"cached {100 * (cached_ppl / ce_ppl - 1):+.2f} %, online "
+             f"{100 * (online_ppl / ce_ppl - 1):+.2f} % (CE {ce_ppl:.3f})"),
+    ]
+
+
+def _evaluate_figures(rows: list[dict], _results) -> list[dict]:
+    def seconds_for_10k(row: dict) -> float:
+        return 10_000 / row["pairs_per_s"]
+
+    best = max(rows, key=lambda r: r["pairs_per_s"])
+    default = next(r for r in rows  # torch's default threads at the default eval.batch_size
+                   if (r["threads"], r["batch_size"]) == evaluate.DEFAULT_SETTINGS[-1])
+    shown = ((default, ", torch default"),) if best is default else (
+        (default, ", torch default"), (best, ", fastest"))
+    return [_row(f"minimal pairs/s ({r['threads']} thread{'s' * (r['threads'] > 1)}, batch "
+                 f"{r['batch_size']}{label})",
+                 f"{_n(r['pairs_per_s'])} (10,000 pairs in {seconds_for_10k(r):.0f} s; "
+                 f"{_n(r['pairs'])} measured)",
+                 "10,000 pairs < 60 s", seconds_for_10k(r) < 60)
+            for r, label in shown]
+
+
+def report(facts: dict, rows: list[dict], results: dict[str, list[dict]],
+           seconds: dict[str, float], errors: dict[str, str], *, argv: list[str]) -> str:
+    """results.md: machine facts, the summary, then every bench's full tables."""
+    command = "python -m bench" + "".join(f" {arg}" for arg in argv)
+    parts = [
+        "# Benchmark results (`make bench`)",
+        f"Generated by `{command}`; CPU benchmarks, each in a fresh process, one after another. "
+        "The machine may be shared: absolute throughputs are noisy, the ratios (measured side by "
+        "side within one benchmark) are the figures that count. GPU figures: "
+        "[gpu_results.md](gpu_results.md).",
+        markdown_table([{"machine": key, "value": value} for key, value in facts.items()]),
+        "## Summary",
+        markdown_table(rows),
+    ]
+    for name, module in BENCHES.items():
+        if name not in results and name not in errors:
+            continue
+        parts.append(f"## bench.{name} ({seconds[name]:.0f} s)")
+        parts.append((module.__doc__ or "").strip().split("\n\n")[0])
+        parts.append(f"FAILED: {errors[name]}" if name in errors
+                     else module.markdown(results[name]))
+    return "\n\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    from configs.cli import exit_on_user_error
+
+    exit_on_user_error(lambda: sys.exit(main()))

@@ -1,0 +1,73 @@
+"""bench.tables (the one formatter), the summary's target verdicts, and a tiny `python -m bench`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.__main__ import summary
+from bench.tables import cell, markdown_sections, markdown_table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_markdown_table_aligns_and_escapes():
+    rows = [{"name": "a|b", "rate": 1234567.8, "ratio": 0.95312, "n": 12000, "gap": None},
+            {"name": "c", "rate": 12.3456, "ratio": 1.0, "n": 3, "gap": None}]
+    lines = markdown_table(rows).splitlines()
+    assert len(lines) == 4
+    assert lines[:3] == ["| name |      rate |  ratio |      n |",  # no "gap": all None
+                         "| ---- | --------: | -----: | -----: |",  # numbers right-aligned
+                         "| a\\|b | 1,234,568 | 0.9531 | 12,000 |"]
+    assert len({len(line) for line in lines}) == 1  # padded columns
+    assert [cell(v) for v in (None, 3, 12.3456, 0.5, float("nan"))] == ["", "3", "12.35", "0.5", "nan"]
+
+
+def test_markdown_table_columns_and_sections():
+    rows = [{"section": "x", "a": 1, "b": 2}, {"section": "y", "a": 3}]
+    assert markdown_table(rows, columns={"a": "A"}).splitlines()[0] == "|   A |"
+    text = markdown_sections(rows, by="section")
+    assert text.startswith("### x\n\n|   a |   b |")
+    assert "### y\n\n|   a |\n| --: |\n|   3 |" in text
+
+
+def _student_rows(*, cached_vs_ce, rss, cached_ppl):
+    speed = [("CE baseline", 1.0, 10.0), ("cached KD (k=64, T=2)", cached_vs_ce, 10.0 * rss),
+             ("online KD (T=2)", 0.5, 30.0)]
+    return ([{"section": "step (one batch, no reading, interleaved)", "run": run, "vs_ce": r}
+             for run, r, _ in speed]
+            + [{"section": "speed", "run": run, "tokens_per_s": 1000 * r, "vs_ce": r,
+                "peak_rss_mb": mb, "rss_vs_ce": mb / 10.0} for run, r, mb in speed]
+            + [{"section": "quality", "run": run, "val_ppl": ppl} for run, ppl in (
+                ("CE baseline", 20.0), ("online KD T=2", 18.0), ("cached KD k=64 T=2", cached_ppl))])
+
+
+def test_summary_marks_targets_honestly():
+    good = summary({"student": _student_rows(cached_vs_ce=0.97, rss=1.05, cached_ppl=18.1)})
+    bad = summary({"student": _student_rows(cached_vs_ce=0.90, rss=1.3, cached_ppl=18.5)})
+    verdicts = [[row["met"] for row in rows if row["target"]] for rows in (good, bad)]
+    assert verdicts == [["met"] * 3, ["NOT met"] * 3]
+    assert {row["measured"] for row in good if row["figure"].startswith("bench.")} == {"not run"}
+
+
+def test_python_m_bench_tiny(tmp_path):
+    out = tmp_path / "results.md"
+    result = subprocess.run([sys.executable, "-m", "bench", "--only", "evaluate", "--pairs", "60",
+                             "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = out.read_text()
+    for part in ("| cpu ", "| load average ", "## Summary", "minimal pairs/s", "## bench.evaluate",
+                 "| threads |"):
+        assert part in text
+    assert "== summary ==" in result.stdout
+
+
+def test_python_m_bench_refuses_a_missing_teacher(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench", "--only", "cache", "--teacher",
+                             str(tmp_path / "none"), "--tokens", str(tmp_path / "t.zarr"),
+                             "--out", str(tmp_path / "r.md")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: --teacher {tmp_path / 'none'}: no trained model there (no config.json)"]
+    assert not (tmp_path / "r.md").exists()

@@ -162,14 +162,17 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
                         batch = tokens[first:first + batch_size].to(device, non_blocking=True)
                         outputs.append(teacher_topk(model, batch, k=k, temperatures=temperatures))
                         bar.update(batch.numel())
-                except BaseException:
+                    _put(finished, (shard, claim, outputs), thread, failure)
+                except BaseException:  # not handed to the writer: release the shard here
                     claim.close()
                     raise
-                _put(finished, (shard, claim, outputs), thread, failure)
                 computed += stop - start
     finally:
-        _put(finished, None, thread, failure)
-        thread.join()
+        try:
+            _put(finished, None, thread, failure)
+            thread.join()
+        finally:
+            _release_unwritten(finished)
     if failure:
         raise failure[0]
     return computed
@@ -209,6 +212,18 @@ def _put(pending: queue.Queue, item, thread: threading.Thread, failure: list) ->
             continue
     if failure:
         raise failure[0]
+
+
+def _release_unwritten(finished: queue.Queue) -> None:
+    """Close the claims of shards still queued when the writer thread stopped early (a failed
+    write), so that this process can claim them again (a retry in the same process)."""
+    while True:
+        try:
+            item = finished.get_nowait()
+        except queue.Empty:
+            return
+        if item is not None:
+            item[1].close()
 
 
 def _write_shards(pending: queue.Queue, writer, failure: list) -> None:

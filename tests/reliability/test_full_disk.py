@@ -99,11 +99,6 @@ def test_injected_enospc_where_mounting_is_refused(world, tmp_path, can_mount):
                      cache_digest(world.clean_cache)) == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: precompute/logits.py _run_shards: when the writer thread fails (here ENOSPC), the "
-    "claims (flocks) of the shards still queued for it are never closed; the process keeps "
-    "them, so a retry in the same process (student.pipeline, a notebook) waits forever on its "
-    "own locks. Fix: after thread.join(), drain `finished` and close each queued claim"))
 def test_failed_job_releases_its_shard_locks(world, tmp_path, monkeypatch):
     import errno
     import gc

@@ -4,8 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.__main__ import summary
+import pytest
+
+from bench.__main__ import ensure_teacher, summary
 from bench.tables import cell, markdown_sections, markdown_table
+from configs import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,12 +65,7 @@ def test_python_m_bench_tiny(tmp_path):
     assert "== summary ==" in result.stdout
 
 
-def test_python_m_bench_refuses_a_missing_teacher(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench", "--only", "cache", "--teacher",
-                             str(tmp_path / "none"), "--tokens", str(tmp_path / "t.zarr"),
-                             "--out", str(tmp_path / "r.md")],
-                            cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        f"error: --teacher {tmp_path / 'none'}: no trained model there (no config.json)"]
-    assert not (tmp_path / "r.md").exists()
+def test_a_missing_teacher_elsewhere_is_refused_not_trained(tmp_path):
+    with pytest.raises(UserError, match="no trained model there"):
+        ensure_teacher(tmp_path / "none", tmp_path / "tokens.zarr")
+    assert not any(tmp_path.iterdir())

@@ -50,7 +50,10 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
     float32, raw (T = 1); lse (B, L, n_T) float32, logsumexp over the full vocabulary of
     logits / T for each T. Computed in float32 whatever the teacher's dtype.
     """
-    logits = model(input_ids=input_ids, use_cache=False).logits.float()
+    # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
+    # (without one transformers warns on every run).
+    logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                   use_cache=False).logits.float()
     values, ids = torch.topk(logits, k, dim=-1, sorted=True)
     top = values[..., :1]  # the max, so exp never overflows; reusing it saves a pass per T
     lse = torch.stack([_sum_exp(logits - top, t).log_() + top[..., 0] / t

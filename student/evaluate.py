@@ -53,7 +53,10 @@ def token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
     input_ids: (B, T) int64; attention_mask: (B, T) 1 for real tokens, 0 for right padding.
     Returns (B, T - 1) float32; padded positions hold 0.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    # Unpadded rows still get a mask: they hold <|endoftext|>, the pad id, and transformers
+    # warns about padding on every run without one.
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
     targets = input_ids[:, 1:]
     # log_softmax(z)[y] = z[y] - logsumexp(z), without materialising a second (B, T, V) tensor.
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)

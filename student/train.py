@@ -335,8 +335,11 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
     """Forward one micro-batch and return its loss terms (means over its non-ignored tokens)."""
     tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
     labels = shift_labels(tokens)
+    # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
+    # (without one transformers warns on every run).
+    unpadded = torch.ones_like(tokens)
     with autocast(device, amp_dtype):
-        logits = model(input_ids=tokens).logits
+        logits = model(input_ids=tokens, attention_mask=unpadded).logits
     logits = logits.float()
     if distil is None:
         ce, _ = ce_and_cached_kl(logits, labels)
@@ -344,7 +347,7 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
     t = distil.temperature
     if distil.teacher is not None:
         with torch.no_grad(), autocast(device, amp_dtype):
-            teacher_logits = distil.teacher(input_ids=tokens).logits
+            teacher_logits = distil.teacher(input_ids=tokens, attention_mask=unpadded).logits
         ce, _ = ce_and_cached_kl(logits, labels)
         kl = full_kl(logits, teacher_logits, temperature=t, labels=labels)
     else:

@@ -528,10 +528,12 @@ def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
     if vocab_size is not None and vocab_size != manifest["vocab_size"]:
         raise ManifestMismatch(f"logit cache {path} has vocabulary {manifest['vocab_size']}, the "
                                f"student has {vocab_size}; use a cache made with its tokenizer")
-    missing = int((~cache.done).sum())
+    missing = np.flatnonzero(~cache.done).tolist()
     if missing and not allow_incomplete:
-        raise StoreNotFound(f"logit cache {path} is incomplete: {missing} of {cache.n_shards} "
-                            "shards missing; rerun `make teacher-logits` to finish it")
+        named = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise StoreNotFound(f"logit cache {path} is incomplete: {len(missing)} of "
+                            f"{cache.n_shards} shards missing (shard{'s' * (len(missing) > 1)} "
+                            f"{named}); rerun `make teacher-logits` to finish it")
     return cache
 
 

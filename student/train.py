@@ -140,7 +140,7 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
     k = d.k or cache.k
     if k > cache.k:
         raise UserError(f"distill.k = {k} is larger than the cached k = {cache.k} of {cache.path}")
-    skip = bad_shards(cache) if d.skip_bad_shards else check_cache(cache)
+    skip = bad_shards(cache) if d.skip_bad_shards else ()
     if not any(math.isclose(t, d.temperature, rel_tol=1e-6) for t in cache.temperatures):
         near = min(cache.temperatures, key=lambda t: abs(t - d.temperature))
         print(f"note: distill.temperature = {d.temperature:g} is not stored in the cache "
@@ -148,16 +148,6 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
               f"teacher's tail from T = {near:g} (see student/losses.py: teacher_buckets)")
     return Distillation(alpha=d.alpha, temperature=d.temperature, cache=cache, k=k,
                         vocab_size=vocab_size, skip_shards=skip)
-
-
-def check_cache(cache: LogitCache) -> tuple[int, ...]:
-    """Refuse a cache whose done flags or files say it is damaged (cheap: no chunk reads;
-    a checksum failure while streaming is still an error naming the shard)."""
-    missing = [s for s in range(cache.n_shards) if not cache.done[s]]
-    if missing:
-        raise UserError(f"logit cache {cache.path}: shards {missing[:5]} are not written; rerun "
-                        "`make teacher-logits`, or distill.skip_bad_shards=true to train without")
-    return ()
 
 
 def bad_shards(cache: LogitCache) -> tuple[int, ...]:

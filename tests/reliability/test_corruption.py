@@ -89,7 +89,7 @@ def test_verify_and_reader_name_the_damaged_shard(run, name):
 def test_lost_done_mark_makes_the_cache_incomplete(run):
     cache_path = run / "cache" / "train.zarr"
     delete("done/c/9")(cache_path)
-    with pytest.raises(StoreNotFound, match="1 of 64 shards missing"):
+    with pytest.raises(StoreNotFound, match=r"1 of 64 shards missing \(shard 9\)"):
         open_cache(cache_path)
 
 

@@ -50,11 +50,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -349,9 +349,23 @@ def create_cache(path: Path | str, *, n_sequences: int, seq_len: int, k: int, vo
 
 
 def _create_new(path: Path, manifest: dict) -> None:
-    """Build the empty group beside `path` and rename it into place (atomic: a concurrent
-    creator either wins or finds the finished group)."""
-    tmp = path.with_name(f".{path.name}.creating-{uuid.uuid4().hex}")
+    """Build the empty group beside `path` and rename it into place, holding the lock file
+    `.<name>.lock` beside it: concurrent creators take turns (the later ones find the finished
+    group), and the leftovers of a creator killed mid-way are removed by the next one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists() and any(path.iterdir()):  # another creator finished first
+            return
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.creating*"):
+            shutil.rmtree(stale)
+        tmp = path.with_name(f".{path.name}.creating")
+        _build_empty(tmp, manifest)
+        os.rename(tmp, path)
+
+
+def _build_empty(tmp: Path, manifest: dict) -> None:
+    """The empty group of `manifest` at `tmp`: data arrays, done marks, lock folder."""
     group = zarr.open_group(tmp, mode="w")
     n, length, k = manifest["n_sequences"], manifest["seq_len"], manifest["k"]
     chunking = manifest["chunking"]
@@ -372,11 +386,6 @@ def _create_new(path: Path, manifest: dict) -> None:
                        fill_value=False, compressors=checked_compressors())
     group.attrs.update({"manifest": manifest, "manifest_sha256": manifest_digest(manifest)})
     (tmp / "done" / "locks").mkdir()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, path)
-    except OSError:  # another process created it first: resume theirs
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resume(path: Path, wanted: dict) -> "CacheWriter":

@@ -251,3 +251,15 @@ def test_corrupt_done_mark_counts_as_not_done_and_is_rewritten(tmp_path, store, 
     assert write_all(writer, outputs) == [3]
     assert open_cache(cache.path).verify() == []
     assert (cache.path / "ids" / "c" / "3" / "0" / "0").read_bytes() == before
+
+
+def test_create_removes_what_a_killed_creator_left(tmp_path, store, outputs):
+    # What a SIGKILL inside create_cache leaves beside the cache: half-built groups (the
+    # current temp name and the uuid-suffixed ones of earlier versions).
+    for leftover in (".cache.zarr.creating", ".cache.zarr.creating-0123abcd"):
+        (tmp_path / leftover / "ids").mkdir(parents=True)
+        (tmp_path / leftover / "zarr.json").write_text("{")
+    writer = new_writer(tmp_path / "cache.zarr", store)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.zarr.lock", "cache.zarr",
+                                                          "tokens.zarr"]
+    assert write_all(writer, outputs) == list(range(5)) and writer.finish()

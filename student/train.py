@@ -588,14 +588,24 @@ def append_metrics(path: Path, row: dict) -> None:
 
 
 def truncate_metrics(path: Path, *, after_step: int) -> None:
-    """Drop lines logged after the checkpoint being resumed (those steps are redone)."""
+    """Drop lines logged after the checkpoint being resumed (those steps are redone), and a
+    line torn by a kill mid-write (its step is after the checkpoint, so it is redone too)."""
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines()
-             if line.strip() and json.loads(line)["step"] <= after_step]
+             if (row := _parse_row(line)) is not None and row["step"] <= after_step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     tmp.replace(path)
+
+
+def _parse_row(line: str) -> dict | None:
+    """A metrics line as a dict; None for a blank or torn one."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and "step" in row else None
 
 
 def read_metrics(path: Path) -> list[dict]:

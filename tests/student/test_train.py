@@ -274,3 +274,15 @@ def test_lr_schedule():
     assert factor(0, "cosine") == pytest.approx(0.1) and factor(9, "cosine") == 1.0
     assert factor(60, "cosine") == pytest.approx(0.5) and factor(110, "cosine") == pytest.approx(0)
     assert factor(60, "linear") == pytest.approx(0.5) and factor(100, "constant") == 1.0
+
+
+def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
+    path = tmp_path / trainer.METRICS_FILE
+    for step in (1, 2, 3):
+        trainer.append_metrics(path, {"step": step, "loss": 1.0 / step})
+    with path.open("a") as f:
+        f.write('{"step": 4, "loss": 0.2')  # SIGKILL mid-write: no closing brace, no newline
+    trainer.truncate_metrics(path, after_step=3)
+    assert [row["step"] for row in trainer.read_metrics(path)] == [1, 2, 3]
+    trainer.truncate_metrics(path, after_step=2)
+    assert [row["step"] for row in trainer.read_metrics(path)] == [1, 2]

@@ -2,6 +2,7 @@
 resumes to a byte-identical cache, two torchrun ranks write what one process writes, and bad
 inputs end with one line, exit code 2 and nothing overwritten."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -9,7 +10,9 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -27,6 +30,64 @@ REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
 
+MARKER = "BABYLM_KD_TEST_JOB"
+"""Environment variable marking every process a test job started, its descendants included."""
+
+
+def marked_processes(value: str) -> list[int]:
+    """Live processes whose environment holds MARKER=value (zombies have an empty environ)."""
+    wanted, found = f"{MARKER}={value}".encode(), []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+@contextlib.contextmanager
+def job_processes(command: list[str], **popen) -> Iterator[subprocess.Popen]:
+    """Run `command`; on the way out, whatever happened, SIGKILL it and every process it started
+    and reap it. torchrun starts each rank in a session of its own, so killing a process group
+    would miss them: they are found by a marker in the environment they inherit instead."""
+    value = uuid.uuid4().hex
+    process = subprocess.Popen(command, cwd=REPO, env={**os.environ, MARKER: value}, **popen)
+    try:
+        yield process
+    finally:
+        deadline = time.monotonic() + 30
+        while (pids := marked_processes(value)) and time.monotonic() < deadline:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
+        process.wait(timeout=60)
+        for pipe in (process.stdout, process.stderr):
+            if pipe:
+                pipe.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_no_process_of_a_job_outlives_it():
+    # A child that starts a grandchild in a session of its own, as torchrun starts its ranks.
+    spawner = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', "
+               "'import time; time.sleep(300)'], start_new_session=True); print(p.pid, flush=True);"
+               " time.sleep(300)")
+    with job_processes([PYTHON, "-c", spawner], stdout=subprocess.PIPE, text=True) as process:
+        grandchild = int(process.stdout.readline())
+        assert alive(grandchild)
+    deadline = time.monotonic() + 10
+    while alive(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(grandchild) and process.returncode == -signal.SIGKILL
+
+
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     return save_teacher(tmp_path_factory.mktemp("teacher") / "model", seed=4)
@@ -39,7 +100,7 @@ def uses(teacher, *extra):
 def test_topk_and_lse_of_a_batch():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 50)
-    model = lambda input_ids, use_cache: type("Out", (), {"logits": logits})  # noqa: E731
+    model = lambda input_ids, **_: type("Out", (), {"logits": logits})  # noqa: E731
     ids, values, lse = teacher_topk(model, torch.zeros(2, 3, dtype=torch.long), k=5,
                                     temperatures=(1.0, 2.0))
     assert ids.dtype == torch.int32 and ids.shape == values.shape == (2, 3, 5)
@@ -99,14 +160,14 @@ def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     main(tiny_config(reference, *uses(teacher, *SMALL_SHARDS)))
     run = tiny_run(tmp_path / "killed", n_train=384, n_val=16)
     done_dir = run / "cache" / "train.zarr" / "done" / "c"
-    process = subprocess.Popen(job(run, teacher, *SMALL_SHARDS), cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3):
-        assert process.poll() is None and time.monotonic() < deadline, "job ended before the kill"
-        time.sleep(0.01)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    with job_processes(job(run, teacher, *SMALL_SHARDS), stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL) as process:
+        deadline = time.monotonic() + 120
+        while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3):
+            assert process.poll() is None and time.monotonic() < deadline, \
+                "job ended before the kill"
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
     partial = open_cache(run / "cache" / "train.zarr", allow_incomplete=True)
     assert 3 <= partial.done.sum() < partial.n_shards
     problems = partial.verify()
@@ -122,9 +183,11 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
     ranks = tiny_run(tmp_path / "ranks", n_train=160, n_val=16)
     torchrun = [str(Path(PYTHON).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
                 "-m", "precompute.logits", *cli_args(ranks, *uses(teacher))]
-    result = subprocess.run(torchrun, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "cached train" in result.stdout
+    with job_processes(torchrun, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                       text=True) as process:
+        stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-2000:]
+    assert "cached train" in stdout
     assert cache_files(ranks / "cache" / "train.zarr") == cache_files(single / "cache" / "train.zarr")
     assert open_cache(ranks / "cache" / "train.zarr").manifest["completed"]
 

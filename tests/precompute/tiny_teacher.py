@@ -54,10 +54,14 @@ def save_teacher(folder: Path, *, vocab: int = VOCAB, n_layer: int = 2, n_embd: 
 
 
 def tiny_overrides(run_dir: Path, *overrides: str) -> list[str]:
-    """demo.yaml scaled down to the tiny run: small batches, k = 8, two temperatures, CPU."""
+    """demo.yaml scaled down to the tiny run: small batches, k = 8, two temperatures, CPU.
+
+    Everything the tests rely on is pinned here, so tuning the demo cannot change them.
+    """
     return [f"run_dir={run_dir}", "data.seq_len=32", "teacher.device=cpu", "student.device=cpu",
             "cache.k=8", "cache.temperatures=[1.0, 2.0]", "cache.chunk_sequences=16",
-            "cache.shard_chunks=2", "cache.batch_size=16", *overrides]
+            "cache.shard_chunks=2", "cache.batch_size=16", "cache.value_code=float16",
+            "distill.alpha=0.5", "distill.temperature=2.0", *overrides]
 
 
 def tiny_config(run_dir: Path, *overrides: str) -> Config:

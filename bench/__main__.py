@@ -2,7 +2,7 @@
 headline figures against the project's targets, and bench/results.md.
 
     python -m bench [--only cache,student] [--teacher DIR --tokens STORE] [--out FILE]
-                    [--cache-sequences 256] [--job-sequences 192] [--student-steps 200]
+                    [--cache-sequences 256] [--job-sequences 128] [--student-steps 200]
                     [--pairs 10000] ...
 
 Benchmarks (each in a fresh process, one after another, so that none inherits another's
@@ -100,7 +100,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the markdown report")
     parser.add_argument("--cache-sequences", type=int, default=256,
                         help="bench.cache: sequences run through the teacher")
-    parser.add_argument("--job-sequences", type=int, default=192,
+    parser.add_argument("--job-sequences", type=int, default=128,
                         help="bench.teacher_job: sequences per measurement")
     parser.add_argument("--student-steps", type=int, default=200,
                         help="bench.student: steps of each quality run")

@@ -194,7 +194,11 @@ def summary(results: dict[str, list[dict]], errors: dict[str, str] | None = None
     for name, figures in (("cache", _cache_figures), ("teacher_job", _job_figures),
                           ("student", _student_figures), ("evaluate", _evaluate_figures)):
         if name in results:
-            rows += figures(results[name], results)
+            try:
+                rows += figures(results[name], results)
+            except (KeyError, StopIteration, ZeroDivisionError) as exc:  # rows of another shape
+                rows.append({"figure": f"bench.{name}", "measured": f"no summary: {exc!r}",
+                             "target": "", "met": ""})
         else:
             rows.append({"figure": f"bench.{name}", "measured": errors.get(name, "not run"),
                          "target": "", "met": "failed" if name in errors else ""})

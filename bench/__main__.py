@@ -23,6 +23,7 @@ then every benchmark's full tables; it is written when all have run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import subprocess
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from bench import cache, evaluate, student, teacher_job
 from bench.tables import markdown_table
-from configs import CONFIG_DIR, UserError
+from configs import CONFIG_DIR, UserError, load_config
 
 BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student, "evaluate": evaluate}
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bench: {', '.join(only)} on {facts['cores']} cores, load average {facts['load average']}")
     if "cache" in only:
         ensure_teacher(args.teacher, args.tokens)
+        facts["bench.cache teacher"] = teacher_facts(args.teacher)
     kwargs = {
         "cache": dict(teacher=args.teacher, tokens=args.tokens, sequences=args.cache_sequences,
                       read_k=READ_K),
@@ -140,6 +142,17 @@ def ensure_teacher(teacher: Path, tokens: Path) -> None:
             subprocess.run(command, check=True)
 
 
+def teacher_facts(teacher: Path) -> str:
+    """The measured teacher in a line: its path, shape and (from teacher.json) validation."""
+    config = json.loads(_read(str(teacher / "config.json")) or "{}")
+    info = json.loads(_read(str(teacher / TEACHER_DONE)) or "{}")
+    shape = f"{config.get('n_layer', '?')}x{config.get('n_embd', '?')}, vocab " \
+            f"{config.get('vocab_size', '?')}"
+    val = info.get("val", {})
+    trained = f"; {info['method']}, val ppl {val['perplexity']:.2f}" if "perplexity" in val else ""
+    return f"{teacher} ({shape}{trained})"
+
+
 def machine_facts() -> dict:
     import torch
 
@@ -215,15 +228,19 @@ def _n(value: float) -> str:
 
 
 def _cache_figures(rows: list[dict], _results) -> list[dict]:
+    """The size target holds for the value code the configs choose (cache.value_code)."""
+    chosen = load_config(DEMO_CONFIG).cache.value_code
     sizes = [r for r in rows if r["table"] == "size"]
     out = []
     for code in dict.fromkeys(r["value_code"] for r in sizes):
         per_k = {r["k"]: r["B/token"] for r in sizes if r["value_code"] == code}
         at_read_k = per_k.get(READ_K)
-        out.append(_row(f"cache bytes/token at k = {' / '.join(map(str, per_k))}, {code}",
+        applies = code == chosen and at_read_k is not None
+        out.append(_row(f"cache bytes/token at k = {' / '.join(map(str, per_k))}, {code}"
+                        + (" (the configs' value_code)" if code == chosen else ""),
                         " / ".join(f"{v:.1f}" for v in per_k.values()),
-                        f"<= 64 at k = {READ_K}",
-                        None if at_read_k is None else at_read_k <= 64))
+                        f"<= 64 at k = {READ_K}" if applies else "",
+                        at_read_k <= 64 if applies else None))
     reads = [r for r in rows if r["table"] == "read"]
     for code in dict.fromkeys(r["value_code"] for r in reads):
         speed = {r["read"]: r["tok/s"] for r in reads if r["value_code"] == code}

@@ -99,18 +99,27 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_ki
 
 
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(world, tmp_path):
-    run = world.new_run(tmp_path / "run")
-    cache = run / "cache" / "train.zarr"
-    command = world.command("precompute.logits", run)
-    with started(command, stderr_file=tmp_path / "stderr") as process:
-        wait_started(process, "the logits job")
-        deadline = time.monotonic() + 120
-        while not (cache / "done" / "c").is_dir():  # interrupt mid-job, not during start-up
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=120) == 130
-    stderr = (tmp_path / "stderr").read_text()
+    # On an idle machine the tiny job can finish before the interrupt lands; such a run proves
+    # nothing about Ctrl-C, so it is checked like a clean run and the interrupt tried again.
+    for attempt in range(3):
+        run = world.new_run(tmp_path / f"run{attempt}")
+        cache = run / "cache" / "train.zarr"
+        command = world.command("precompute.logits", run)
+        stderr_file = tmp_path / f"stderr{attempt}"
+        with started(command, stderr_file=stderr_file) as process:
+            wait_started(process, "the logits job")
+            deadline = time.monotonic() + 120
+            while not (cache / "done" / "c").is_dir():  # interrupt mid-job, not during start-up
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.01)
+            process.send_signal(signal.SIGINT)
+            returncode = process.wait(timeout=120)
+        if returncode == 130:
+            break
+        assert returncode == 0
+        assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []
+    assert returncode == 130, "the job finished before every interrupt"
+    stderr = stderr_file.read_text()
     assert "Traceback" not in stderr
     lines = message_lines(stderr)
     assert lines[-1] == "interrupted: finished work is kept; rerun the same command to resume"

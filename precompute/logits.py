@@ -163,9 +163,12 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
                     # which shards ran before it (resume and multi-rank runs are byte-identical).
                     for first in range(0, stop - start, batch_size):
                         batch = tokens[first:first + batch_size].to(device, non_blocking=True)
-                        outputs.append(teacher_topk(model, batch, k=k, temperatures=temperatures))
+                        outputs.append(tuple(
+                            part.to("cpu", non_blocking=True)  # a no-op on the CPU
+                            for part in teacher_topk(model, batch, k=k, temperatures=temperatures)))
                         bar.update(batch.numel())
-                    _put(finished, (shard, claim, outputs), thread, failure)
+                    copied = _copy_done_event(device)
+                    _put(finished, (shard, claim, outputs, copied), thread, failure)
                 except BaseException:  # not handed to the writer: release the shard here
                     claim.close()
                     raise
@@ -229,13 +232,31 @@ def _release_unwritten(finished: queue.Queue) -> None:
             item[1].close()
 
 
+def _copy_done_event(device: torch.device):
+    """A CUDA event marking that the device-to-host copies queued so far have landed; None on
+    devices whose copies are synchronous."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 def _write_shards(pending: queue.Queue, writer, failure: list) -> None:
-    """Writer thread: copy each shard's outputs to the host, write it, release its claim."""
+    """Writer thread: write each shard's host outputs, release its claim.
+
+    Numpy only: a torch operator running in this thread while the main thread runs the teacher
+    changes how the CPU kernels split their reductions, so the forward's last bits (and near-tied
+    top-k ids) would vary from run to run and a resumed cache would no longer be byte-identical.
+    """
     while (item := pending.get()) is not None:
-        shard, claim, outputs = item
+        shard, claim, outputs, copied = item
         with claim:
             try:
-                ids, logits, lse = (torch.cat(parts).cpu().numpy() for parts in zip(*outputs))
+                if copied is not None:
+                    copied.synchronize()
+                ids, logits, lse = (np.concatenate([part.numpy() for part in parts])
+                                    for parts in zip(*outputs))
                 writer.write_shard(shard, ids=ids, logits=logits, lse=lse)
             except BaseException as exc:  # noqa: BLE001 -- handed to the main thread
                 failure.append(exc)

@@ -154,8 +154,6 @@ def job(run, teacher, *extra):
 SMALL_SHARDS = ("cache.chunk_sequences=8", "cache.shard_chunks=1", "cache.batch_size=8")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: the teacher forward is not bit-reproducible across processes on this CPU (matmul kernels): near-tied top-k ids of the tiny random test teacher and lse last bits can differ between runs, so byte-identity can fail for reasons other than resume"))
 @pytest.mark.slow
 def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     reference = tiny_run(tmp_path / "reference", n_train=384, n_val=16)
@@ -178,8 +176,6 @@ def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     assert cache_files(run / "cache" / "train.zarr") == cache_files(reference / "cache" / "train.zarr")
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: the teacher forward is not bit-reproducible across processes on this CPU (matmul kernels): near-tied top-k ids of the tiny random test teacher and lse last bits can differ between runs, so byte-identity can fail for reasons other than resume"))
 @pytest.mark.slow
 def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
     single = tiny_run(tmp_path / "single", n_train=160, n_val=16)

@@ -58,8 +58,6 @@ def kill_after(process, *, delay: float, cache, mid_write: bool) -> None:
     process.send_signal(signal.SIGKILL)
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: the teacher forward is not bit-reproducible across processes on this CPU (matmul kernels): near-tied top-k ids of the tiny random test teacher and lse last bits can differ between runs, so byte-identity can fail for reasons other than resume"))
 def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_kills, tmp_path,
                                                                     capsys):
     """Kill the job `chaos_kills` times, rerunning after each kill. Each kill comes after a
@@ -100,8 +98,6 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_ki
     assert torn >= 1, "no kill landed inside a shard write"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "open bug: the teacher forward is not bit-reproducible across processes on this CPU (matmul kernels): near-tied top-k ids of the tiny random test teacher and lse last bits can differ between runs, so byte-identity can fail for reasons other than resume"))
 def test_ctrl_c_stops_cleanly_and_the_rerun_completes(world, tmp_path):
     # On an idle machine the tiny job can finish before the interrupt lands; such a run proves
     # nothing about Ctrl-C, so it is checked like a clean run and the interrupt tried again.

@@ -33,46 +33,15 @@ import torch
 
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
-from storage.cache import create_cache
-from storage.tokens import TokenStore, open_token_store, write_token_store
+from storage.tokens import open_token_store, write_token_store
 
 VOCAB, SEQ_LEN = 512, 64
 STUDENT = dict(n_layer=2, n_embd=64, n_head=2)
+SMALL_STUDENT = dict(n_layer=4, n_embd=256, n_head=4)
+"""Speed rows only: a student whose step (~10x the tiny one's) dwarfs reading the cache."""
 TEACHER = dict(n_layer=4, n_embd=128, n_head=4)
 TEMPERATURES = (1.0, 2.0, 4.0)
 CACHE_K = 64
-
-
-@torch.no_grad()
-def write_cache(path: Path, teacher: torch.nn.Module, store: TokenStore, *, k: int,
-                temperatures: tuple[float, ...], value_code: str = "float16",
-                chunk_sequences: int = 16, shard_chunks: int = 2, batch_size: int = 64):
-    """Run `teacher` over `store` and write its top-k logit cache at `path` (what
-    `make teacher-logits` does, in a few lines, for benchmarks and tests)."""
-    writer = create_cache(path, n_sequences=store.n_sequences, seq_len=store.seq_len, k=k,
-                          vocab_size=store.vocab_size, temperatures=temperatures,
-                          value_code=value_code, chunk_sequences=chunk_sequences,
-                          shard_chunks=shard_chunks,
-                          manifest={"teacher": {"name": "bench"},
-                                    "tokenizer_fingerprint": store.tokenizer_fingerprint,
-                                    "token_store_fingerprint": store.fingerprint})
-    teacher.eval()
-    for shard in writer.pending_shards():
-        start, stop = writer.shard_rows(shard)
-        parts = []
-        for lo in range(start, stop, batch_size):
-            ids = torch.from_numpy(store.read(lo, min(stop, lo + batch_size)).astype(np.int64))
-            logits = teacher(input_ids=ids).logits.float()
-            values, top = logits.topk(k, -1)
-            lse = torch.stack([torch.logsumexp(logits / t, -1) for t in temperatures], -1)
-            parts.append((top.numpy(), values.numpy(), lse.numpy()))
-        with writer.claim(shard) as mine:
-            assert mine
-            writer.write_shard(shard, ids=np.concatenate([p[0] for p in parts]),
-                               logits=np.concatenate([p[1] for p in parts]),
-                               lse=np.concatenate([p[2] for p in parts]))
-    writer.finish()
-    return path
 
 
 def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> np.ndarray:
@@ -115,6 +84,7 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     `root`-gap8 sharing them with a gap8 cache. Returns the teacher's val perplexity."""
     from transformers import AutoModelForCausalLM
 
+    from precompute.logits import write_cache
     from student.model import new_gpt2
     from student.train import fit, open_tokens, read_metrics
 
@@ -133,8 +103,9 @@ def build(root: Path, *, teacher_steps: int) -> dict:
         (gap8 / link).parent.mkdir(parents=True, exist_ok=True)
         (gap8 / link).symlink_to(root / link)
     for run_dir, code in ((root, "float16"), (gap8, "gap8")):
-        write_cache(run_dir / "cache" / "train.zarr", teacher, store, k=CACHE_K,
-                    temperatures=TEMPERATURES, value_code=code)
+        write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",
+                    teacher={"name": "bench"}, k=CACHE_K, temperatures=TEMPERATURES,
+                    value_code=code, progress=False)
     val_rows = [r for r in read_metrics(root / "teacher" / "metrics.jsonl") if "val_ppl" in r]
     return {"teacher_val_ppl": val_rows[-1]["val_ppl"],
             "teacher_params": sum(p.numel() for p in teacher.parameters())}
@@ -224,25 +195,38 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
 
 
 def speed_rows(root: Path, steps: int) -> list[dict]:
+    """The training loop's speed and memory, for the tiny student (against online KD too: the
+    teacher is ~6x its size) and for a small one, where the step outweighs reading the cache."""
+    students = {shape_name(STUDENT): STUDENT, shape_name(SMALL_STUDENT): SMALL_STUDENT}
     modes = {"CE baseline": ["distill.alpha=1"], "cached KD (k=64, T=2)": [],
              "online KD (T=2)": ["distill.mode=online"]}
-    best: dict[str, dict] = {}
+    runs = [(shape, mode) for shape in students for mode in modes
+            if shape == shape_name(STUDENT) or mode != "online KD (T=2)"]
+    best: dict[tuple[str, str], dict] = {}
     for repeat in range(2):  # interleaved, so a load spike on the shared CPU hits all modes
-        for i, (mode, extra) in enumerate(modes.items()):
-            result = _subprocess_run(root, [*extra, f"student.max_steps={steps}",
+        for i, (shape, mode) in enumerate(runs):
+            student = [f"student.{key}={value}" for key, value in students[shape].items()]
+            result = _subprocess_run(root, [*modes[mode], *student, f"student.max_steps={steps}",
                                             f"distill.run=speed-{repeat}-{i}"])
-            if mode not in best or result["tokens_per_s"] > best[mode]["tokens_per_s"]:
-                best[mode] = result
-    ce = best["CE baseline"]
+            if (shape, mode) not in best or result["tokens_per_s"] > best[shape, mode]["tokens_per_s"]:
+                best[shape, mode] = result
     rows = []
-    for mode, result in best.items():
-        rows.append({"section": "speed", "run": mode, "tokens_per_s": round(result["tokens_per_s"]),
+    for (shape, mode), result in best.items():
+        ce = best[shape, "CE baseline"]
+        rows.append({"section": "speed", "student": shape, "run": mode,
+                     "tokens_per_s": round(result["tokens_per_s"]),
                      "vs_ce": round(result["tokens_per_s"] / ce["tokens_per_s"], 3),
                      "peak_rss_mb": round(result["peak_rss_mb"], 1),
                      "rss_vs_ce": round(result["peak_rss_mb"] / max(ce["peak_rss_mb"], 1e-9), 2)})
-    online = best["online KD (T=2)"]["tokens_per_s"]
-    rows[1]["speedup_vs_online"] = round(best["cached KD (k=64, T=2)"]["tokens_per_s"] / online, 2)
+    tiny = shape_name(STUDENT)
+    rows[1]["speedup_vs_online"] = round(best[tiny, "cached KD (k=64, T=2)"]["tokens_per_s"]
+                                         / best[tiny, "online KD (T=2)"]["tokens_per_s"], 2)
     return rows
+
+
+def shape_name(model: dict) -> str:
+    """'2x64': layers x width."""
+    return f"{model['n_layer']}x{model['n_embd']}"
 
 
 def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
@@ -250,9 +234,10 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     from student.train import read_metrics, train
 
     gap8 = root.with_name(root.name + "-gap8")
-    runs = [("CE baseline", root, []),
-            ("online KD T=2", root, ["distill.mode=online"])]
-    runs += [(f"cached KD k={k} T=2", root, [f"distill.k={k}"]) for k in (4, 16, 64)]
+    runs = [("CE baseline", root, [])]
+    runs += [(f"online KD T={t:g}", root, ["distill.mode=online", f"distill.temperature={t}"])
+             for t in (1.0, 2.0)]
+    runs += [(f"cached KD k={k} T=2", root, [f"distill.k={k}"]) for k in (4, 8, 16, 32, 64)]
     runs += [(f"cached KD k=64 T={t:g}", root, [f"distill.temperature={t}"]) for t in (1.0, 4.0)]
     runs += [("cached KD k=64 T=2 gap8", gap8, [])]
     torch.set_num_threads(1)
@@ -267,10 +252,10 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     rows = [{"section": "quality", "run": "teacher (4x128, trained longer)",
              "val_ppl": round(facts["teacher_val_ppl"], 3)}]
     for name, value in ppl.items():
-        reference = ppl["online KD T=2"] if "T=2" in name else None
+        reference = (ppl.get(f"online KD T={name.split('T=')[1].split()[0]}")
+                     if name.startswith("cached") else None)
         rows.append({"section": "quality", "run": name, "val_ppl": round(value, 3),
-                     "vs_online_%": round(100 * (value / reference - 1), 2)
-                     if reference and "cached" in name else None,
+                     "vs_online_%": round(100 * (value / reference - 1), 2) if reference else None,
                      "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})
     return rows
 

@@ -10,20 +10,23 @@ skips batches without reading them, so a resumed epoch continues exactly. With c
 same order streams tokens only (the CE baseline sees the rows the distilled student sees).
 
 Reads are always contiguous runs of rows (a block, or less at a slice edge): random
-single-sequence reads are 5-20x slower. A background thread reads and decodes blocks ahead of the
-consumer into a bounded queue and stops when the consumer stops.
+single-sequence reads are 5-20x slower. A background thread reads blocks, keeps them encoded as
+stored, and decodes and assembles whole batches ahead of the consumer into a bounded queue: the
+training step only wraps ready arrays. It stops when the consumer stops.
 """
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Collection, Iterator
 
 import numpy as np
 
-from storage.cache import LogitCache
+from storage.cache import LogitCache, TeacherBlock
 from storage.tokens import TokenStore
 
 DEFAULT_BLOCK_ROWS = 32
@@ -94,12 +97,14 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
                 k: int | None) -> dict[str, np.ndarray]:
-    """Fields of `rows` (contiguous runs), read one run at a time, concatenated."""
+    """Fields of `rows` (contiguous runs), read one run at a time, concatenated. Cache fields
+    stay as stored (small integer ids, encoded values): a shuffle window of them takes a
+    quarter of its decoded size, and only the rows a batch uses get decoded (`_decoded`)."""
     parts = []
     for start, stop in _runs(rows):
         part = {"tokens": tokens.read(start, stop).astype(np.int64)}
         if cache is not None:
-            block = cache.read(start, stop, k=k)
+            block = cache.read(start, stop, k=k, decode=False)
             part.update(ids=block.ids, logits=block.logits, lse=block.lse)
         parts.append(part)
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -114,7 +119,8 @@ def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch
 
     shuffle=False gives rows in order (validation). k limits the teacher entries read.
     skip_shards: cache shards whose rows are left out. The same arguments always give the same
-    batches; `block_rows` must stay the same for a resumed run and its CE baseline.
+    batches; `block_rows` must stay the same for a resumed run and its CE baseline. A background
+    thread reads, decodes and assembles up to `prefetch` batches ahead of the consumer.
     """
     if cache is not None and (cache.n_sequences, cache.seq_len) != (tokens.n_sequences,
                                                                     tokens.seq_len):
@@ -130,37 +136,79 @@ def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch
     first = start_batch * batch_size
     if first >= len(order):
         return
-    # Every slot from batch_start on holds a position >= the start of batch_start's window, so
-    # reading starts there and pieces wholly before it are dropped.
-    window = shuffle_buffer if shuffle else 1
-    read_from = first // window * window
-    pieces = _pieces(stream, read_from, len(stream), block_rows)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="storage-prefetch")
-    futures: deque = deque()
-    try:
-        def submit_next() -> None:
-            piece = next(pieces, None)
-            if piece is not None:
-                futures.append((piece[0], executor.submit(
-                    _read_block, stream[piece[0]:piece[1]], tokens, cache, k)))
+    yield from _in_background(
+        _assemble(stream, order, first=first, batch_size=batch_size,
+                  window=shuffle_buffer if shuffle else 1, block_rows=block_rows,
+                  tokens=tokens, cache=cache, k=k),
+        depth=max(1, prefetch))
 
-        for _ in range(max(1, prefetch)):
-            submit_next()
-        loaded: deque = deque()  # (first stream position, fields) of pieces still needed
-        for batch_start in range(first, len(order), batch_size):
-            positions = order[batch_start:batch_start + batch_size]
-            while not loaded or loaded[-1][0] + len(loaded[-1][1]["tokens"]) <= positions.max():
-                piece_start, future = futures.popleft()
-                loaded.append((piece_start, future.result()))
-                submit_next()
-            low = batch_start // window * window
-            while loaded[0][0] + len(loaded[0][1]["tokens"]) <= low:
-                loaded.popleft()
-            yield Batch(indices=stream[positions], **_gather(loaded, positions))
+
+def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: int,
+              window: int, block_rows: int, tokens: TokenStore, cache: LogitCache | None,
+              k: int | None) -> Iterator[Batch]:
+    """The batches of `order` from position `first` on, reading `stream` piece by piece as they
+    need it and forgetting pieces wholly behind the current shuffle window."""
+    # Every slot from `first` on holds a position >= the start of its window, so reading starts
+    # there and pieces wholly before it are never read.
+    pieces = _pieces(stream, first // window * window, len(stream), block_rows)
+    loaded: deque = deque()  # (first stream position, fields) of pieces still needed
+    for batch_start in range(first, len(order), batch_size):
+        positions = order[batch_start:batch_start + batch_size]
+        while not loaded or loaded[-1][0] + len(loaded[-1][1]["tokens"]) <= positions.max():
+            start, stop = next(pieces)
+            loaded.append((start, _read_block(stream[start:stop], tokens, cache, k)))
+        low = batch_start // window * window
+        while loaded[0][0] + len(loaded[0][1]["tokens"]) <= low:
+            loaded.popleft()
+        fields = _gather(loaded, positions)
+        if cache is not None:
+            decoded = cache.decode(TeacherBlock(ids=fields["ids"], logits=fields["logits"],
+                                                lse=fields["lse"]))
+            fields.update(ids=decoded.ids, logits=decoded.logits, lse=decoded.lse)
+        yield Batch(indices=stream[positions], **fields)
+
+
+def _in_background(items: Iterator, *, depth: int) -> Iterator:
+    """Yield `items`, produced by a background thread up to `depth` ahead of the consumer; an
+    error there is raised here, and closing this generator stops and joins the thread."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stopped = threading.Event()
+
+    def offer(entry) -> bool:
+        while not stopped.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        with contextlib.closing(items):
+            try:
+                for item in items:
+                    if not offer((item, None)):
+                        return
+                offer((_END, None))
+            except BaseException as exc:  # noqa: BLE001 -- raised in the consumer
+                offer((None, exc))
+
+    thread = threading.Thread(target=produce, name="storage-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if error is not None:
+                raise error
+            if item is _END:
+                return
+            yield item
     finally:
-        for _, future in futures:
-            future.cancel()
-        executor.shutdown(wait=True, cancel_futures=True)
+        stopped.set()
+        thread.join()
+
+
+_END = object()
 
 
 def _gather(loaded: deque, positions: np.ndarray) -> dict[str, np.ndarray]:

@@ -42,7 +42,7 @@ from storage.cache import LogitCache, open_cache
 from storage.errors import CorruptData
 from storage.reader import Batch, batches_per_epoch, stream_batches
 from storage.tokens import TokenStore, open_token_store
-from student.losses import (IGNORE_INDEX, LossTerms, ce_and_cached_kl, combine, full_kl,
+from student.losses import (LossTerms, ce_and_cached_kl, combine, full_kl,
                             shift_labels, teacher_buckets)
 from student.model import new_gpt2, resolve_device
 

@@ -34,21 +34,25 @@ def test_markdown_table_columns_and_sections():
 
 
 def _student_rows(*, cached_vs_ce, rss, cached_ppl):
-    speed = [("CE baseline", 1.0, 10.0), ("cached KD (k=64, T=2)", cached_vs_ce, 10.0 * rss),
-             ("online KD (T=2)", 0.5, 30.0)]
+    speed = [("2x64", "CE baseline", 1.0, 10.0),
+             ("2x64", "cached KD (k=64, T=2)", cached_vs_ce, 10.0 * rss),
+             ("2x64", "online KD (T=2)", 0.5, 30.0), ("4x256", "CE baseline", 1.0, 20.0),
+             ("4x256", "cached KD (k=64, T=2)", cached_vs_ce, 20.0 * rss)]
     return ([{"section": "step (one batch, no reading, interleaved)", "run": run, "vs_ce": r}
-             for run, r, _ in speed]
-            + [{"section": "speed", "run": run, "tokens_per_s": 1000 * r, "vs_ce": r,
-                "peak_rss_mb": mb, "rss_vs_ce": mb / 10.0} for run, r, mb in speed]
+             for student, run, r, _ in speed[:3]]
+            + [{"section": "speed", "student": student, "run": run, "tokens_per_s": 1000 * r,
+                "vs_ce": r, "peak_rss_mb": mb, "rss_vs_ce": mb / speed[0 if student == "2x64" else 3][3]}
+               for student, run, r, mb in speed]
             + [{"section": "quality", "run": run, "val_ppl": ppl} for run, ppl in (
-                ("CE baseline", 20.0), ("online KD T=2", 18.0), ("cached KD k=64 T=2", cached_ppl))])
+                ("CE baseline", 20.0), ("online KD T=1", 18.0), ("cached KD k=64 T=1", cached_ppl),
+                ("online KD T=2", 18.0), ("cached KD k=64 T=2", cached_ppl))])
 
 
 def test_summary_marks_targets_honestly():
     good = summary({"student": _student_rows(cached_vs_ce=0.97, rss=1.05, cached_ppl=18.1)})
     bad = summary({"student": _student_rows(cached_vs_ce=0.90, rss=1.3, cached_ppl=18.5)})
     verdicts = [[row["met"] for row in rows if row["target"]] for rows in (good, bad)]
-    assert verdicts == [["met"] * 3, ["NOT met"] * 3]
+    assert verdicts == [["met"] * 6, ["NOT met"] * 6]
     assert {row["measured"] for row in good if row["figure"].startswith("bench.")} == {"not run"}
 
 

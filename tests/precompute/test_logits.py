@@ -23,8 +23,7 @@ from configs.cli import run as run_cli
 from precompute.logits import main, teacher_topk
 from storage.cache import VOLATILE_KEYS, open_cache
 from storage.tokens import open_token_store
-from tests.precompute.tiny_teacher import (cli_args, save_teacher, tiny_config, tiny_run,
-                                           write_tokens)
+from tests.precompute.tiny_teacher import cli_args, save_teacher, tiny_config, tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import re
 
-import pytest
 
 from tests.reliability.world import N_TRAIN, SEQ_LEN, cache_digest, differing, started
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from storage.cache import cache_bytes
+from tests.reliability.enospc import disk_full_after
 from tests.reliability.test_kill_resume import assert_done_shards_sound
 from tests.reliability.world import PYTHON, cache_digest, cli, differing, message_lines
 
@@ -67,21 +68,14 @@ def test_full_disk_is_one_line_and_resumable(world, small_disk):
 
 
 ENOSPC_AFTER_60_FILES = """
-import errno, sys
-import zarr.storage._local as local
+import sys
 from configs.cli import run
 from precompute.logits import main
-real_put, writes = local._put, []
-def put_until_full(path, value, *args, **kwargs):
-    writes.append(path)
-    if len(writes) > 60:
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-    return real_put(path, value, *args, **kwargs)
-local._put = put_until_full
-run(main, "logits", argv=sys.argv[1:])
+from tests.reliability.enospc import disk_full_after
+with disk_full_after(60):
+    run(main, "logits", argv=sys.argv[1:])
 """
-"""The logits job with zarr's lowest write (zarr.storage._local._put) failing with ENOSPC after
-60 files: a full disk for machines that refuse mounts."""
+"""The logits job with every file write after the 60th failing with ENOSPC."""
 
 
 def test_injected_enospc_where_mounting_is_refused(world, tmp_path, can_mount):
@@ -99,31 +93,18 @@ def test_injected_enospc_where_mounting_is_refused(world, tmp_path, can_mount):
                      cache_digest(world.clean_cache)) == []
 
 
-def test_failed_job_releases_its_shard_locks(world, tmp_path, monkeypatch):
+def test_failed_job_releases_its_shard_locks(world, tmp_path):
     import errno
     import gc
-
-    import zarr.storage._local as local
 
     from configs import load_config
     from precompute.logits import main
     from storage.cache import CacheWriter, _read_manifest
 
     run = world.new_run(tmp_path / "run")
-    real_put, writes = local._put, []
-
-    def put_until_full(path, value, *args, **kwargs):
-        writes.append(path)
-        if len(writes) > 60:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_put(path, value, *args, **kwargs)
-
-    monkeypatch.setattr(local, "_put", put_until_full)
-    try:
+    with disk_full_after(60), pytest.raises(OSError) as failure:
         main(load_config(world.config, [f"run_dir={run}"]))
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
-    monkeypatch.setattr(local, "_put", real_put)
+    assert failure.value.errno == errno.ENOSPC
     path = run / "cache" / "train.zarr"
     group, manifest = _read_manifest(path)
     writer = CacheWriter(path=path, manifest=manifest, group=group)
@@ -131,5 +112,6 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path, monkeypatch):
     for shard in writer.pending_shards():
         with writer.claim(shard, wait=False) as mine:
             held += [] if mine else [shard]
+    del failure
     gc.collect()  # the failure's traceback (and the leaked lock files) can now go
     assert held == [], f"shards still locked by this process after the job failed: {held}"

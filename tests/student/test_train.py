@@ -3,7 +3,6 @@ SIGKILL, Ctrl-C, DDP under torchrun, corrupt caches, bad inputs (exit 2, one lin
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.student import write_cache
 from configs import CONFIG_DIR, load_config
 from configs.cli import run
+from precompute.logits import write_cache
 from storage.tokens import open_token_store
 from student import train as trainer
-from tests.precompute.tiny_teacher import save_teacher, tiny_overrides, tiny_run, write_tokens
+from tests.precompute.tiny_teacher import save_teacher, tiny_overrides, tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = CONFIG_DIR / "demo.yaml"
@@ -35,8 +34,10 @@ def make_run(root: Path, *, k: int = 8, n_train: int = 256) -> Path:
     tiny_run(root, n_train=n_train)
     teacher = save_teacher(root / "teacher", n_embd=64, seed=3)
     from transformers import AutoModelForCausalLM
-    write_cache(root / "cache" / "train.zarr", AutoModelForCausalLM.from_pretrained(teacher),
-                open_token_store(root / "tokens" / "train.zarr"), k=k, temperatures=(1.0, 2.0))
+    write_cache(AutoModelForCausalLM.from_pretrained(teacher),
+                store=open_token_store(root / "tokens" / "train.zarr"),
+                cache_path=root / "cache" / "train.zarr", teacher={"name": "tiny"}, k=k,
+                temperatures=(1.0, 2.0), chunk_sequences=16, shard_chunks=2, progress=False)
     return root
 
 

@@ -147,16 +147,20 @@ def _subprocess_run(root: Path, extra: list[str]) -> dict:
 
 def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
         root: Path | None = None) -> list[dict]:
-    """Build everything in a temporary directory (or `root`) and measure; rows of the table."""
+    """Build everything in a temporary directory (or `root`) and measure; rows of the table.
+    Students train on one torch thread here as in the speed subprocesses (restored after)."""
     tmp = Path(tempfile.mkdtemp(prefix="bench-student-")) if root is None else Path(root)
+    threads = torch.get_num_threads()
     try:
         base = tmp / "run"
         facts = build(base, teacher_steps=teacher_steps)
+        torch.set_num_threads(1)
         rows = step_rows(base)
         rows += speed_rows(base, speed_steps)
         rows += quality_rows(base, steps, facts)
         return rows
     finally:
+        torch.set_num_threads(threads)
         if root is None:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -170,7 +174,6 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     from student.model import new_gpt2
     from student.train import batch_losses, distillation, make_optimizer, open_tokens
 
-    torch.set_num_threads(1)
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
     tokens, _ = open_tokens(cfg)
     cached = distillation(cfg, tokens, vocab_size=VOCAB)
@@ -240,7 +243,6 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     runs += [(f"cached KD k={k} T=2", root, [f"distill.k={k}"]) for k in (4, 8, 16, 32, 64)]
     runs += [(f"cached KD k=64 T={t:g}", root, [f"distill.temperature={t}"]) for t in (1.0, 4.0)]
     runs += [("cached KD k=64 T=2 gap8", gap8, [])]
-    torch.set_num_threads(1)
     ppl = {}
     for name, run_dir, extra in runs:
         alpha = 1 if name == "CE baseline" else 0.5

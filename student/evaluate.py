@@ -308,13 +308,19 @@ def own_tokenizer(source: str):
 
 
 def training_facts(folder: Path) -> dict:
-    """alpha, temperature and k from a student's resolved config.yaml (empty when absent)."""
+    """alpha, temperature, mode and the k it distilled from (distill.k = 0 means the cached k;
+    none for the CE baseline) from a student's resolved config.yaml (empty when absent)."""
     path = folder / "config.yaml"
     try:
-        distill = (yaml.safe_load(path.read_text()) or {}).get("distill") or {}
+        settings = yaml.safe_load(path.read_text()) or {}
+        distill = settings.get("distill") or {}
+        cached_k = (settings.get("cache") or {}).get("k")
     except (OSError, yaml.YAMLError, AttributeError):
         return {}
-    return {key: distill[key] for key in ("alpha", "temperature", "k", "mode") if key in distill}
+    facts = {key: distill[key] for key in ("alpha", "temperature", "mode") if key in distill}
+    if distill.get("alpha") != 1 and distill.get("mode", "cached") == "cached":
+        facts["k"] = distill.get("k") or cached_k
+    return facts
 
 
 def pairs_folder(cfg: Config) -> tuple[Path | None, str]:

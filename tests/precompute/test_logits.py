@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -20,8 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from configs.cli import run as run_cli
-from precompute.logits import main, teacher_topk
-from storage.cache import VOLATILE_KEYS, open_cache
+from precompute.logits import main, teacher_topk, write_cache
+from storage.cache import VOLATILE_KEYS, encode_values, open_cache
 from storage.tokens import open_token_store
 from tests.precompute.tiny_teacher import cli_args, save_teacher, tiny_config, tiny_run
 
@@ -134,6 +135,41 @@ def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):
                                        rtol=2e-3, atol=1e-6)
     assert (run / "cache" / "config.yaml").is_file()
     assert open_cache(run / "cache" / "train.zarr").manifest["completed"]
+
+
+def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):
+    """The job's background writer must not disturb the forward: it calls no torch operator (one
+    running beside the CPU forward changes the kernels' last bits, and with them near-tied top-k
+    ids: resumed caches once differed that way), and every stored byte equals what the same
+    batches give with no other thread running."""
+    store = open_token_store(tiny_run(tmp_path, n_train=256, n_val=16) / "tokens" / "train.zarr")
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    torch_calls_in_writer = []
+
+    def watch(frame, event, function):
+        if event == "c_call" and threading.current_thread().name == "cache-writer":
+            owner = getattr(function, "__module__", None) or type(
+                getattr(function, "__self__", None)).__module__
+            if owner.startswith("torch") and function.__qualname__ != "Tensor.numpy":
+                torch_calls_in_writer.append(function.__qualname__)
+
+    threading.setprofile(watch)  # threads started from now on: the job's writer
+    try:
+        write_cache(model, store=store, cache_path=tmp_path / "cache.zarr", teacher={"name": "t"},
+                    k=8, temperatures=(1.0, 2.0), chunk_sequences=8, shard_chunks=1,
+                    batch_size=8, progress=False)
+    finally:
+        threading.setprofile(None)
+    assert torch_calls_in_writer == []
+    stored = open_cache(tmp_path / "cache.zarr").read(0, 256, decode=False)
+    rows = torch.from_numpy(store.read(0, 256).astype(np.int64))
+    with torch.inference_mode():
+        ids, logits, lse = (torch.cat(parts).numpy() for parts in zip(
+            *(teacher_topk(model, batch, k=8, temperatures=(1.0, 2.0)) for batch in rows.split(8))))
+    values, shifted_lse = encode_values(logits, lse, value_code="float16", temperatures=(1.0, 2.0))
+    np.testing.assert_array_equal(stored.ids, ids)
+    np.testing.assert_array_equal(stored.logits, values)
+    np.testing.assert_array_equal(stored.lse, shifted_lse)
 
 
 def cache_files(path: Path) -> dict[str, str]:

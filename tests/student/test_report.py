@@ -49,7 +49,7 @@ def fake_run(tmp_path_factory):
         folder = run / "students" / name
         new_gpt2(n_embd=32, seed=seed, **shape).save_pretrained(folder)
         (folder / "config.yaml").write_text(yaml.safe_dump(
-            {"distill": {"alpha": alpha, "temperature": 2.0, "k": 0}}))
+            {"distill": {"alpha": alpha, "temperature": 2.0, "k": 0}, "cache": {"k": 32}}))
         _metrics(folder, alpha=alpha)
     (run / "students" / "unfinished" / "checkpoint").mkdir(parents=True)  # still training
     pairs = run / "my_pairs"
@@ -95,6 +95,9 @@ def test_make_eval_writes_results_report_and_curves(fake_run):
     assert all((reports / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     report = (reports / "report.md").read_text()
     assert "| students/kd-a0.5 |" in report and "![curves_all.png](curves_all.png)" in report
+    settings = report.split("## Training settings")[1]  # k = 0 in a config means the cached k
+    assert "| students/kd-a0.5 | 0.5 | 2.0 | 32 |" in settings
+    assert "| students/ce | 1.0 | 2.0 | - |" in settings
     assert "perplexity" in done.stdout and "students/kd-a0.5" in done.stdout
     assert f"report: {reports / 'report.md'}" in done.stdout
 

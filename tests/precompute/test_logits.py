@@ -3,7 +3,6 @@ resumes to a byte-identical cache, two torchrun ranks write what one process wri
 inputs end with one line, exit code 2 and nothing overwritten."""
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -22,9 +21,10 @@ from transformers import AutoModelForCausalLM
 
 from configs.cli import run as run_cli
 from precompute.logits import main, teacher_topk, write_cache
-from storage.cache import VOLATILE_KEYS, encode_values, open_cache
+from storage.cache import encode_values, open_cache
 from storage.tokens import open_token_store
 from tests.precompute.tiny_teacher import cli_args, save_teacher, tiny_config, tiny_run
+from tests.reliability.world import cache_digest, differing
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -172,16 +172,6 @@ def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):
     np.testing.assert_array_equal(stored.lse, shifted_lse)
 
 
-def cache_files(path: Path) -> dict[str, str]:
-    """sha256 of every data file of a cache, plus its manifest without the volatile keys."""
-    files = {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-             for f in sorted(path.rglob("*")) if f.is_file() and f.parent.name != "locks"
-             and f != path / "zarr.json"}
-    manifest = json.loads((path / "zarr.json").read_text())["attributes"]["manifest"]
-    files["manifest"] = json.dumps({k: v for k, v in manifest.items() if k not in VOLATILE_KEYS})
-    return files
-
-
 def job(run, teacher, *extra):
     return [PYTHON, "-m", "precompute.logits", *cli_args(run, *uses(teacher, *extra))]
 
@@ -208,7 +198,8 @@ def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     problems = partial.verify()
     assert problems and all("not done" in line for line in problems)  # done shards are sound
     main(tiny_config(run, *uses(teacher, *SMALL_SHARDS)))
-    assert cache_files(run / "cache" / "train.zarr") == cache_files(reference / "cache" / "train.zarr")
+    assert differing(cache_digest(run / "cache" / "train.zarr"),
+                     cache_digest(reference / "cache" / "train.zarr")) == []
 
 
 @pytest.mark.slow
@@ -223,7 +214,8 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
         stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-2000:]
     assert "cached train" in stdout
-    assert cache_files(ranks / "cache" / "train.zarr") == cache_files(single / "cache" / "train.zarr")
+    assert differing(cache_digest(ranks / "cache" / "train.zarr"),
+                     cache_digest(single / "cache" / "train.zarr")) == []
     assert open_cache(ranks / "cache" / "train.zarr").manifest["completed"]
 
 

@@ -99,7 +99,7 @@ def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
                 k: int | None) -> dict[str, np.ndarray]:
     """Fields of `rows` (contiguous runs), read one run at a time, concatenated. Cache fields
     stay as stored (small integer ids, encoded values): a shuffle window of them takes a
-    quarter of its decoded size, and only the rows a batch uses get decoded (`_decoded`)."""
+    quarter of its decoded size, and `_assemble` decodes only the rows a batch uses."""
     parts = []
     for start, stop in _runs(rows):
         part = {"tokens": tokens.read(start, stop).astype(np.int64)}

@@ -1,6 +1,7 @@
 """The teacher-logits job: cached values equal the teacher's own, an interrupted job (SIGKILL)
-resumes to a byte-identical cache, two torchrun ranks write what one process writes, and bad
-inputs end with one line, exit code 2 and nothing overwritten."""
+resumes to the same cache (every file by bytes, lse within 1e-5 nats), two torchrun ranks write
+what one process writes, the writer thread leaves the forward bit-exact, and bad inputs end
+with one line, exit code 2 and nothing overwritten."""
 
 import contextlib
 import json

@@ -216,6 +216,13 @@ def _shard_file(path: Path, name: str, shard: int) -> Path:
     return file if name == "done" else file / "0" / "0"
 
 
+def _remove_temp_files(file: Path) -> None:
+    """Delete the temp files a killed zarr write of `file` left (`<name>.<uuid>.partial`, renamed
+    onto `file` when complete); only the caller, holding the shard's lock, can be writing them."""
+    for stale in file.parent.glob(f"{file.name}.*.partial"):
+        stale.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Shared geometry and reading.
 
@@ -484,16 +491,15 @@ class CacheWriter(_CacheBase):
                                            temperatures=self.temperatures)
         data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values, "lse": stored_lse}
         for name in DATA_ARRAYS:
-            # Leftovers of a crashed write go first: zarr merges into an existing shard file (and
-            # fails on a torn one), and leaves its temp files behind when killed.
             file = _shard_file(self.path, name, shard)
-            for stale in [file, *file.parent.glob("*.partial")]:
-                stale.unlink(missing_ok=True)
+            file.unlink(missing_ok=True)  # zarr merges into an existing file (and fails on a torn one)
+            _remove_temp_files(file)
             self._arrays[name][start:stop] = data[name]
             _fsync(file)
             _fsync(file.parent)
-        self._arrays["done"][shard] = True
         done_file = _shard_file(self.path, "done", shard)
+        _remove_temp_files(done_file)
+        self._arrays["done"][shard] = True
         _fsync(done_file)
         _fsync(done_file.parent)
 

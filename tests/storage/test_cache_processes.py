@@ -69,7 +69,8 @@ def test_resume_after_kill_mid_shard_is_byte_identical(tmp_path):
 
 
 def test_crash_leftovers_are_rewritten(tmp_path):
-    """Files of a shard written but never marked done (plus zarr's temp file) are replaced."""
+    """Files of a shard written but never marked done (plus zarr's temp files, the done mark's
+    too: a kill between writing and renaming it) are replaced."""
     store = token_store(tmp_path / "tokens.zarr")
     reference = new_writer(tmp_path / "reference.zarr", store)
     write_all(reference, teacher_outputs())
@@ -80,6 +81,8 @@ def test_crash_leftovers_are_rewritten(tmp_path):
         (cache / name / "c/1/0").mkdir(parents=True)
         (cache / name / "c/1/0/0").write_bytes(b"torn" * 10)
         (cache / name / "c/1/0/0.1f2e.partial").write_bytes(b"half")
+    (cache / "done/c").mkdir(parents=True, exist_ok=True)
+    (cache / "done/c/1.9a0b.partial").write_bytes(b"\x01")
     writer = new_writer(cache, store)
     write_all(writer, teacher_outputs())
     writer.finish()

@@ -9,7 +9,7 @@ cache.temperatures to `cache/<split>.zarr`, shard by shard.
   writes finished shards, so compute and I/O overlap.
 * Batches start at shard boundaries, so a shard's values do not depend on which shards ran
   before it: an interrupted job rerun resumes from the cache's done-map and ends byte-identical
-  to an uninterrupted run (CPU).
+  to an uninterrupted run (CPU; README, Reliability, says what is still open there).
 * Under `torchrun --nproc_per_node=N` each rank computes its own disjoint set of shards; every
   shard is also claimed through the cache's inter-process lock, so two jobs started on one cache
   share the work instead of corrupting it.

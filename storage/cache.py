@@ -168,8 +168,12 @@ def _differing_keys(wanted: dict, found: dict) -> list[str]:
 
 
 def _short(value) -> str:
+    """A value cut to 24 characters for a one-line message; a path keeps its end, where two
+    paths differ (a digest its start)."""
     text = json.dumps(value) if not isinstance(value, str) else value
-    return text if len(text) <= 24 else text[:21] + "..."
+    if len(text) <= 24:
+        return text
+    return "..." + text[-21:] if "/" in text else text[:21] + "..."
 
 
 def _read_manifest(path: Path) -> tuple[zarr.Group, dict]:
@@ -492,7 +496,8 @@ class CacheWriter(_CacheBase):
         data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values, "lse": stored_lse}
         for name in DATA_ARRAYS:
             file = _shard_file(self.path, name, shard)
-            file.unlink(missing_ok=True)  # zarr merges into an existing file (and fails on a torn one)
+            # zarr merges into an existing shard file (and fails on a torn one)
+            file.unlink(missing_ok=True)
             _remove_temp_files(file)
             self._arrays[name][start:stop] = data[name]
             _fsync(file)

@@ -14,3 +14,29 @@ def shared_data() -> Path:
     """The real public data folder; tests that need it fail loudly if it is absent."""
     assert SHARED_DATA.is_dir(), f"shared data not found at {SHARED_DATA} (set BABYLM_KD_SHARED_DATA)"
     return SHARED_DATA
+
+
+
+def pytest_sessionstart(session) -> None:
+    """Print one line on the CPU and thread settings the numerics run on (under -q too): what to
+    compare when floating-point results differ between machines. Un-ignore SIGINT: a pytest
+    started with `&` from a script ignores it, every child would inherit that, and the Ctrl-C
+    tests would see jobs that cannot be interrupted."""
+    import platform
+    import signal
+
+    import torch
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in
+             (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+             if line.startswith("model name")]
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(
+            f"cpu: {names[0] if names else platform.processor()} ({os.cpu_count()} logical), "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+            f"{torch.backends.cpu.get_cpu_capability()}")

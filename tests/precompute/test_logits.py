@@ -25,7 +25,7 @@ from precompute.logits import main, teacher_topk, write_cache
 from storage.cache import encode_values, open_cache
 from storage.tokens import open_token_store
 from tests.precompute.tiny_teacher import cli_args, save_teacher, tiny_config, tiny_run
-from tests.reliability.world import cache_digest, differing
+from tests.reliability.world import cache_differences
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -199,8 +199,8 @@ def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     problems = partial.verify()
     assert problems and all("not done" in line for line in problems)  # done shards are sound
     main(tiny_config(run, *uses(teacher, *SMALL_SHARDS)))
-    assert differing(cache_digest(run / "cache" / "train.zarr"),
-                     cache_digest(reference / "cache" / "train.zarr")) == []
+    assert cache_differences(run / "cache" / "train.zarr",
+                             reference / "cache" / "train.zarr") == []
 
 
 @pytest.mark.slow
@@ -215,8 +215,8 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
         stdout, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr[-2000:]
     assert "cached train" in stdout
-    assert differing(cache_digest(ranks / "cache" / "train.zarr"),
-                     cache_digest(single / "cache" / "train.zarr")) == []
+    assert cache_differences(ranks / "cache" / "train.zarr",
+                             single / "cache" / "train.zarr") == []
     assert open_cache(ranks / "cache" / "train.zarr").manifest["completed"]
 
 

@@ -1,8 +1,8 @@
 """A full disk: the cache is written into a size-limited tmpfs mounted on <run>/cache that fills
 up mid-job. The job must end with one clear error line and exit code 2, leave every shard it
 marked done sound, and, once space is freed (the tmpfs is grown in place), the rerun completes
-to a cache byte-identical to a clean run's. The mount is always removed in the fixture's
-teardown, after every process the test started has been reaped."""
+to a cache equal to a clean run's (world.cache_digest). The mount is always removed in the
+fixture's teardown, after every process the test started has been reaped."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from storage.cache import cache_bytes
 from tests.reliability.enospc import disk_full_after
 from tests.reliability.test_kill_resume import assert_done_shards_sound
-from tests.reliability.world import PYTHON, cache_digest, cli, differing, message_lines
+from tests.reliability.world import PYTHON, cli, message_lines
 
 
 def mount(*args: str) -> subprocess.CompletedProcess:
@@ -64,7 +64,7 @@ def test_full_disk_is_one_line_and_resumable(world, small_disk):
     assert mount("-o", "remount,size=64m", str(run / "cache")).returncode == 0  # free space
     rerun = cli(command)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []
+    assert world.differences(cache) == []
 
 
 ENOSPC_AFTER_60_FILES = """
@@ -89,8 +89,7 @@ def test_injected_enospc_where_mounting_is_refused(world, tmp_path, can_mount):
     assert len(errors) == 1 and errors[0].startswith("error: disk full while writing"), errors
     assert 0 < assert_done_shards_sound(run / "cache" / "train.zarr") < 64
     assert cli(command).returncode == 0
-    assert differing(cache_digest(run / "cache" / "train.zarr"),
-                     cache_digest(world.clean_cache)) == []
+    assert world.differences(run / "cache" / "train.zarr") == []
 
 
 def test_failed_job_releases_its_shard_locks(world, tmp_path):

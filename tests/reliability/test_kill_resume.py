@@ -1,6 +1,6 @@
 """Crash and resume with real processes: the teacher-logits job SIGKILLed at seeded random
-moments and rerun ends equal to an uninterrupted run (world.cache_digest: every file by bytes,
-lse within 1e-5 nats); Ctrl-C stops it cleanly."""
+moments and rerun ends equal to an uninterrupted run (world.cache_digest: every file by bytes
+but lse, within 1e-5 nats, and top-k ids at the teacher's near ties); Ctrl-C stops it cleanly."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from storage.cache import open_cache
-from tests.reliability.world import (cache_digest, differing, message_lines, started,
-                                     torn_leftovers)
+from tests.reliability.world import message_lines, started, torn_leftovers
 
 SEED = 20240611
 
@@ -68,7 +67,6 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_ki
     "chain": its cache is compared with the clean one and deleted, and the next run starts
     from nothing, so the number of kills does not depend on the machine's speed."""
     rng = random.Random(SEED)
-    clean = cache_digest(world.clean_cache)
     run = world.new_run(tmp_path / "run")
     cache = run / "cache" / "train.zarr"
     command = world.command("precompute.logits", run)
@@ -88,13 +86,15 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_ki
             continue
         assert returncode == 0, (tmp_path / f"stderr-{kills}-{chains}").read_text()[-2000:]
         chains += 1
-        assert differing(cache_digest(cache), clean) == []
+        assert world.differences(cache) == []
         if not killing:
             break
         shutil.rmtree(run / "cache")  # the job won the race: start another chain
     with capsys.disabled():
         print(f"\n[chaos] {kills} SIGKILLs survived, {torn} inside a shard write, {chains} "
-              f"caches rebuilt equal to the clean one; done shards at each kill: {resumed_from}")
+              f"caches rebuilt equal to the clean one ({int(world.near_ties.sum())} of "
+              f"{world.near_ties.size} positions near-tied); done shards at each kill: "
+              f"{resumed_from}")
     assert kills >= chaos_kills
     assert torn >= 1, "no kill landed inside a shard write"
 
@@ -118,7 +118,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(world, tmp_path):
         if returncode == 130:
             break
         assert returncode == 0
-        assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []
+        assert world.differences(cache) == []
     assert returncode == 130, "the job finished before every interrupt"
     stderr = stderr_file.read_text()
     assert "Traceback" not in stderr
@@ -132,7 +132,7 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_completes(world, tmp_path):
     with started(command, stderr_file=tmp_path / "stderr-rerun") as process:
         assert process.wait(timeout=300) == 0
         assert "cached train" in process.stdout.read()
-    assert differing(cache_digest(cache), cache_digest(world.clean_cache)) == []
+    assert world.differences(cache) == []
 
 
 # ------------------------------------------------------------------------------ student training

@@ -168,12 +168,12 @@ def _differing_keys(wanted: dict, found: dict) -> list[str]:
 
 
 def _short(value) -> str:
-    """A value cut to 24 characters for a one-line message; a path keeps its end, where two
-    paths differ (a digest its start)."""
+    """A value cut short for a one-line message: a path to its last two parts (where two paths
+    to teachers differ), anything else to its first 21 characters."""
     text = json.dumps(value) if not isinstance(value, str) else value
     if len(text) <= 24:
         return text
-    return "..." + text[-21:] if "/" in text else text[:21] + "..."
+    return ".../" + "/".join(Path(text).parts[-2:]) if "/" in text else text[:21] + "..."
 
 
 def _read_manifest(path: Path) -> tuple[zarr.Group, dict]:

@@ -64,6 +64,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import zarr
 
+from storage.chunks import ChunkError, RowReader
 from storage.errors import CorruptData, ManifestMismatch, StorageError, StoreNotFound
 from storage.tokens import TokenStore, token_dtype
 from storage.zarr_codecs import checked_compressors
@@ -563,6 +564,10 @@ class LogitCache(_CacheBase):
     def __init__(self, *, path: Path, manifest: dict, group: zarr.Group):
         self.path, self.manifest, self.group = path, manifest, group
         self._arrays = {name: group[name] for name in DATA_ARRAYS}
+        try:
+            self._rows = {name: RowReader(path / name) for name in DATA_ARRAYS}
+        except (ChunkError, OSError, KeyError, ValueError) as exc:
+            raise CorruptData(f"logit cache {path}: array metadata unreadable ({exc})") from None
         self.done = self.done_shards()
         """Shards done when the cache was opened."""
 
@@ -587,16 +592,16 @@ class LogitCache(_CacheBase):
         for shard in shards:
             self._check_present(shard)
         try:
-            ids = self._arrays["ids"][start:stop, :, :k]
-            values = self._arrays["logits"][start:stop, :, :k]
-            lse = self._arrays["lse"][start:stop]
-        except Exception:  # locate the damage (zarr raises various types for bad bytes)
+            ids, values, lse = (self._rows[name].read(start, stop) for name in DATA_ARRAYS)
+        except Exception:  # locate the damage and say it as `verify` does
             for shard in shards:
                 for name in DATA_ARRAYS:
                     problem = self._read_problem(shard, name)
                     if problem:
                         raise CorruptData(f"logit cache {self.path}: {problem}") from None
             raise
+        if k < self.k:  # a copy: a view would keep every row's full k alive
+            ids, values = (np.ascontiguousarray(a[..., :k]) for a in (ids, values))
         block = TeacherBlock(ids=ids, logits=values, lse=lse)
         return self.decode(block) if decode else block
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from storage.chunks import ChunkError, RowReader
 from storage.errors import CorruptData, StoreNotFound
 from storage.zarr_codecs import checked_compressors
 
@@ -43,6 +44,8 @@ class TokenStore:
     path: Path
     manifest: dict
     array: zarr.Array
+    rows: RowReader
+    """Reads rows from the chunk files directly (see storage.chunks)."""
 
     @property
     def n_sequences(self) -> int:
@@ -74,9 +77,10 @@ class TokenStore:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop) as stored (uint16/uint32); one contiguous read."""
         try:
-            return self.array[start:stop]
-        except ValueError as exc:
-            raise CorruptData(f"token store {self.path}: rows {start}-{stop}: {exc}") from None
+            return self.rows.read(start, stop)
+        except ChunkError as exc:
+            raise CorruptData(f"token store {self.path}: rows {start}-{stop}: file "
+                              f"{exc.file.relative_to(self.path)} {exc.problem}") from None
 
 
 def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict,
@@ -130,8 +134,9 @@ def open_token_store(path: Path | str) -> TokenStore:
         group = zarr.open_group(path, mode="r")
         manifest = dict(group.attrs["manifest"])
         array = group["tokens"]
+        rows = RowReader(path / "tokens")
     except (KeyError, ValueError, OSError) as exc:
         raise CorruptData(f"token store {path} is unreadable: {exc}") from None
     if manifest.get("format") != KIND:
         raise CorruptData(f"{path} is not a token store (format {manifest.get('format')!r})")
-    return TokenStore(path=path, manifest=manifest, array=array)
+    return TokenStore(path=path, manifest=manifest, array=array, rows=rows)

@@ -1,0 +1,127 @@
+"""Row reads of this project's Zarr arrays straight from their chunk files.
+
+zarr-python sends every read through an asyncio event loop in a thread of its own: about a
+millisecond of Python per call, several times what decompressing a cache chunk costs, spent
+holding the GIL that the training step needs too (bench/student.py measures the trainer with
+both). Every array this project writes has one layout: chunks encoded by bytes (little-endian),
+Blosc and CRC-32C (storage.zarr_codecs), and for the logit cache those chunks packed into shard
+files (Zarr's sharding codec) whose index, at the file's end, carries a CRC-32C of its own. So a
+read here is: the chunk's byte range, its checksum, Blosc. Writing and `verify` stay with zarr,
+and any layout other than that one is refused when the array is opened.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import google_crc32c
+import numpy as np
+from numcodecs import blosc
+
+_EMPTY = 2**64 - 1
+"""Offset and length of a chunk the sharding index says was never written (all fill value)."""
+
+
+class ChunkError(ValueError):
+    """A chunk or shard index file that is missing, cut short, or fails its checksum."""
+
+    def __init__(self, file: Path, problem: str):
+        super().__init__(f"{file} {problem}")
+        self.file, self.problem = file, problem
+
+
+class RowReader:
+    """Rows [start, stop) along the first axis of one Zarr v3 array, whole along the others."""
+
+    def __init__(self, array_path: Path | str):
+        self.path = Path(array_path)
+        meta = json.loads((self.path / "zarr.json").read_text())
+        self.shape = tuple(meta["shape"])
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.fill_value = meta["fill_value"]
+        outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+        codecs = meta["codecs"]
+        if codecs[0]["name"] == "sharding_indexed":
+            sharding = codecs[0]["configuration"]
+            _check_codecs(sharding["codecs"], ["bytes", "blosc", "crc32c"], self.path)
+            _check_codecs(sharding["index_codecs"], ["bytes", "crc32c"], self.path)
+            if sharding.get("index_location", "end") != "end":
+                raise ChunkError(self.path, "has its shard index at the start of its files")
+            self.chunk_shape = tuple(sharding["chunk_shape"])
+            if outer[1:] != self.shape[1:] or self.chunk_shape[1:] != self.shape[1:]:
+                raise ChunkError(self.path, "has chunks that split more than the first axis")
+            self.per_shard = outer[0] // self.chunk_shape[0]
+        else:
+            _check_codecs(codecs, ["bytes", "blosc", "crc32c"], self.path)
+            self.chunk_shape, self.per_shard = outer, 0
+            if outer[1:] != self.shape[1:]:
+                raise ChunkError(self.path, "has chunks that split more than the first axis")
+        self._indexes: dict[int, np.ndarray] = {}
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        rows = self.chunk_shape[0]
+        out = np.empty((stop - start, *self.shape[1:]), self.dtype)
+        for chunk in range(start // rows, (stop - 1) // rows + 1):
+            first = chunk * rows
+            lo, hi = max(start, first), min(stop, first + rows)
+            out[lo - start:hi - start] = self._chunk(chunk)[lo - first:hi - first]
+        return out
+
+    def _chunk(self, chunk: int) -> np.ndarray:
+        if not self.per_shard:
+            file = self.path.joinpath("c", str(chunk), *["0"] * (len(self.shape) - 1))
+            return self._decode(_read_bytes(file), file)
+        shard, inner = divmod(chunk, self.per_shard)
+        file = self.path.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
+        offset, length = (int(v) for v in self._index(shard, file)[inner])
+        if offset == _EMPTY:
+            return np.full(self.chunk_shape, self.fill_value, self.dtype)
+        return self._decode(_read_bytes(file, offset, length), file)
+
+    def _index(self, shard: int, file: Path) -> np.ndarray:
+        """(chunks per shard, 2) uint64 offsets and lengths; read once per shard (a reader
+        opens caches whose shards are done: their files no longer change)."""
+        if shard not in self._indexes:
+            size = 16 * self.per_shard + 4
+            try:
+                file_size = file.stat().st_size
+            except FileNotFoundError:
+                raise ChunkError(file, "is missing") from None
+            if file_size < size:
+                raise ChunkError(file, "is corrupt or truncated (shorter than its index)")
+            entries = _checked(_read_bytes(file, file_size - size, size), file)
+            self._indexes[shard] = np.frombuffer(entries, "<u8").reshape(self.per_shard, 2)
+        return self._indexes[shard]
+
+    def _decode(self, data: bytes, file: Path) -> np.ndarray:
+        raw = blosc.decompress(_checked(data, file))
+        return np.frombuffer(raw, self.dtype).reshape(self.chunk_shape)
+
+
+def _check_codecs(codecs: list[dict], names: list[str], path: Path) -> None:
+    found = [codec["name"] for codec in codecs]
+    endian = codecs[0].get("configuration", {}).get("endian", "little") if codecs else None
+    if found != names or endian != "little":
+        raise ChunkError(path, f"has codecs {found}, not the {names} this project writes")
+
+
+def _read_bytes(file: Path, offset: int = 0, length: int = -1) -> bytes:
+    try:
+        with open(file, "rb") as stream:
+            stream.seek(offset)
+            data = stream.read(length)
+    except FileNotFoundError:
+        raise ChunkError(file, "is missing") from None
+    if length >= 0 and len(data) != length:
+        raise ChunkError(file, f"is corrupt or truncated ({len(data)} of {length} bytes at "
+                               f"{offset})")
+    return data
+
+
+def _checked(data: bytes, file: Path) -> bytes:
+    """`data` without its trailing CRC-32C, which must match."""
+    body, stored = data[:-4], int.from_bytes(data[-4:], "little")
+    if len(data) < 4 or google_crc32c.value(body) != stored:
+        raise ChunkError(file, "is corrupt or truncated (checksum mismatch)")
+    return body

@@ -108,7 +108,10 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
     barrier()
     writer = writer or create()
     name = Path(store.path).stem
-    started = time.perf_counter()
+    if pending := writer.pending_shards(rank=rank, world_size=world_size):
+        _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
+                 temperatures=temperatures, device=torch.device(device))
+    started = time.perf_counter()  # after the warm-up, as after loading the model
     computed = _run_shards(model, store=store, writer=writer, rank=rank, world_size=world_size,
                            k=k, temperatures=temperatures, batch_size=batch_size,
                            device=torch.device(device),
@@ -182,6 +185,19 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
     if failure:
         raise failure[0]
     return computed
+
+
+def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, temperatures,
+             device: torch.device) -> None:
+    """One forward of a shard's first batch, thrown away. The only cache differences between
+    runs seen since the writer thread went numpy-only came from a process's first batch (a last
+    bit of lse in one row; a near-tied top-k id), as if a kernel's first call in a process (or
+    in a thread of its pool) could round differently; after this, every stored batch is a
+    later call. Costs one batch per job."""
+    start, stop = writer.shard_rows(shard)
+    rows = torch.from_numpy(store.read(start, min(stop, start + batch_size)).astype(np.int64))
+    with torch.inference_mode():
+        teacher_topk(model, rows.to(device), k=k, temperatures=temperatures)
 
 
 def _claimed(writer, *, rank: int, world_size: int):

@@ -143,7 +143,7 @@ def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):
     """The job's background writer must not disturb the forward: it calls no torch operator (one
     running beside the CPU forward changes the kernels' last bits, and with them near-tied top-k
     ids: resumed caches once differed that way), and every stored byte equals what the same
-    batches give with no other thread running."""
+    batches give with no other thread running. The job warms up with a thrown-away forward."""
     store = open_token_store(tiny_run(tmp_path, n_train=256, n_val=16) / "tokens" / "train.zarr")
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     torch_calls_in_writer = []
@@ -155,6 +155,9 @@ def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):
             if owner.startswith("torch") and function.__qualname__ != "Tensor.numpy":
                 torch_calls_in_writer.append(function.__qualname__)
 
+    forwards = []
+    model.register_forward_hook(lambda module, args, kwargs, output: forwards.append(
+        kwargs["input_ids"][:, 0].tolist()), with_kwargs=True)
     threading.setprofile(watch)  # threads started from now on: the job's writer
     try:
         write_cache(model, store=store, cache_path=tmp_path / "cache.zarr", teacher={"name": "t"},
@@ -163,6 +166,9 @@ def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):
     finally:
         threading.setprofile(None)
     assert torch_calls_in_writer == []
+    first_batch = store.read(0, 8)[:, 0].tolist()
+    assert len(forwards) == 256 // 8 + 1 and forwards[0] == forwards[1] == first_batch, \
+        "the first batch is computed twice: a thrown-away warm-up, then the stored one"
     stored = open_cache(tmp_path / "cache.zarr").read(0, 256, decode=False)
     rows = torch.from_numpy(store.read(0, 256).astype(np.int64))
     with torch.inference_mode():

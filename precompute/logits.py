@@ -189,11 +189,11 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
 
 def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, temperatures,
              device: torch.device) -> None:
-    """One forward of a shard's first batch, thrown away. The only cache differences between
-    runs seen since the writer thread went numpy-only came from a process's first batch (a last
-    bit of lse in one row; a near-tied top-k id), as if a kernel's first call in a process (or
-    in a thread of its pool) could round differently; after this, every stored batch is a
-    later call. Costs one batch per job."""
+    """One forward of a shard's first batch, thrown away. Of the two cache differences between
+    runs seen since the writer thread went numpy-only, one (a last bit of lse in one row) was in
+    a process's first batch and the other (a near-tied top-k id) most likely was, as if a
+    kernel's first call in a process could round differently; after this, every stored batch
+    is a later call. Costs one batch per job."""
     start, stop = writer.shard_rows(shard)
     rows = torch.from_numpy(store.read(start, min(stop, start + batch_size)).astype(np.int64))
     with torch.inference_mode():

@@ -69,11 +69,10 @@ class RowReader:
         return out
 
     def _chunk(self, chunk: int) -> np.ndarray:
-        if not self.per_shard:
-            file = self.path.joinpath("c", str(chunk), *["0"] * (len(self.shape) - 1))
-            return self._decode(_read_bytes(file), file)
-        shard, inner = divmod(chunk, self.per_shard)
+        shard, inner = divmod(chunk, self.per_shard) if self.per_shard else (chunk, None)
         file = self.path.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
+        if inner is None:  # unsharded: the file is the chunk
+            return self._decode(_read_bytes(file), file)
         offset, length = (int(v) for v in self._index(shard, file)[inner])
         if offset == _EMPTY:
             return np.full(self.chunk_shape, self.fill_value, self.dtype)

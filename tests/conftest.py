@@ -16,7 +16,6 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-
 def pytest_sessionstart(session) -> None:
     """Print one line on the CPU and thread settings the numerics run on (under -q too): what to
     compare when floating-point results differ between machines. Un-ignore SIGINT: a pytest

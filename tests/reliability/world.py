@@ -213,11 +213,13 @@ def _value_digests(cache: Path, digest: dict, near_ties: np.ndarray | None) -> d
         return {}
     opened = open_cache(cache, allow_incomplete=True)
     values = {}
-    for name in names:
-        start, stop = opened.shard_rows(int(name.split("/")[2]))
+    for shard in sorted({int(name.split("/")[2]) for name in names}):  # each shard read once
+        start, stop = opened.shard_rows(shard)
         block = opened.read(start, stop)
-        values[name] = LseValues(block.lse) if name.startswith("lse/") else \
-            IdsValues(block.ids, near_ties[start:stop])
+        for name in names:
+            if int(name.split("/")[2]) == shard:
+                values[name] = LseValues(block.lse) if name.startswith("lse/") else \
+                    IdsValues(block.ids, near_ties[start:stop])
     return values
 
 

@@ -12,7 +12,8 @@ same order streams tokens only (the CE baseline sees the rows the distilled stud
 Reads are always contiguous runs of rows (a block, or less at a slice edge): random
 single-sequence reads are 5-20x slower. A background thread reads blocks, keeps them encoded as
 stored, and decodes and assembles whole batches ahead of the consumer into a bounded queue: the
-training step only wraps ready arrays. It stops when the consumer stops.
+training step only wraps ready arrays (or, with prefetch=0, the consumer's thread reads each
+batch when it asks for it). It stops when the consumer stops.
 """
 
 from __future__ import annotations
@@ -120,7 +121,8 @@ def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch
     shuffle=False gives rows in order (validation). k limits the teacher entries read.
     skip_shards: cache shards whose rows are left out. The same arguments always give the same
     batches; `block_rows` must stay the same for a resumed run and its CE baseline. A background
-    thread reads, decodes and assembles up to `prefetch` batches ahead of the consumer.
+    thread reads, decodes and assembles up to `prefetch` batches ahead of the consumer; with
+    prefetch=0 each batch is read when the consumer asks for it, in its thread.
     """
     if cache is not None and (cache.n_sequences, cache.seq_len) != (tokens.n_sequences,
                                                                     tokens.seq_len):
@@ -136,11 +138,14 @@ def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch
     first = start_batch * batch_size
     if first >= len(order):
         return
-    yield from _in_background(
-        _assemble(stream, order, first=first, batch_size=batch_size,
-                  window=shuffle_buffer if shuffle else 1, block_rows=block_rows,
-                  tokens=tokens, cache=cache, k=k),
-        depth=max(1, prefetch))
+    batches = _assemble(stream, order, first=first, batch_size=batch_size,
+                        window=shuffle_buffer if shuffle else 1, block_rows=block_rows,
+                        tokens=tokens, cache=cache, k=k)
+    if prefetch > 0:
+        yield from _in_background(batches, depth=prefetch)
+    else:
+        with contextlib.closing(batches):
+            yield from batches
 
 
 def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: int,

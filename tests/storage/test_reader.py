@@ -80,6 +80,22 @@ def test_unshuffled_is_in_order_and_skip_shards(stores):
                                               skip_shards={1, 3})
 
 
+def test_reading_in_the_consumers_thread_gives_the_same_batches(stores):
+    tokens, cache = stores
+    options = dict(tokens=tokens, cache=cache, batch_size=4, seed=5, epoch=2, start_batch=3,
+                   shuffle_buffer=8, block_rows=4)
+    ahead = list(stream_batches(**options, prefetch=4))
+    before = threading.active_count()
+    inline = []
+    for batch in stream_batches(**options, prefetch=0):
+        assert threading.active_count() == before  # no reader thread
+        inline.append(batch)
+    assert len(inline) == len(ahead) > 0
+    for a, b in zip(inline, ahead):
+        for field in ("indices", "tokens", "ids", "logits", "lse"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+
+
 def test_no_thread_left_when_consumer_stops_early(stores):
     tokens, cache = stores
     list(stream_batches(tokens=tokens, cache=cache, batch_size=4, seed=0, epoch=0))  # warm zarr

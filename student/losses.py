@@ -33,6 +33,11 @@ TAIL_FLOOR = 1e-6
 """Smallest tail mass taken at face value. A tail is 1 minus a float32 sum of head probabilities,
 so below ~1e-6 it is rounding noise; smaller student tails are clamped (no gradient through the
 clamp), which also keeps k = V exact: both tails are then ~0 and contribute nothing."""
+SQUARE_ROOT_TEMPERATURES = {1.0: 0, 2.0: 1, 4.0: 2}
+"""Temperatures T = 2**n whose tempered exponentials the fused loss takes as n square roots of
+the plain ones, exp(y / T) = exp(y) ** (1 / 2**n): a square root costs a fraction of an exp, and
+on a small student the loss's exps are a visible part of the step (bench.student). Other
+temperatures take an exp of y / T."""
 CHUNK_ELEMENTS = 1 << 17
 """Logits processed together by the fused loss: small enough to stay in the CPU's cache."""
 
@@ -121,9 +126,13 @@ class _FusedCEKL(torch.autograd.Function):
                 lse1[rows] = torch.exp(shifted, out=exps).sum(-1).log_() + row_max.squeeze(-1)
                 label_logit[rows] = x.gather(-1, targets[rows]).squeeze(-1)
                 if distil:
-                    # in place on the cache-hot shifted logits: re-reading x costs more than exp
-                    lse_t[rows] = (shifted.mul_(1 / temperature).exp_().sum(-1).log_()
-                                   + row_max.squeeze(-1) / temperature)
+                    # in place on the cache-hot buffers: re-reading x costs more than an exp
+                    roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
+                    if roots is None:
+                        tempered = shifted.mul_(1 / temperature).exp_()
+                    else:
+                        tempered = _square_roots(exps, roots)
+                    lse_t[rows] = tempered.sum(-1).log_() + row_max.squeeze(-1) / temperature
                     head_logits[rows] = x.gather(-1, head_ids[rows])
             valid = labels != IGNORE_INDEX
             ce = torch.where(valid, lse1 - label_logit, 0.0)
@@ -153,34 +162,54 @@ class _FusedCEKL(torch.autograd.Function):
         if teacher:
             head_ids, p, p_tail, lse_t, q, q_tail, tail_free = teacher
             temperature = ctx.temperature
+            roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
             grad_kl = torch.where(valid, grad_kl, 0.0) / temperature
             # d KL / d s_j = (1/T) q_j c for tail tokens and (1/T) (q_j h - p_j) for head tokens,
             # with c = (q_tail - p_tail) / q_tail and h = 1 while the student tail is above the
             # floor, c = h = 1 - p_tail when it is clamped. Head and tail are written separately
             # so that no large terms cancel when the tails are tiny.
-            tail_coef = (torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail)
-                         * grad_kl).unsqueeze(-1)
+            tail_coef = torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail) * grad_kl
             head_coef = torch.where(tail_free, 1.0, 1 - p_tail).unsqueeze(-1)
             head_grad = (q * head_coef - p) * grad_kl.unsqueeze(-1)
-            shift_t = (lse_t * temperature).unsqueeze(-1)
+            if roots is None:
+                minus_lse_t = -lse_t.unsqueeze(-1)
+            else:  # q_j = softmax(s)_j ** (1/T) * exp(lse_1 / T - lse_T)
+                tail_coef = tail_coef * torch.exp(lse1 / temperature - lse_t)
+            tail_coef = tail_coef.unsqueeze(-1)
+            no_mass = head_grad.new_zeros(head_grad.shape)  # scatter_ of a tensor: 3x a scalar
         # softmax(s) * g_ce computed as exp(s - lse + log g_ce), one pass fewer; a loss's
-        # backward has g_ce >= 0, anything else takes the multiply.
-        fold = bool((grad_ce >= 0).all())
+        # backward has g_ce >= 0, anything else takes the multiply. With a teacher, g_ce is
+        # applied in the pass that adds the tail, and the plain softmax(s) gives the tempered one.
+        fold = not teacher and bool((grad_ce >= 0).all())
         shift1 = (lse1 - grad_ce.log() if fold else lse1).unsqueeze(-1)
         grad = torch.empty_like(logits)
         with torch.no_grad():
             for rows, x, (scratch,) in _row_chunks(logits):
                 g = grad[rows]
                 torch.sub(x, shift1[rows], out=g).exp_()
-                if not fold:
-                    g.mul_(grad_ce[rows].unsqueeze(-1))
                 if teacher:
-                    torch.sub(x, shift_t[rows], out=scratch).mul_(1 / temperature).exp_()
-                    scratch.scatter_(-1, head_ids[rows], 0.0)
-                    g.addcmul_(scratch, tail_coef[rows])
+                    if roots is None:
+                        tempered = torch.add(minus_lse_t[rows], x, alpha=1 / temperature,
+                                             out=scratch).exp_()
+                    else:
+                        tempered = _square_roots(g, roots, out=scratch)
+                    tail = torch.mul(tempered, tail_coef[rows], out=scratch)
+                    tail.scatter_(-1, head_ids[rows], no_mass[rows])
+                    torch.addcmul(tail, g, grad_ce[rows].unsqueeze(-1), out=g)
                     g.scatter_add_(-1, head_ids[rows], head_grad[rows])
+                elif not fold:
+                    g.mul_(grad_ce[rows].unsqueeze(-1))
                 g.scatter_add_(-1, targets[rows], -grad_ce[rows].unsqueeze(-1))
         return grad, None, None, None, None, None
+
+
+def _square_roots(x: torch.Tensor, roots: int, *, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """x ** (1 / 2**roots) by `roots` square roots, into `out` (default: in place; x itself
+    for 0 roots)."""
+    for _ in range(roots):
+        x = torch.sqrt(x, out=x if out is None else out)
+    return x
 
 
 def _row_chunks(logits: torch.Tensor, scratches: int = 1):

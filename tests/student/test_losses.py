@@ -51,10 +51,13 @@ def test_identical_teacher_and_student_give_zero_kl(batch):
     assert full_kl(teacher, teacher, temperature=2.0).abs().max() < 1e-6
 
 
-@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 3.0, 4.0])
 def test_k_equal_vocabulary_is_full_vocabulary_kd(batch, temperature):
+    """1, 2 and 4 take the tempered exponentials as square roots (SQUARE_ROOT_TEMPERATURES),
+    3 as exps."""
     student, teacher, labels = batch
-    _, kl = cached(student, teacher, labels, k=V, temperature=temperature)
+    _, kl = cached(student, teacher, labels, k=V, temperature=temperature,
+                   temperatures=(1.0, 2.0, 3.0, 4.0))
     reference = F.kl_div(F.log_softmax(student / temperature, -1),
                          F.log_softmax(teacher / temperature, -1), log_target=True,
                          reduction="none").sum(-1)
@@ -106,14 +109,14 @@ def test_ignored_positions_count_nowhere(batch):
     assert (student.grad[ignored] == 0).all() and student.grad[~ignored].abs().sum() > 0
 
 
-@pytest.mark.parametrize("temperature,k", [(2.0, 4), (1.0, 4), (0.5, 4), (2.0, 12)])
+@pytest.mark.parametrize("temperature,k", [(2.0, 4), (1.0, 4), (0.5, 4), (4.0, 4), (2.0, 12)])
 def test_gradient_matches_finite_differences(temperature, k):
     torch.manual_seed(1)
     vocab = 12
     student = (torch.randn(1, 3, vocab, dtype=torch.float64) * 2).requires_grad_()
     teacher = torch.randn(1, 3, vocab, dtype=torch.float64) * 2
     labels = torch.tensor([[3, IGNORE_INDEX, 7]])
-    temps = (1.0, 0.5, 2.0)
+    temps = (1.0, 0.5, 2.0, 4.0)
     ids, z, lse = cache_of(teacher, k, temps)
     log_p, p_tail = teacher_buckets(z, lse, temperature=temperature, temperatures=temps,
                                     vocab_size=vocab)

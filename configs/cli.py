@@ -2,13 +2,16 @@
 
 `run(main, description)` parses that, loads the config and calls `main(config)`. A `UserError`
 (bad config, missing file, mismatched cache, ...) or a full disk ends with one line on stderr and
-exit code 2; Ctrl-C ends with exit code 130 after `main` has kept what was complete.
+exit code 2; Ctrl-C ends with exit code 130 after `main` has kept what was complete. Before
+anything is computed, the CPU's matrix library is asked for reproducible rounding (see
+`reproducible_cpu_math`).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -35,10 +38,22 @@ def parse(description: str, argv: list[str] | None = None,
 def run(main: Callable[..., object], description: str, argv: list[str] | None = None,
         extra: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
     """Entry point of a `python -m` module: parse, run, and turn user errors into exit code 2."""
+    reproducible_cpu_math()
+
     def body():
         config, args = parse(description, argv, extra)
         return main(config, args) if extra else main(config)
     exit_on_user_error(body)
+
+
+def reproducible_cpu_math() -> None:
+    """Ask MKL, torch's CPU BLAS, for strict conditional numerical reproducibility, unless the
+    user set MKL_CBWR: without it a matmul may round differently with its operands' memory
+    alignment or the threads MKL picks, so a resumed or two-rank logits job (or a resumed student)
+    could differ in last bits from an uninterrupted one. MKL reads the setting at its first call,
+    so this must run before any computation. On this project's CPU it changed neither a bit nor
+    the speed of a 4096 x 384 x 16000 matmul (200 ms either way); on a GPU it does nothing."""
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 
 def exit_on_user_error(body: Callable[[], object]) -> None:
@@ -60,4 +75,4 @@ def exit_on_user_error(body: Callable[[], object]) -> None:
         sys.exit(130)
 
 
-__all__ = ["Config", "parse", "run", "exit_on_user_error"]
+__all__ = ["Config", "parse", "run", "exit_on_user_error", "reproducible_cpu_math"]

@@ -20,12 +20,16 @@ def pytest_sessionstart(session) -> None:
     """Print one line on the CPU and thread settings the numerics run on (under -q too): what to
     compare when floating-point results differ between machines. Un-ignore SIGINT: a pytest
     started with `&` from a script ignores it, every child would inherit that, and the Ctrl-C
-    tests would see jobs that cannot be interrupted."""
+    tests would see jobs that cannot be interrupted. The in-process numerics get the same MKL
+    rounding mode as the jobs the tests start (configs.cli.reproducible_cpu_math)."""
     import platform
     import signal
 
     import torch
 
+    from configs.cli import reproducible_cpu_math
+
+    reproducible_cpu_math()
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -38,4 +42,4 @@ def pytest_sessionstart(session) -> None:
         reporter.write_line(
             f"cpu: {names[0] if names else platform.processor()} ({os.cpu_count()} logical), "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{torch.backends.cpu.get_cpu_capability()}")
+            f"{torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ['MKL_CBWR']}")

@@ -38,6 +38,7 @@ from pathlib import Path
 from bench import cache, evaluate, student, teacher_job
 from bench.tables import markdown_table
 from configs import CONFIG_DIR, UserError, load_config
+from configs.cli import reproducible_cpu_math
 
 BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student, "evaluate": evaluate}
 REPO = Path(__file__).resolve().parents[1]
@@ -49,6 +50,7 @@ READ_K, JOB_K = 32, 64  # the k of the cache's read table and of the teacher job
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    reproducible_cpu_math()  # as the CLI runs; the benchmarks' processes inherit it
     only = [name for name in args.only.split(",") if name] if args.only else list(BENCHES)
     unknown = set(only) - set(BENCHES)
     if unknown:
@@ -164,6 +166,7 @@ def machine_facts() -> dict:
             "memory": _meminfo_gib(),
             "python": platform.python_version(),
             "torch": f"{torch.__version__} ({torch.get_num_threads()} threads by default)",
+            "MKL_CBWR": os.environ.get("MKL_CBWR", "unset (MKL's default)"),
             "commit": _git_commit(),
             "load average": _load_average()}
 

@@ -1,6 +1,6 @@
 """Two teacher-logits jobs started at once on the same run share the cache: both finish, every
-shard is computed exactly once, and the cache equals a single clean run's (tests/reliability/
-world.py cache_digest: every file by bytes but lse and near-tied ids, compared by value)."""
+shard is computed exactly once, and the cache equals a single clean run's byte for byte
+(tests/reliability/world.py cache_digest)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Crash and resume with real processes: the teacher-logits job SIGKILLed at seeded random
-moments and rerun ends equal to an uninterrupted run (world.cache_digest: every file by bytes
-but lse, within 1e-5 nats, and top-k ids at the teacher's near ties); Ctrl-C stops it cleanly."""
+moments and rerun ends equal to an uninterrupted run byte for byte (world.cache_digest); Ctrl-C
+stops it cleanly."""
 
 from __future__ import annotations
 
@@ -15,8 +15,7 @@ import pytest
 import torch
 
 from storage.cache import open_cache
-from tests.reliability.world import (data_files_identical, message_lines, started,
-                                     torn_leftovers)
+from tests.reliability.world import message_lines, started, torn_leftovers
 
 SEED = 20240611
 
@@ -71,7 +70,7 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_ki
     run = world.new_run(tmp_path / "run")
     cache = run / "cache" / "train.zarr"
     command = world.command("precompute.logits", run)
-    kills, chains, torn, exact, resumed_from = 0, 0, 0, 0, []
+    kills, chains, torn, resumed_from = 0, 0, 0, []
     while True:
         killing = kills < chaos_kills
         delay = rng.uniform(0, world.clean_seconds / 4)
@@ -88,14 +87,12 @@ def test_sigkill_at_random_moments_then_resume_is_byte_identical(world, chaos_ki
         assert returncode == 0, (tmp_path / f"stderr-{kills}-{chains}").read_text()[-2000:]
         chains += 1
         assert world.differences(cache) == []
-        exact += data_files_identical(cache, world.clean_cache)
         if not killing:
             break
         shutil.rmtree(run / "cache")  # the job won the race: start another chain
     with capsys.disabled():
         print(f"\n[chaos] {kills} SIGKILLs survived, {torn} inside a shard write, {chains} "
-              f"caches rebuilt equal to the clean one, {exact} of them byte for byte "
-              f"({int(world.near_ties.sum())} of {world.near_ties.size} positions near-tied); "
+              f"caches rebuilt byte for byte equal to the clean one; "
               f"done shards at each kill: {resumed_from}")
     assert kills >= chaos_kills
     assert torn >= 1, "no kill landed inside a shard write"

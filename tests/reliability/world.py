@@ -67,10 +67,7 @@ class World:
     clean_cache: Path
     """cache/train.zarr of the uninterrupted reference run."""
     clean_seconds: float
-    """How long the reference job took in-process (model load to finish)."""
-    near_ties: np.ndarray
-    """bool (N_TRAIN, SEQ_LEN): positions where the teacher's top-k ids may differ between runs
-    (see find_near_ties)."""
+    """How long the reference job took (model load to finish)."""
 
     def new_run(self, run: Path) -> Path:
         """A run directory holding a copy of the world's token stores."""
@@ -83,7 +80,7 @@ class World:
 
     def differences(self, cache: Path) -> list[str]:
         """How `cache` differs from the clean one (cache_differences); [] when equal."""
-        return cache_differences(cache, self.clean_cache, near_ties=self.near_ties)
+        return cache_differences(cache, self.clean_cache)
 
 
 def build_world(root: Path) -> World:
@@ -102,30 +99,7 @@ def build_world(root: Path) -> World:
     assert job.returncode == 0, job.stderr[-2000:]
     return World(root=root, config=config, teacher=teacher, tokens=tokens,
                  clean_cache=reference / "cache" / "train.zarr",
-                 clean_seconds=time.perf_counter() - started,
-                 near_ties=find_near_ties(teacher, tokens / "train.zarr", k=CACHE_K))
-
-
-NEAR_TIE = 1e-5
-"""Logits closer than this (the world teacher's are ~0.1 in size, a float32 ulp there ~1e-8)."""
-
-
-def find_near_ties(teacher: Path, tokens: Path, *, k: int) -> np.ndarray:
-    """bool (rows, positions) of the token store: where two of the teacher's k + 1 largest
-    logits lie within NEAR_TIE. There, a difference in the forward's last bits between two runs
-    reorders the top-k ids or swaps the k-th; the identity tests allow that and nothing else."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from storage.tokens import open_token_store
-
-    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
-    store = open_token_store(tokens)
-    rows = torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64))
-    with torch.inference_mode():
-        logits = model(input_ids=rows, attention_mask=torch.ones_like(rows)).logits.float()
-    top = torch.topk(logits, k + 1, dim=-1).values
-    return ((top[..., :-1] - top[..., 1:]).min(-1).values < NEAR_TIE).numpy()
+                 clean_seconds=time.perf_counter() - started)
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,25 +148,17 @@ def snapshot(root: Path) -> dict[str, str]:
     return {str(f.relative_to(root)): _sha256(f) for f in sorted(root.rglob("*")) if f.is_file()}
 
 
-def cache_digest(cache: Path, *, near_ties: np.ndarray | None = None) -> dict[str, object]:
+def cache_digest(cache: Path) -> dict[str, str]:
     """What must be identical between two runs of the logits job: every file under the cache,
-    by its bytes, but for these:
+    byte for byte, but for these:
       * done/locks/<shard>.lock: left out; empty files that only exist to be flock()ed, which
         record which shards some process once claimed, not what the cache holds.
       * the root zarr.json: compared as parsed JSON without the manifest's `created` and
         `completed` timestamps (when each run happened; VOLATILE_KEYS) and `manifest_sha256`,
         the digest over them.
-      * lse shard files: by value, within 1e-5 nats (LseValues).
-      * ids shard files, when `near_ties` (bool, per row and position) is given: by value,
-        except at the near-tied positions (IdsValues).
-    The two tolerances are for runs whose forwards differ in their last bits, seen rarely (in
-    the CI, not reproduced here) after the writer thread stopped running torch operators; the
-    cause is not found.
     """
-    digest: dict[str, object] = {
-        name: sha for name, sha in snapshot(cache).items()
-        if not (name.startswith("done/locks/") and name.endswith(".lock"))}
-    digest.update(_value_digests(cache, digest, near_ties))
+    digest = {name: sha for name, sha in snapshot(cache).items()
+              if not (name.startswith("done/locks/") and name.endswith(".lock"))}
     root = json.loads((cache / "zarr.json").read_text())
     attributes = root["attributes"]
     attributes["manifest_sha256"] = "<digest of the timestamps>"
@@ -203,74 +169,19 @@ def cache_digest(cache: Path, *, near_ties: np.ndarray | None = None) -> dict[st
     return digest
 
 
-def _value_digests(cache: Path, digest: dict, near_ties: np.ndarray | None) -> dict[str, object]:
-    """LseValues for the lse shard files, IdsValues for the ids ones if near_ties is given."""
-    from storage.cache import open_cache
-
-    names = [name for name in digest if name.startswith("lse/c/") or
-             (near_ties is not None and name.startswith("ids/c/"))]
-    if not names:
-        return {}
-    opened = open_cache(cache, allow_incomplete=True)
-    values = {}
-    for shard in sorted({int(name.split("/")[2]) for name in names}):  # each shard read once
-        start, stop = opened.shard_rows(shard)
-        block = opened.read(start, stop)
-        for name in names:
-            if int(name.split("/")[2]) == shard:
-                values[name] = LseValues(block.lse) if name.startswith("lse/") else \
-                    IdsValues(block.ids, near_ties[start:stop])
-    return values
-
-
-@dataclass(frozen=True, eq=False)
-class LseValues:
-    """A shard's decoded lse; equal to another when every value is within 1e-5 nats."""
-
-    values: np.ndarray
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, LseValues) and self.values.shape == other.values.shape and \
-            bool(np.abs(self.values - other.values).max(initial=0.0) <= 1e-5)
-
-
-@dataclass(frozen=True, eq=False)
-class IdsValues:
-    """A shard's top-k ids (rows, positions, k); equal to another when they agree at every
-    position that is not near-tied on either side."""
-
-    ids: np.ndarray
-    near_ties: np.ndarray
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, IdsValues) and self.ids.shape == other.ids.shape and bool(
-            ((self.ids == other.ids).all(-1) | self.near_ties | other.near_ties).all())
-
-
-def data_files_identical(cache: Path, reference: Path) -> bool:
-    """Every ids, logits, lse and done file byte for byte: no tolerance at all. Reported by the
-    chaos test (how often the tolerances of cache_digest were needed), not asserted."""
-    def data(snap: dict[str, str]) -> dict[str, str]:
-        return {name: sha for name, sha in snap.items()
-                if name.split("/")[0] in ("ids", "logits", "lse", "done")
-                and not name.startswith("done/locks/")}
-    return data(snapshot(cache)) == data(snapshot(reference))
-
-
 def differing(a: dict, b: dict) -> list[str]:
     """Names whose digests differ or that exist on one side only."""
     return sorted(name for name in a.keys() | b.keys() if a.get(name) != b.get(name))
 
 
-def cache_differences(cache: Path, reference: Path, *,
-                      near_ties: np.ndarray | None = None) -> list[str]:
+def cache_differences(cache: Path, reference: Path) -> list[str]:
     """The files of `cache` that differ from `reference`'s (cache_digest), then a line per
-    differing shard saying what differs in its decoded values: a near-tied top-k flip or a
-    last-bit logsumexp change reads differently from a torn or misplaced shard."""
+    differing shard saying what differs in its decoded values: a top-k flip at a near tie or a
+    last-bit logsumexp change (a forward that rounded differently) reads differently from a torn
+    or misplaced shard."""
     from storage.cache import open_cache
 
-    names = differing(cache_digest(cache, near_ties=near_ties),
-                      cache_digest(reference, near_ties=near_ties))
+    names = differing(cache_digest(cache), cache_digest(reference))
     shards = sorted({int(m.group(1)) for name in names
                      if (m := re.match(r"(?:ids|logits|lse)/c/(\d+)/", name))})
     if not shards:

@@ -141,11 +141,7 @@ def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch
     batches = _assemble(stream, order, first=first, batch_size=batch_size,
                         window=shuffle_buffer if shuffle else 1, block_rows=block_rows,
                         tokens=tokens, cache=cache, k=k)
-    if prefetch > 0:
-        yield from _in_background(batches, depth=prefetch)
-    else:
-        with contextlib.closing(batches):
-            yield from batches
+    yield from _in_background(batches, depth=prefetch) if prefetch > 0 else batches
 
 
 def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: int,

@@ -119,6 +119,7 @@ class _FusedCEKL(torch.autograd.Function):
         if distil:
             lse_t = logits.new_empty(n)
             head_logits = logits.new_empty(head_ids.shape)
+            roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
         with torch.no_grad():
             for rows, x, (shifted, exps) in _row_chunks(logits, scratches=2):
                 row_max = x.amax(-1, keepdim=True)
@@ -127,7 +128,6 @@ class _FusedCEKL(torch.autograd.Function):
                 label_logit[rows] = x.gather(-1, targets[rows]).squeeze(-1)
                 if distil:
                     # in place on the cache-hot buffers: re-reading x costs more than an exp
-                    roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
                     if roots is None:
                         tempered = shifted.mul_(1 / temperature).exp_()
                     else:

@@ -1,7 +1,7 @@
 """The teacher-logits job: cached values equal the teacher's own, an interrupted job (SIGKILL)
 resumes to the same cache (tests/reliability/world.py cache_digest: every file byte for byte),
-two torchrun ranks write what one process writes, the writer thread leaves the forward bit-exact, and bad inputs end
-with one line, exit code 2 and nothing overwritten."""
+two torchrun ranks write what one process writes, the writer thread leaves the forward
+bit-exact, and bad inputs end with one line, exit code 2 and nothing overwritten."""
 
 import contextlib
 import json

@@ -615,11 +615,6 @@ class LogitCache(_CacheBase):
         if not self.done[shard]:
             raise CorruptData(f"logit cache {self.path}: shard {shard} is not written "
                               "(rerun `make teacher-logits`)")
-        for name in DATA_ARRAYS:
-            file = _shard_file(self.path, name, shard)
-            if not file.is_file():
-                raise CorruptData(f"logit cache {self.path}: shard {shard}: file "
-                                  f"{file.relative_to(self.path)} is missing")
 
     def _read_problem(self, shard: int, name: str) -> str | None:
         """Why shard `shard` of array `name` cannot be read, or None if it reads cleanly."""

@@ -58,6 +58,7 @@ class RowReader:
             if outer[1:] != self.shape[1:]:
                 raise ChunkError(self.path, "has chunks that split more than the first axis")
         self._indexes: dict[int, np.ndarray] = {}
+        self._files: dict[int, Path] = {}
 
     def read(self, start: int, stop: int) -> np.ndarray:
         rows = self.chunk_shape[0]
@@ -65,18 +66,36 @@ class RowReader:
         for chunk in range(start // rows, (stop - 1) // rows + 1):
             first = chunk * rows
             lo, hi = max(start, first), min(stop, first + rows)
-            out[lo - start:hi - start] = self._chunk(chunk)[lo - first:hi - first]
+            target = out[lo - start:hi - start]
+            if hi - lo == rows and self._row_count(chunk) == rows:
+                self._chunk(chunk, into=target)  # decompressed in place: no copy
+            else:
+                target[:] = self._chunk(chunk)[lo - first:hi - first]
         return out
 
-    def _chunk(self, chunk: int) -> np.ndarray:
+    def _row_count(self, chunk: int) -> int:
+        """Rows chunk `chunk` holds inside the array (the last one may hang over its end)."""
+        rows = self.chunk_shape[0]
+        return min(rows, self.shape[0] - chunk * rows)
+
+    def _chunk(self, chunk: int, *, into: np.ndarray | None = None) -> np.ndarray:
+        """Chunk `chunk` decoded, whole (chunk_shape), into `into` if given."""
         shard, inner = divmod(chunk, self.per_shard) if self.per_shard else (chunk, None)
-        file = self.path.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
+        file = self._file(shard)
         if inner is None:  # unsharded: the file is the chunk
-            return self._decode(_read_bytes(file), file)
+            return self._decode(_read_bytes(file), file, into)
         offset, length = (int(v) for v in self._index(shard, file)[inner])
         if offset == _EMPTY:
-            return np.full(self.chunk_shape, self.fill_value, self.dtype)
-        return self._decode(_read_bytes(file, offset, length), file)
+            if into is None:
+                into = np.empty(self.chunk_shape, self.dtype)
+            into[...] = self.fill_value
+            return into
+        return self._decode(_read_bytes(file, offset, length), file, into)
+
+    def _file(self, shard: int) -> Path:
+        if shard not in self._files:
+            self._files[shard] = self.path.joinpath("c", str(shard), *["0"] * (len(self.shape) - 1))
+        return self._files[shard]
 
     def _index(self, shard: int, file: Path) -> np.ndarray:
         """(chunks per shard, 2) uint64 offsets and lengths; read once per shard (a reader
@@ -93,7 +112,10 @@ class RowReader:
             self._indexes[shard] = np.frombuffer(entries, "<u8").reshape(self.per_shard, 2)
         return self._indexes[shard]
 
-    def _decode(self, data: bytes, file: Path) -> np.ndarray:
+    def _decode(self, data: bytes, file: Path, into: np.ndarray | None) -> np.ndarray:
+        if into is not None:
+            blosc.decompress(_checked(data, file), into)
+            return into
         raw = blosc.decompress(_checked(data, file))
         return np.frombuffer(raw, self.dtype).reshape(self.chunk_shape)
 

@@ -108,6 +108,8 @@ def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
             block = cache.read(start, stop, k=k, decode=False)
             part.update(ids=block.ids, logits=block.logits, lse=block.lse)
         parts.append(part)
+    if len(parts) == 1:
+        return parts[0]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
@@ -155,12 +157,13 @@ def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: 
     loaded: deque = deque()  # (first stream position, fields) of pieces still needed
     for batch_start in range(first, len(order), batch_size):
         positions = order[batch_start:batch_start + batch_size]
+        # forget before reading on, so a new window never shares memory with the last one
+        low = batch_start // window * window
+        while loaded and loaded[0][0] + len(loaded[0][1]["tokens"]) <= low:
+            loaded.popleft()
         while not loaded or loaded[-1][0] + len(loaded[-1][1]["tokens"]) <= positions.max():
             start, stop = next(pieces)
             loaded.append((start, _read_block(stream[start:stop], tokens, cache, k)))
-        low = batch_start // window * window
-        while loaded[0][0] + len(loaded[0][1]["tokens"]) <= low:
-            loaded.popleft()
         fields = _gather(loaded, positions)
         if cache is not None:
             decoded = cache.decode(TeacherBlock(ids=fields["ids"], logits=fields["logits"],

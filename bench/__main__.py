@@ -297,6 +297,10 @@ def _student_figures(rows: list[dict], _results) -> list[dict]:
         _row(f"cached KD speed-up over online KD (training loop, {tiny} student)",
              f"{cached['tokens_per_s'] / online['tokens_per_s']:.2f} x "
              f"(online {_n(online['tokens_per_s'])} tokens/s)"),
+        _row(f"peak RSS of the training process, cached KD / CE ({tiny} student)",
+             f"{cached['process_rss_vs_ce']:.3f} ({cached['process_peak_rss_mb']:.1f} vs "
+             f"{ce['process_peak_rss_mb']:.1f} MB; online KD {online['process_rss_vs_ce']:.3f})",
+             "<= 1.1", cached["process_rss_vs_ce"] <= 1.1),
         _row(f"peak RSS growth, cached KD / CE ({small} student)",
              f"{small_cached['rss_vs_ce']:.2f} ({small_cached['peak_rss_mb']:.1f} vs "
              f"{small_ce['peak_rss_mb']:.1f} MB)", "<= 1.1", small_cached["rss_vs_ce"] <= 1.1),

@@ -8,8 +8,9 @@ same 2 x 64 student trained by `student.train.train` in every mode:
   step     forward + backward + AdamW on one batch, the modes interleaved in one process
            (fastest of 30): the cost of the loss itself, without reading the cache.
   speed    tokens/s of the real training loop (median step, one thread, each mode in its own
-           subprocess, run twice interleaved; best of the two), CE = 1; peak RSS growth of that
-           subprocess from just before training (VmHWM - VmRSS, /proc).
+           subprocess, run three times interleaved; the best), CE = 1; that subprocess's peak
+           RSS (VmHWM, /proc), whole and as growth from just before training (VmHWM - VmRSS):
+           the whole is what a machine must hold, the growth isolates what training adds.
   quality  final validation perplexity after the same steps and seed: cached KD over k and over
            the stored temperatures, gap8 vs float16, against online full-vocabulary KD and CE.
 
@@ -112,8 +113,8 @@ def build(root: Path, *, teacher_steps: int) -> dict:
 
 
 def worker(root: str, extra: list[str]) -> None:
-    """One training run in this process; prints a JSON line: tokens/s (median step) and the
-    growth of peak RSS from just before training."""
+    """One training run in this process; prints a JSON line: tokens/s (median step), the peak
+    RSS and its growth from just before training."""
     torch.set_num_threads(1)
     from student.train import read_metrics, train
 
@@ -124,6 +125,7 @@ def worker(root: str, extra: list[str]) -> None:
     steady = [r["tokens_per_s"] for r in rows[5:] if "val_loss" not in r] or [rows[-1]["tokens_per_s"]]
     print(json.dumps({"tokens_per_s": statistics.median(steady),
                       "peak_rss_mb": (_proc_status("VmHWM") - before) / 1024,
+                      "process_peak_rss_mb": _proc_status("VmHWM") / 1024,
                       "val_ppl": rows[-1].get("val_ppl")}))
 
 
@@ -206,7 +208,7 @@ def speed_rows(root: Path, steps: int) -> list[dict]:
     runs = [(shape, mode) for shape in students for mode in modes
             if shape == shape_name(STUDENT) or mode != "online KD (T=2)"]
     best: dict[tuple[str, str], dict] = {}
-    for repeat in range(2):  # interleaved, so a load spike on the shared CPU hits all modes
+    for repeat in range(3):  # interleaved, so a load spike on the shared CPU hits all modes
         for i, (shape, mode) in enumerate(runs):
             student = [f"student.{key}={value}" for key, value in students[shape].items()]
             result = _subprocess_run(root, [*modes[mode], *student, f"student.max_steps={steps}",
@@ -219,6 +221,9 @@ def speed_rows(root: Path, steps: int) -> list[dict]:
         rows.append({"section": "speed", "student": shape, "run": mode,
                      "tokens_per_s": round(result["tokens_per_s"]),
                      "vs_ce": round(result["tokens_per_s"] / ce["tokens_per_s"], 3),
+                     "process_peak_rss_mb": round(result["process_peak_rss_mb"], 1),
+                     "process_rss_vs_ce": round(result["process_peak_rss_mb"]
+                                                / ce["process_peak_rss_mb"], 3),
                      "peak_rss_mb": round(result["peak_rss_mb"], 1),
                      "rss_vs_ce": round(result["peak_rss_mb"] / max(ce["peak_rss_mb"], 1e-9), 2)})
     tiny = shape_name(STUDENT)

@@ -169,7 +169,7 @@ def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
 
 def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     """The loss side alone: forward + backward + AdamW on one pre-read batch, the three modes
-    interleaved in this process (fastest of `repeats`), no data reading."""
+    interleaved in this process in rotating order (fastest of `repeats`), no data reading."""
     import time
 
     from storage.reader import stream_batches
@@ -185,8 +185,11 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     optimizer = make_optimizer(model, cfg.student)
     modes = {"CE baseline": None, "cached KD (k=64, T=2)": cached, "online KD (T=2)": online}
     seconds = {mode: [] for mode in modes}
-    for _ in range(repeats):
-        for mode, distil in modes.items():
+    order = list(modes)
+    for repeat in range(repeats):
+        # rotated, so no mode always follows online KD, whose teacher forward cools the caches
+        for mode in order[repeat % len(order):] + order[:repeat % len(order)]:
+            distil = modes[mode]
             started = time.perf_counter()
             batch_losses(model, batch, distil, device=torch.device("cpu"), amp_dtype=None).loss.backward()
             optimizer.step()

@@ -370,9 +370,10 @@ def validate(model, val_tokens: TokenStore, *, micro: int, device: torch.device,
 def prefetch_depth(device: torch.device) -> int:
     """Batches the reader prepares ahead in a background thread: on an accelerator, 4, so reading
     hides behind the device's step. On the CPU, none: the batch is read in the training loop. There
-    the thread hid nothing, its step and the reader's share the same cores, and its malloc arena
-    held more memory (bench/student.py's 2x64 student, six interleaved pairs with CE: cached KD
-    tokens/s 0.903 x CE with the thread, 0.909 without; peak RSS 1.23 x CE with, 1.12 without)."""
+    the thread hid nothing, its step and the reader's share the same cores and the GIL, and its
+    malloc arena held more memory (bench/student.py's 2x64 student, six interleaved triples with
+    CE: cached KD tokens/s 0.877 x CE with the thread, 0.913 without; peak RSS growth 1.17 x CE
+    with, 1.15 without)."""
     return 0 if device.type == "cpu" else 4
 
 

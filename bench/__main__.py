@@ -280,20 +280,23 @@ def _job_figures(rows: list[dict], results) -> list[dict]:
 
 def _student_figures(rows: list[dict], _results) -> list[dict]:
     speed = {(r["student"], r["run"]): r for r in rows if r["section"] == "speed"}
+    loop = {(r["student"], r["run"]): r["vs_ce"] for r in rows if r["section"].startswith("loop")}
     step = {r["run"]: r for r in rows if r["section"].startswith("step")}
     ppl = {r["run"]: r["val_ppl"] for r in rows if r["section"] == "quality"}
     tiny, small = student.shape_name(student.STUDENT), student.shape_name(student.SMALL_STUDENT)
     ce, cached, online = (speed[tiny, name] for name in
                           ("CE baseline", "cached KD (k=64, T=2)", "online KD (T=2)"))
     small_ce, small_cached = (speed[small, name] for name in ("CE baseline", "cached KD (k=64, T=2)"))
+    kd = "cached KD (k=64, T=2)"
     out = [
-        _row(f"cached KD tokens/s / CE tokens/s (training loop, {small} student)",
-             f"{small_cached['vs_ce']:.3f} ({_n(small_cached['tokens_per_s'])} vs "
-             f"{_n(small_ce['tokens_per_s'])})", ">= 0.95", small_cached["vs_ce"] >= 0.95),
-        _row(f"cached KD tokens/s / CE tokens/s (training loop, {tiny} student)",
-             f"{cached['vs_ce']:.3f} ({_n(cached['tokens_per_s'])} vs {_n(ce['tokens_per_s'])}; "
-             f"one step without reading: {step['cached KD (k=64, T=2)']['vs_ce']:.3f})",
-             ">= 0.95", cached["vs_ce"] >= 0.95),
+        _row(f"cached KD tokens/s / CE tokens/s (training step with reading, {small} student)",
+             f"{loop[small, kd]:.3f} (in one process; separate processes: "
+             f"{small_cached['vs_ce']:.3f}, {_n(small_cached['tokens_per_s'])} vs "
+             f"{_n(small_ce['tokens_per_s'])})", ">= 0.95", loop[small, kd] >= 0.95),
+        _row(f"cached KD tokens/s / CE tokens/s (training step with reading, {tiny} student)",
+             f"{loop[tiny, kd]:.3f} (in one process; separate processes: {cached['vs_ce']:.3f}, "
+             f"{_n(cached['tokens_per_s'])} vs {_n(ce['tokens_per_s'])}; without reading: "
+             f"{step[kd]['vs_ce']:.3f})", ">= 0.95", loop[tiny, kd] >= 0.95),
         _row(f"cached KD speed-up over online KD (training loop, {tiny} student)",
              f"{cached['tokens_per_s'] / online['tokens_per_s']:.2f} x "
              f"(online {_n(online['tokens_per_s'])} tokens/s)"),

@@ -7,6 +7,9 @@ same 2 x 64 student trained by `student.train.train` in every mode:
 
   step     forward + backward + AdamW on one batch, the modes interleaved in one process
            (fastest of 30): the cost of the loss itself, without reading the cache.
+  loop     the training loop's own step (`student.train.train_step`: reading the batch, forward,
+           loss, backward, clipping, AdamW), CE and cached KD alternating step by step in one
+           process (median step): the speed ratio that the machine's noise leaves alone.
   speed    tokens/s of the real training loop (median step, one thread, each mode in its own
            subprocess, run three times interleaved; the best), CE = 1; that subprocess's peak
            RSS (VmHWM, /proc), whole and as growth from just before training (VmHWM - VmRSS):
@@ -158,6 +161,8 @@ def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
         facts = build(base, teacher_steps=teacher_steps)
         torch.set_num_threads(1)
         rows = step_rows(base)
+        rows += loop_rows(base, STUDENT, steps=120)
+        rows += loop_rows(base, SMALL_STUDENT, steps=30)
         rows += speed_rows(base, speed_steps)
         rows += quality_rows(base, steps, facts)
         return rows
@@ -200,6 +205,43 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     return [{"section": "step (one batch, no reading, interleaved)", "run": mode,
              "tokens_per_s": round(n_tokens / t), "vs_ce": round(fastest["CE baseline"] / t, 3)}
             for mode, t in fastest.items()]
+
+
+def loop_rows(root: Path, student: dict, *, steps: int, warmup: int = 5) -> list[dict]:
+    """The training step of `student` as the loop runs it, CE and cached KD alternating in this
+    process (median of `steps` steps each). Each process of this machine runs at its own speed,
+    10-20% apart, so ratios of two subprocesses (speed_rows) are noisy; here both modes share
+    one process."""
+    import time
+
+    from student.model import new_gpt2
+    from student.train import (Cursor, distillation, make_optimizer, micro_batches, open_tokens,
+                               train_step)
+
+    cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
+    hp, cpu = cfg.student, torch.device("cpu")
+    tokens, _ = open_tokens(cfg)
+    modes = {"CE baseline": None, "cached KD (k=64, T=2)": distillation(cfg, tokens, vocab_size=VOCAB)}
+    runs = {}
+    for mode, distil in modes.items():
+        model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, seed=hp.seed, **student)
+        cursor = Cursor()
+        data = micro_batches(tokens, distil, hp=hp, micro=hp.batch_size, cursor=cursor, rank=0,
+                             world_size=1, prefetch=0)
+        runs[mode] = (model, make_optimizer(model, hp), data, distil, cursor)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    tokens_per_s = {mode: [] for mode in modes}
+    for step in range(warmup + steps):
+        for mode, (model, optimizer, data, distil, cursor) in runs.items():
+            started = time.perf_counter()
+            row = train_step(model, optimizer, scaler, data, distil, hp=hp, cursor=cursor,
+                             device=cpu, amp_dtype=None, world_size=1)
+            if step >= warmup:
+                tokens_per_s[mode].append(row["step_tokens"] / (time.perf_counter() - started))
+    median = {mode: statistics.median(values) for mode, values in tokens_per_s.items()}
+    return [{"section": "loop (training step with reading, alternating in one process)",
+             "student": shape_name(student), "run": mode, "tokens_per_s": round(value),
+             "vs_ce": round(value / median["CE baseline"], 3)} for mode, value in median.items()]
 
 
 def speed_rows(root: Path, steps: int) -> list[dict]:

@@ -267,10 +267,12 @@ def _job_figures(rows: list[dict], results) -> list[dict]:
         out.append(_row(f"cache write tokens/s (k = {JOB_K}, float16) / teacher job tokens/s",
                         f"{ratio:.1f} x ({_n(write['write tok/s'])} vs {_n(job['tokens_per_s'])})",
                         ">= 5 x", ratio >= 5))
+    alternating = by["job, alternating in one process"]["vs_topk_lse"]
     out.append(_row("teacher job tokens/s / (forward + top-k + lse)",
-                    f"{job['vs_topk_lse']:.3f} ({_n(job['tokens_per_s'])} vs "
+                    f"{alternating:.3f} (in one process; separate processes: "
+                    f"{job['vs_topk_lse']:.3f}, {_n(job['tokens_per_s'])} vs "
                     f"{_n(by['forward+topk+lse']['tokens_per_s'])}; {job['teacher']})",
-                    ">= 0.95", job["vs_topk_lse"] >= 0.95))
+                    ">= 0.95", alternating >= 0.95))
     out.append(_row("teacher job tokens/s / bare forward",
                     f"{job['vs_forward']:.3f} (forward {_n(by['forward']['tokens_per_s'])})"))
     out.append(_row("teacher job peak RSS MB (forward / forward+topk+lse / job)",

@@ -5,9 +5,11 @@ Side by side in one run, each measurement in a fresh process (so its peak RSS is
 randomly initialised GPT-2 teacher (speed does not depend on the weights' values):
   * forward                the teacher's forward pass alone (logits materialised);
   * forward+topk+lse       what the job computes per batch (`teacher_topk`);
-  * job                    the whole job into a new cache, after a one-shard warm-up job;
-                           target >= 0.95 x forward+topk+lse.
+  * job                    the whole job into a new cache, after a one-shard warm-up job.
 Tokens/s is the best of `repeats` rounds (the machine is shared; rounds interleave the three).
+Processes of this machine each run at their own speed, 10-20% apart, so the target ratio, job >=
+0.95 x forward+topk+lse, is measured again in one more process that alternates the two
+(`repeats` + 1 rounds, the best of each): the row "job, alternating in one process".
 
     python -m bench.teacher_job [--layers 6 --width 384 --vocab 16000 --seq-len 128 ...]
 """
@@ -57,6 +59,8 @@ def run(*, n_layer: int = 6, n_embd: int = 384, n_head: int = 6, vocab_size: int
                     result = pool.submit(_measure, kind, round_=round_, **job).result()
                 if kind not in best or result["tokens_per_s"] > best[kind]["tokens_per_s"]:
                     best[kind] = result
+        with ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+            alternating = pool.submit(_measure_alternating, rounds=repeats + 1, **job).result()
     shape = f"{n_layer}x{n_embd}, vocab {vocab_size}, seq {seq_len}, batch {batch_size}, k {k}"
     rows = []
     for kind in KINDS:
@@ -67,6 +71,10 @@ def run(*, n_layer: int = 6, n_embd: int = 384, n_head: int = 6, vocab_size: int
                      "peak_rss_mb": round(best[kind]["peak_rss_mb"]),
                      "teacher": shape, "tokens": n_sequences * seq_len, "device": device,
                      "torch_threads": best[kind]["threads"]})
+    rows.append({"measurement": "job, alternating in one process",
+                 "tokens_per_s": round(alternating["job"]),
+                 "vs_topk_lse": round(alternating["job"] / alternating["forward+topk+lse"], 3),
+                 "teacher": shape, "tokens": n_sequences * seq_len, "device": device})
     return rows
 
 
@@ -111,6 +119,39 @@ def _measure(kind: str, *, root: str, batch_size: int, k: int, temperatures, chu
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tokens_per_s": rows.numel() / seconds, "peak_rss_mb": peak,
             "threads": torch.get_num_threads()}
+
+
+def _measure_alternating(*, root: str, batch_size: int, k: int, temperatures,
+                         chunk_sequences: int, shard_chunks: int, device: str,
+                         rounds: int) -> dict[str, float]:
+    """Best tokens/s of forward+topk+lse and of the job over `rounds` rounds that alternate them
+    in this one process (after a warm-up of each)."""
+    from precompute.logits import teacher_topk, write_cache
+    from precompute.models import load_teacher
+    from storage.tokens import open_token_store
+
+    model = load_teacher(str(Path(root) / "teacher"), device=device)
+    store = open_token_store(Path(root) / "tokens.zarr")
+    rows = torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64)).to(device)
+    job = dict(teacher={"name": "bench"}, k=k, temperatures=temperatures,
+               chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, batch_size=batch_size,
+               device=device, progress=False)
+    best = {"forward+topk+lse": 0.0, "job": 0.0}
+    with torch.inference_mode():
+        write_cache(model, store=open_token_store(Path(root) / "warmup-tokens.zarr"),
+                    cache_path=Path(root) / "warmup-alternating.zarr", **job)
+        for round_ in range(rounds):
+            started = time.perf_counter()
+            for batch in torch.split(rows, batch_size):
+                ids, values, lse = teacher_topk(model, batch, k=k, temperatures=temperatures)
+                ids.cpu(), values.cpu(), lse.cpu()
+            _sync(device)
+            best["forward+topk+lse"] = max(best["forward+topk+lse"],
+                                           rows.numel() / (time.perf_counter() - started))
+            summary = write_cache(model, store=store,
+                                  cache_path=Path(root) / f"alternating-{round_}.zarr", **job)
+            best["job"] = max(best["job"], rows.numel() / summary["seconds"])
+    return best
 
 
 def _sync(device: str) -> None:

@@ -67,16 +67,11 @@ class RowReader:
             first = chunk * rows
             lo, hi = max(start, first), min(stop, first + rows)
             target = out[lo - start:hi - start]
-            if hi - lo == rows and self._row_count(chunk) == rows:
+            if hi - lo == rows:
                 self._chunk(chunk, into=target)  # decompressed in place: no copy
             else:
                 target[:] = self._chunk(chunk)[lo - first:hi - first]
         return out
-
-    def _row_count(self, chunk: int) -> int:
-        """Rows chunk `chunk` holds inside the array (the last one may hang over its end)."""
-        rows = self.chunk_shape[0]
-        return min(rows, self.shape[0] - chunk * rows)
 
     def _chunk(self, chunk: int, *, into: np.ndarray | None = None) -> np.ndarray:
         """Chunk `chunk` decoded, whole (chunk_shape), into `into` if given."""

@@ -124,3 +124,26 @@ def test_reads_are_contiguous_blocks(stores, monkeypatch):
     monkeypatch.setattr(type(cache), "read", spy)
     list(stream_batches(tokens=tokens, cache=cache, batch_size=4, seed=0, epoch=0, block_rows=8))
     assert sum(reads) == N and max(reads) == 8 and len(reads) == N // 8
+
+
+def test_a_new_shuffle_window_is_read_after_the_last_one_is_let_go(stores, monkeypatch):
+    import weakref
+
+    import storage.reader as reader
+
+    tokens, cache = stores
+    alive: list[weakref.ref] = []
+    most = []
+    original = reader._read_block
+
+    def counting(rows, *args):
+        held = sum(len(ref()) for ref in alive if ref() is not None)
+        fields = original(rows, *args)
+        alive.append(weakref.ref(fields["tokens"]))
+        most.append(held + len(rows))
+        return fields
+
+    monkeypatch.setattr(reader, "_read_block", counting)
+    list(stream_batches(tokens=tokens, cache=cache, batch_size=4, seed=0, epoch=0,
+                        shuffle_buffer=8, block_rows=4, prefetch=0))
+    assert len(most) == N // 4 and max(most) == 8  # rows held while reading: one window

@@ -82,23 +82,17 @@ def _measure(kind: str, *, root: str, batch_size: int, k: int, temperatures, chu
              shard_chunks: int, device: str, round_: int) -> dict:
     """One measurement in this (fresh) process: tokens/s and the process's peak RSS."""
     from precompute.logits import teacher_topk, write_cache
-    from precompute.models import load_teacher
-    from storage.tokens import open_token_store
 
-    model = load_teacher(str(Path(root) / "teacher"), device=device)
-    store = open_token_store(Path(root) / "tokens.zarr")
-    rows = torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64)).to(device)
+    model, store, rows, job = _load(root, batch_size=batch_size, k=k, temperatures=temperatures,
+                                    chunk_sequences=chunk_sequences, shard_chunks=shard_chunks,
+                                    device=device)
     batches = list(torch.split(rows, batch_size))
-    job = dict(teacher={"name": "bench"}, k=k, temperatures=temperatures,
-               chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, batch_size=batch_size,
-               device=device, progress=False)
     with torch.inference_mode():
         # Warm every kind up alike, on one batch; the job as a whole (one shard into a scratch
         # cache), so its first-use costs (codecs, threads, files) are not counted in a job of
         # hours either.
         if kind == "job":
-            write_cache(model, store=open_token_store(Path(root) / "warmup-tokens.zarr"),
-                        cache_path=Path(root) / f"warmup-{round_}.zarr", **job)
+            _warm_up_job(model, root, f"warmup-{round_}.zarr", job)
         else:
             teacher_topk(model, batches[0], k=k, temperatures=temperatures)
         _sync(device)
@@ -108,12 +102,11 @@ def _measure(kind: str, *, root: str, batch_size: int, k: int, temperatures, chu
                                   **job)
             seconds = summary["seconds"]
         else:
-            for batch in batches:
-                if kind == "forward":
+            if kind == "forward":
+                for batch in batches:
                     model(input_ids=batch, use_cache=False).logits.float().sum().item()
-                else:
-                    ids, values, lse = teacher_topk(model, batch, k=k, temperatures=temperatures)
-                    ids.cpu(), values.cpu(), lse.cpu()
+            else:
+                _topk_pass(model, batches, k=k, temperatures=temperatures)
             _sync(device)
             seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -125,8 +118,31 @@ def _measure_alternating(*, root: str, batch_size: int, k: int, temperatures,
                          chunk_sequences: int, shard_chunks: int, device: str,
                          rounds: int) -> dict[str, float]:
     """Best tokens/s of forward+topk+lse and of the job over `rounds` rounds that alternate them
-    in this one process (after a warm-up of each)."""
-    from precompute.logits import teacher_topk, write_cache
+    in this one process (after a warm-up of the job, which runs the teacher too)."""
+    from precompute.logits import write_cache
+
+    model, store, rows, job = _load(root, batch_size=batch_size, k=k, temperatures=temperatures,
+                                    chunk_sequences=chunk_sequences, shard_chunks=shard_chunks,
+                                    device=device)
+    batches = list(torch.split(rows, batch_size))
+    best = {"forward+topk+lse": 0.0, "job": 0.0}
+    with torch.inference_mode():
+        _warm_up_job(model, root, "warmup-alternating.zarr", job)
+        for round_ in range(rounds):
+            started = time.perf_counter()
+            _topk_pass(model, batches, k=k, temperatures=temperatures)
+            _sync(device)
+            best["forward+topk+lse"] = max(best["forward+topk+lse"],
+                                           rows.numel() / (time.perf_counter() - started))
+            summary = write_cache(model, store=store,
+                                  cache_path=Path(root) / f"alternating-{round_}.zarr", **job)
+            best["job"] = max(best["job"], rows.numel() / summary["seconds"])
+    return best
+
+
+def _load(root: str, *, batch_size: int, k: int, temperatures, chunk_sequences: int,
+          shard_chunks: int, device: str):
+    """(teacher, token store, its rows (n, L) on `device`, write_cache's keyword arguments)."""
     from precompute.models import load_teacher
     from storage.tokens import open_token_store
 
@@ -136,22 +152,25 @@ def _measure_alternating(*, root: str, batch_size: int, k: int, temperatures,
     job = dict(teacher={"name": "bench"}, k=k, temperatures=temperatures,
                chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, batch_size=batch_size,
                device=device, progress=False)
-    best = {"forward+topk+lse": 0.0, "job": 0.0}
-    with torch.inference_mode():
-        write_cache(model, store=open_token_store(Path(root) / "warmup-tokens.zarr"),
-                    cache_path=Path(root) / "warmup-alternating.zarr", **job)
-        for round_ in range(rounds):
-            started = time.perf_counter()
-            for batch in torch.split(rows, batch_size):
-                ids, values, lse = teacher_topk(model, batch, k=k, temperatures=temperatures)
-                ids.cpu(), values.cpu(), lse.cpu()
-            _sync(device)
-            best["forward+topk+lse"] = max(best["forward+topk+lse"],
-                                           rows.numel() / (time.perf_counter() - started))
-            summary = write_cache(model, store=store,
-                                  cache_path=Path(root) / f"alternating-{round_}.zarr", **job)
-            best["job"] = max(best["job"], rows.numel() / summary["seconds"])
-    return best
+    return model, store, rows, job
+
+
+def _warm_up_job(model, root: str, cache_name: str, job: dict) -> None:
+    """The whole job once on one shard, into a scratch cache."""
+    from precompute.logits import write_cache
+    from storage.tokens import open_token_store
+
+    write_cache(model, store=open_token_store(Path(root) / "warmup-tokens.zarr"),
+                cache_path=Path(root) / cache_name, **job)
+
+
+def _topk_pass(model, batches, *, k: int, temperatures) -> None:
+    """What the job computes per batch (teacher_topk), its results copied to the host."""
+    from precompute.logits import teacher_topk
+
+    for batch in batches:
+        ids, values, lse = teacher_topk(model, batch, k=k, temperatures=temperatures)
+        ids.cpu(), values.cpu(), lse.cpu()
 
 
 def _sync(device: str) -> None:

@@ -1,4 +1,4 @@
-"""`make bench` (`python -m bench`): the four CPU benchmarks in one run, one summary of their
+"""`make bench` (`python -m bench`): the five CPU benchmarks in one run, one summary of their
 headline figures against the project's targets, and bench/results.md.
 
     python -m bench [--only cache,student] [--teacher DIR --tokens STORE] [--out FILE]
@@ -8,8 +8,8 @@ headline figures against the project's targets, and bench/results.md.
 Benchmarks (each in a fresh process, one after another, so that none inherits another's
 threads, allocator or page cache): `bench.cache` (bytes/token and read/write speed of the logit
 cache on a real trained teacher), `bench.teacher_job` (the logits job against the teacher's bare
-compute), `bench.student` (CE vs cached vs online KD: speed, memory, quality), `bench.evaluate`
-(minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
+compute), `bench.student` (CE vs cached vs online KD: speed, memory, quality), `bench.real_text`
+(cached vs online KD quality on BabyLM text, ~12 min), `bench.evaluate` (minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
 
 bench.cache needs a trained teacher: without --teacher/--tokens and without runs/demo/teacher,
 the demo's data and teacher stages run first (`precompute.corpus` and `precompute.teacher` on
@@ -35,12 +35,13 @@ from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 
-from bench import cache, evaluate, student, teacher_job
+from bench import cache, evaluate, real_text, student, teacher_job
 from bench.tables import markdown_table
 from configs import CONFIG_DIR, UserError, load_config
 from configs.cli import reproducible_cpu_math
 
-BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student, "evaluate": evaluate}
+BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student,
+           "real_text": real_text, "evaluate": evaluate}
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).with_name("results.md")
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher_job": dict(n_sequences=args.job_sequences, k=JOB_K),
         "student": dict(steps=args.student_steps, speed_steps=args.speed_steps,
                         teacher_steps=args.teacher_steps),
+        "real_text": {},
         "evaluate": dict(n_pairs=args.pairs),
     }
     results, seconds, errors = {}, {}, {}
@@ -208,7 +210,8 @@ def summary(results: dict[str, list[dict]], errors: dict[str, str] | None = None
     errors = errors or {}
     rows: list[dict] = []
     for name, figures in (("cache", _cache_figures), ("teacher_job", _job_figures),
-                          ("student", _student_figures), ("evaluate", _evaluate_figures)):
+                          ("student", _student_figures), ("real_text", _real_text_figures),
+                          ("evaluate", _evaluate_figures)):
         if name in results:
             try:
                 rows += figures(results[name], results)
@@ -323,6 +326,29 @@ def _student_figures(rows: list[dict], _results) -> list[dict]:
     out.append(_row("val perplexity vs CE baseline (T=2)",
                     f"cached {100 * (ppl['cached KD k=64 T=2'] / ce_ppl - 1):+.2f} %, online "
                     f"{100 * (ppl['online KD T=2'] / ce_ppl - 1):+.2f} % (CE {ce_ppl:.3f})"))
+    return out
+
+
+def _real_text_figures(rows: list[dict], _results) -> list[dict]:
+    """The quality target again, on BabyLM text with a teacher trained there."""
+    ppl = {r["run"]: r["val_ppl"] for r in rows if r["section"] == "quality"}
+    teacher = next(r for r in rows if r["section"] == "teacher")
+    k = real_text.K
+    out = [_row(f"BabyLM text: teacher head mass at k = {k}, T = 1 / T = 2",
+                f"{teacher['head_mass_T=1']:.3f} / {teacher['head_mass_T=2']:.3f} (teacher val ppl "
+                f"{teacher['val_ppl']:.2f}, {_n(teacher['train_tokens'])} training tokens)")]
+    for t in real_text.TEMPERATURES:
+        cached_ppl, online_ppl = ppl[f"cached KD k={k} T={t:g}"], ppl[f"online KD T={t:g}"]
+        gap = 100 * (cached_ppl / online_ppl - 1)
+        out.append(_row(f"BabyLM text: val perplexity, cached KD (k={k}, T={t:g}) vs online KD",
+                        f"{gap:+.2f} % ({cached_ppl:.3f} vs {online_ppl:.3f})",
+                        "within 1 %", abs(gap) <= 1))
+    ce_ppl = ppl["CE baseline"]
+    out.append(_row("BabyLM text: val perplexity vs CE baseline (T=1 / T=2)", ", ".join(
+        f"{mode} {' / '.join(f'{100 * (ppl[name] / ce_ppl - 1):+.2f}' for name in names)} %"
+        for mode, names in (("cached", [f"cached KD k={k} T={t:g}" for t in real_text.TEMPERATURES]),
+                            ("online", [f"online KD T={t:g}" for t in real_text.TEMPERATURES])))
+        + f" (CE {ce_ppl:.3f})"))
     return out
 
 

@@ -14,20 +14,17 @@ runs evaluation on one thread; an idle machine is faster with the default.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench import SHARED_DATA
 from bench.tables import markdown_table
 from precompute.tokenizer import train_bpe
 from student.evaluate import read_pair_dir, score_pairs
 from student.model import new_gpt2
 
-SHARED_DATA = Path(os.environ.get("BABYLM_KD_SHARED_DATA",
-                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 DEFAULT_SETTINGS = ((1, 16), (1, 64), (1, 256), (torch.get_num_threads(), 64))

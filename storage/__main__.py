@@ -28,8 +28,10 @@ SAMPLE_SHARDS = 4
 STAT_TEMPERATURES = (1.0, 2.0)
 
 
-def teacher_stats(cache: LogitCache, *, sample_shards: int = SAMPLE_SHARDS) -> dict:
-    """Mean entropy (nats) and head mass at T in STAT_TEMPERATURES over evenly spaced done shards.
+def teacher_stats(cache: LogitCache, *, sample_shards: int = SAMPLE_SHARDS,
+                  k: int | None = None) -> dict:
+    """Mean entropy (nats) and head mass at T in STAT_TEMPERATURES over evenly spaced done shards,
+    with the first `k` cached entries as the head (default: all of them).
 
     Returns {"shards": [...], "T=1": {"entropy": .., "head_mass": ..}, ...}; temperatures not
     stored in the cache are left out (their lse is not exact).
@@ -41,13 +43,13 @@ def teacher_stats(cache: LogitCache, *, sample_shards: int = SAMPLE_SHARDS) -> d
     sums = {t: np.zeros(2) for t in STAT_TEMPERATURES if t in cache.temperatures}
     positions = 0
     for shard in shards:
-        block = cache.read(*cache.shard_rows(int(shard)))
+        block = cache.read(*cache.shard_rows(int(shard)), k=k)
         positions += block.ids.shape[0] * block.ids.shape[1]
         for t in sums:
             log_p = block.logits / t - block.lse[..., [cache.temperatures.index(t)]]
             p = np.exp(log_p)
             tail = np.clip(1.0 - p.sum(-1), 0.0, 1.0)
-            rest = max(cache.vocab_size - cache.k, 1)
+            rest = max(cache.vocab_size - block.ids.shape[-1], 1)
             with np.errstate(divide="ignore", invalid="ignore"):
                 tail_entropy = np.where(tail > 0, -tail * np.log(tail / rest), 0.0)
             entropy = -(p * log_p).sum(-1) + tail_entropy

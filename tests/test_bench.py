@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import real_text
 from bench.__main__ import ensure_teacher, summary
 from bench.tables import cell, markdown_sections, markdown_table
 from configs import UserError
@@ -64,6 +65,44 @@ def test_summary_marks_targets_honestly():
     verdicts = [[row["met"] for row in rows if row["target"]] for rows in (good, bad)]
     assert verdicts == [["met"] * 7, ["NOT met"] * 7]
     assert {row["measured"] for row in good if row["figure"].startswith("bench.")} == {"not run"}
+
+
+def _real_text_rows(*, cached_ppl):
+    return ([{"section": "teacher", "val_ppl": 50.0, "train_tokens": 1000, "head_mass_T=1": 0.9,
+              "head_mass_T=2": 0.6}]
+            + [{"section": "quality", "run": run, "val_ppl": ppl} for run, ppl in (
+                ("CE baseline", 60.0), ("online KD T=1", 50.0), ("cached KD k=64 T=1", cached_ppl),
+                ("online KD T=2", 50.0), ("cached KD k=64 T=2", cached_ppl))])
+
+
+def test_summary_judges_the_real_text_quality_against_online_kd():
+    verdicts = [[row["met"] for row in summary({"real_text": _real_text_rows(cached_ppl=ppl)})
+                 if row["target"]] for ppl in (50.4, 49.4, 50.6)]
+    assert verdicts == [["met", "met"], ["NOT met", "NOT met"], ["NOT met", "NOT met"]]
+
+
+def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
+    tiny = ("tokenizer.vocab_size=512", "teacher.n_layer=1", "teacher.n_embd=32",
+            "teacher.n_head=2", "student.n_layer=1", "student.n_embd=16", "student.n_head=2",
+            "student.warmup_steps=2", "teacher.warmup_steps=2")
+    rows = real_text.run(data_dir=shared_data / "babylm" / "2024" / "train_10M",
+                         teacher_epochs=0.1, student_epochs=0.05, curve=((8, 2.0),), extra=tiny,
+                         root=tmp_path)
+    teacher = rows[0]
+    assert teacher["section"] == "teacher" and teacher["train_tokens"] > 100_000
+    assert 0 < teacher["head_mass_T=2"] < teacher["head_mass_T=1"] < 1
+    quality = {r["run"]: r for r in rows[1:]}
+    assert list(quality) == ["CE baseline", "online KD T=1", "cached KD k=64 T=1", "online KD T=2",
+                             "cached KD k=64 T=2", "cached KD k=8 T=2"]
+    assert all(1 < r["val_ppl"] < 512 for r in quality.values())
+    cached = quality["cached KD k=64 T=2"]
+    assert cached["vs_online_%"] == round(
+        100 * (cached["val_ppl"] / quality["online KD T=2"]["val_ppl"] - 1), 2)
+    assert quality["online KD T=1"]["vs_online_%"] is None
+    assert "### quality" in real_text.markdown(rows)
+    judged = [row for row in summary({"real_text": rows}) if row["figure"].startswith("BabyLM")
+              and row["target"]]
+    assert [row["met"] in ("met", "NOT met") for row in judged] == [True, True]
 
 
 def test_python_m_bench_tiny(tmp_path):

@@ -41,6 +41,18 @@ def test_inspect_cache_json(cache_path):
     assert 0 < stats["T=2"]["head_mass"] < stats["T=1"]["head_mass"] <= 1
 
 
+def test_head_mass_of_a_shorter_head_is_smaller(cache_path):
+    from storage.__main__ import teacher_stats
+    from storage.cache import open_cache
+
+    cache = open_cache(cache_path)
+    full, short = teacher_stats(cache), teacher_stats(cache, k=2)
+    for t in ("T=1", "T=2"):
+        assert 0 < short[t]["head_mass"] < full[t]["head_mass"]
+        # the tail counted as spread uniformly: a longer tail gets the upper bound's larger share
+        assert short[t]["entropy"] > full[t]["entropy"]
+
+
 def test_inspect_text_and_token_store(cache_path):
     result = cli("inspect", cache_path)
     assert result.returncode == 0 and "bytes_per_token" in result.stdout

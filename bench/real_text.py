@@ -1,0 +1,113 @@
+"""Cached vs online KD on real text: BabyLM 2023, a teacher trained here, its top-k cache.
+
+bench.student measures quality on a synthetic language whose teacher is known to be better than
+the student; this bench asks the same question of real child-directed text. It runs the project's
+own stages in a temporary run directory, on configs/demo.yaml with every setting the rows depend
+on pinned here:
+
+  data      the 4 BabyLM 2023 sources in $BABYLM_KD_SHARED_DATA (default ../shared/data beside
+            the repo): 1.47M words, a 2048-entry BPE, ~2.1M training tokens of 128
+  teacher   4 x 128 GPT-2 trained from scratch for one epoch (~150 s here)
+  cache     its top-256 logits at T = 1 and 2 over the training split (~2 min, ~0.9 GB)
+  students  the demo's 2 x 64 student, one epoch each, same seed: CE, online KD and cached KD
+            (k = 64, the figure judged) at T = 1 and T = 2, and cached KD at other k, reading
+            the first k of the cached 256 (~10 min for all)
+
+and reports each student's validation perplexity against online KD at its temperature and against
+CE, with the teacher's head mass (share of its tempered probability in the top k) that bounds
+what a top-k cache can carry. `python -m bench.real_text` prints the tables (~15 min here).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from bench import SHARED_DATA
+from bench.tables import markdown_sections
+from configs import CONFIG_DIR, load_config
+
+DATA_DIR = SHARED_DATA / "babylm" / "2023" / "train_10M"
+CACHE_K, K = 256, 64
+TEMPERATURES = (1.0, 2.0)
+CURVE = ((16, 2.0), (256, 2.0), (256, 1.0))
+"""(k, T) of the cached runs beside k = K: how far a larger cache closes the gap to online KD."""
+
+
+def settings(root: Path, data_dir: Path, *, teacher_epochs: float, student_epochs: float,
+             extra: tuple[str, ...] = ()) -> list[str]:
+    """Every setting the rows depend on, pinned (demo.yaml is tuned for the demo corpus)."""
+    return [f"run_dir={root}", f"data.dir={data_dir}", "data.seq_len=128",
+            "tokenizer.kind=bpe", "tokenizer.vocab_size=2048",
+            "teacher.from_scratch=true", "teacher.n_layer=4", "teacher.n_embd=128",
+            "teacher.n_head=4", f"teacher.epochs={teacher_epochs}", "teacher.device=cpu",
+            f"cache.k={CACHE_K}", f"cache.temperatures=[{', '.join(map(str, TEMPERATURES))}]",
+            "student.n_layer=2", "student.n_embd=64", "student.n_head=2", "student.dropout=0",
+            "student.lr=2e-3", "student.batch_size=16", f"student.epochs={student_epochs}",
+            "student.warmup_steps=50", "student.eval_every=0", "student.checkpoint_every=0",
+            "student.device=cpu", "distill.alpha=0.5", *extra]
+
+
+def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epochs: float = 1.0,
+        curve: tuple[tuple[int, float], ...] = CURVE, extra: tuple[str, ...] = (),
+        root: Path | None = None) -> list[dict]:
+    """Build and train everything in a temporary directory (or `root`); rows of the tables.
+    `extra` overrides go last (the tests shrink the models with them)."""
+    from precompute.corpus import prepare
+    from precompute.logits import fill_caches
+    from precompute.teacher import train_teacher
+    from storage.__main__ import teacher_stats
+    from storage.cache import open_cache
+    from storage.tokens import open_token_store
+    from student.train import read_metrics, train
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-real-text-")) if root is None else Path(root)
+    try:
+        base = settings(tmp / "run", data_dir, teacher_epochs=teacher_epochs,
+                        student_epochs=student_epochs, extra=extra)
+        cfg = load_config(CONFIG_DIR / "demo.yaml", base)
+        stores = prepare(cfg)
+        train_teacher(cfg)
+        fill_caches(cfg)
+        cache = open_cache(cfg.run_path / "cache" / "train.zarr")
+        stats = teacher_stats(cache, k=K)
+        runs = [("CE baseline", ["distill.alpha=1"])]
+        for t in TEMPERATURES:
+            runs += [(f"online KD T={t:g}", ["distill.mode=online", f"distill.temperature={t}"]),
+                     (f"cached KD k={K} T={t:g}", [f"distill.k={K}", f"distill.temperature={t}"])]
+        runs += [(f"cached KD k={k} T={t:g}", [f"distill.k={k}", f"distill.temperature={t}"])
+                 for k, t in curve]
+        ppl = {}
+        for name, overrides in runs:
+            run_cfg = load_config(CONFIG_DIR / "demo.yaml", base + overrides + [
+                f"distill.run=bench-{name.replace(' ', '_').replace('=', '')}"])
+            ppl[name] = read_metrics(train(run_cfg) / "metrics.jsonl")[-1]["val_ppl"]
+        info = json.loads((cfg.run_path / "teacher" / "teacher.json").read_text())
+        train_tokens = open_token_store(stores["train"])
+        shape = f"{cfg.teacher.n_layer}x{cfg.teacher.n_embd}, {cfg.teacher.epochs:g} epoch(s)"
+        rows = [{"section": "teacher", "teacher": shape,
+                 "val_ppl": round(info["val"]["perplexity"], 3),
+                 "train_tokens": train_tokens.n_sequences * train_tokens.seq_len,
+                 **{f"head_mass_T={t:g}": round(stats[f"T={t:g}"]["head_mass"], 4)
+                    for t in TEMPERATURES}}]
+        for name, value in ppl.items():
+            t = name.split("T=")[1] if "T=" in name else None
+            online = ppl.get(f"online KD T={t}") if name.startswith("cached") else None
+            rows.append({"section": "quality", "run": name, "val_ppl": round(value, 3),
+                         "vs_online_%": round(100 * (value / online - 1), 2) if online else None,
+                         "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})
+        return rows
+    finally:
+        if root is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def markdown(rows: list[dict]) -> str:
+    """The rows of `run` as markdown tables, one per section."""
+    return markdown_sections(rows, by="section")
+
+
+if __name__ == "__main__":
+    print(markdown(run()))

@@ -8,14 +8,15 @@ on pinned here:
   data      the 4 BabyLM 2023 sources in $BABYLM_KD_SHARED_DATA (default ../shared/data beside
             the repo): 1.47M words, a 2048-entry BPE, ~2.1M training tokens of 128
   teacher   4 x 128 GPT-2 trained from scratch for one epoch (~150 s here)
-  cache     its top-256 logits at T = 1 and 2 over the training split (~2 min, ~0.9 GB)
-  students  the demo's 2 x 64 student, one epoch each, same seed: CE, online KD and cached KD
-            (k = 64, the figure judged) at T = 1 and T = 2, and cached KD at other k, reading
-            the first k of the cached 256 (~10 min for all)
+  caches    its top-256 logits at T = 1 and 2 over the training split (~2 min, ~0.9 GB), and
+            a cache of 64 draws per position from its softmax at T = 2 (cache.selection=sample)
+  students  the demo's 2 x 64 student, one epoch each, same seed: CE, online KD, top-k cached
+            KD (k = 64, the figure judged) and sampled-cache KD at T = 1 and T = 2, and top-k
+            cached KD at other k, reading the first k of the cached 256 (~12 min for all)
 
 and reports each student's validation perplexity against online KD at its temperature and against
 CE, with the teacher's head mass (share of its tempered probability in the top k) that bounds
-what a top-k cache can carry. `python -m bench.real_text` prints the tables (~15 min here).
+what a top-k cache can carry. `python -m bench.real_text` prints the tables (~18 min here).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from configs import CONFIG_DIR, load_config
 
 DATA_DIR = SHARED_DATA / "babylm" / "2023" / "train_10M"
 CACHE_K, K = 256, 64
+SAMPLES, SAMPLE_TEMPERATURE = 64, 2.0
 TEMPERATURES = (1.0, 2.0)
 CURVE = ((16, 2.0), (256, 2.0), (256, 1.0))
 """(k, T) of the cached runs beside k = K: how far a larger cache closes the gap to online KD."""
@@ -59,7 +61,7 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
     from precompute.logits import fill_caches
     from precompute.teacher import train_teacher
     from storage.__main__ import teacher_stats
-    from storage.cache import open_cache
+    from storage.cache import cache_bytes, open_cache
     from storage.tokens import open_token_store
     from student.train import read_metrics, train
 
@@ -71,30 +73,45 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
         stores = prepare(cfg)
         train_teacher(cfg)
         fill_caches(cfg)
+        sampled = tmp / "run-sampled"  # the same tokens and teacher, a cache of draws
+        for shared in ("tokens", "teacher"):
+            (sampled / shared).parent.mkdir(parents=True, exist_ok=True)
+            (sampled / shared).symlink_to(cfg.run_path / shared)
+        sampled_base = [*base, f"run_dir={sampled}", "cache.selection=sample",
+                        f"cache.k={SAMPLES}", f"cache.sample_temperature={SAMPLE_TEMPERATURE}"]
+        fill_caches(load_config(CONFIG_DIR / "demo.yaml", sampled_base))
         cache = open_cache(cfg.run_path / "cache" / "train.zarr")
         stats = teacher_stats(cache, k=K)
-        runs = [("CE baseline", ["distill.alpha=1"])]
+        runs = [("CE baseline", base, ["distill.alpha=1"])]
         for t in TEMPERATURES:
-            runs += [(f"online KD T={t:g}", ["distill.mode=online", f"distill.temperature={t}"]),
-                     (f"cached KD k={K} T={t:g}", [f"distill.k={K}", f"distill.temperature={t}"])]
-        runs += [(f"cached KD k={k} T={t:g}", [f"distill.k={k}", f"distill.temperature={t}"])
+            runs += [(f"online KD T={t:g}", base, ["distill.mode=online", f"distill.temperature={t}"]),
+                     (f"cached KD k={K} T={t:g}", base, [f"distill.k={K}", f"distill.temperature={t}"]),
+                     (f"sampled KD m={SAMPLES} T={t:g}", sampled_base, [f"distill.temperature={t}"])]
+        runs += [(f"cached KD k={k} T={t:g}", base, [f"distill.k={k}", f"distill.temperature={t}"])
                  for k, t in curve]
         ppl = {}
-        for name, overrides in runs:
-            run_cfg = load_config(CONFIG_DIR / "demo.yaml", base + overrides + [
+        for name, run_settings, overrides in runs:
+            run_cfg = load_config(CONFIG_DIR / "demo.yaml", run_settings + overrides + [
                 f"distill.run=bench-{name.replace(' ', '_').replace('=', '')}"])
             ppl[name] = read_metrics(train(run_cfg) / "metrics.jsonl")[-1]["val_ppl"]
         info = json.loads((cfg.run_path / "teacher" / "teacher.json").read_text())
         train_tokens = open_token_store(stores["train"])
+        tokens = train_tokens.n_sequences * train_tokens.seq_len
         shape = f"{cfg.teacher.n_layer}x{cfg.teacher.n_embd}, {cfg.teacher.epochs:g} epoch(s)"
         rows = [{"section": "teacher", "teacher": shape,
                  "val_ppl": round(info["val"]["perplexity"], 3),
-                 "train_tokens": train_tokens.n_sequences * train_tokens.seq_len,
+                 "train_tokens": tokens,
                  **{f"head_mass_T={t:g}": round(stats[f"T={t:g}"]["head_mass"], 4)
                     for t in TEMPERATURES}}]
+        rows += [{"section": "caches", "cache": f"top-{CACHE_K} (k = {K} read)",
+                  "bytes_per_token": round(cache_bytes(cfg.run_path / "cache" / "train.zarr")
+                                           / tokens, 1)},
+                 {"section": "caches", "cache": f"{SAMPLES} draws at T = {SAMPLE_TEMPERATURE:g}",
+                  "bytes_per_token": round(cache_bytes(sampled / "cache" / "train.zarr")
+                                           / tokens, 1)}]
         for name, value in ppl.items():
             t = name.split("T=")[1] if "T=" in name else None
-            online = ppl.get(f"online KD T={t}") if name.startswith("cached") else None
+            online = ppl.get(f"online KD T={t}") if not name.startswith(("CE", "online")) else None
             rows.append({"section": "quality", "run": name, "val_ppl": round(value, 3),
                          "vs_online_%": round(100 * (value / online - 1), 2) if online else None,
                          "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})

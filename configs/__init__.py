@@ -105,7 +105,17 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class CacheConfig:
     k: int = 64
-    """Top-k teacher logits kept per position."""
+    """Teacher entries kept per position: the top k (selection 'topk'), or k draws."""
+    selection: str = "topk"
+    """Which k entries: 'topk', the k largest logits plus the exact tail mass (DESIGN.md's tail
+    bucket), or 'sample', k ids drawn with replacement from the teacher's softmax at
+    sample_temperature (random-sampling KD, Anshumann et al., ACL 2025): an unbiased estimate of
+    the whole distribution, tail included (README, "Top-k or sampled")."""
+    sample_temperature: float = 2.0
+    """Temperature of the distribution the 'sample' selection draws from; students distilled at
+    another temperature reweight the same draws."""
+    sample_seed: int = 0
+    """Seed of the draws (each batch's generator is seeded with it and the batch's first row)."""
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
     """Temperatures at which the exact full-vocabulary logsumexp is stored."""
     value_code: str = "gap8"
@@ -241,6 +251,8 @@ _RULES = [
     ("student.schedule", lambda v: v in ("cosine", "linear", "constant"), "'cosine', 'linear' or 'constant'"),
     ("cache.value_code", lambda v: v in ("float16", "gap8"), "'float16' or 'gap8'"),
     ("cache.k", lambda v: v >= 1, "at least 1"),
+    ("cache.selection", lambda v: v in ("topk", "sample"), "'topk' or 'sample'"),
+    ("cache.sample_temperature", lambda v: v > 0, "positive"),
     ("cache.temperatures", lambda v: len(v) >= 1 and all(t > 0 for t in v), "a non-empty list of positive numbers"),
     ("cache.splits", lambda v: len(v) >= 1 and set(v) <= {"train", "val"}, "a list of 'train' and/or 'val'"),
     ("distill.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -25,6 +25,7 @@ import queue
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,23 +43,51 @@ WRITE_QUEUE_SHARDS = 2
 """Finished shards waiting for the writer; bounds memory while compute runs ahead of I/O."""
 
 
-def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[float, ...]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The teacher's top-k and tempered normalisers at every position.
+class Sampling(NamedTuple):
+    """cache.selection = 'sample': draw from softmax(logits / temperature), seeded."""
 
-    input_ids: (B, L) int64. Returns ids (B, L, k) int32, descending by logit; logits (B, L, k)
-    float32, raw (T = 1); lse (B, L, n_T) float32, logsumexp over the full vocabulary of
-    logits / T for each T. Computed in float32 whatever the teacher's dtype.
+    temperature: float
+    seed: int
+
+
+def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[float, ...],
+                 sampling: Sampling | None = None, first_row: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's top-k (or k sampled entries) and tempered normalisers at every position.
+
+    input_ids: (B, L) int64, rows first_row.. of the token store. Returns ids (B, L, k) int32,
+    descending by logit; logits (B, L, k) float32, raw (T = 1); lse (B, L, n_T) float32,
+    logsumexp over the full vocabulary of logits / T for each T. Computed in float32 whatever the
+    teacher's dtype. With `sampling`, the ids are k draws with replacement from
+    softmax(logits / sampling.temperature) by a generator seeded with (seed, first_row), so a
+    batch's draws do not depend on what ran before it; repeats are adjacent (ties by id).
     """
     # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
     # (without one transformers warns on every run).
     logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                    use_cache=False).logits.float()
-    values, ids = torch.topk(logits, k, dim=-1, sorted=True)
-    top = values[..., :1]  # the max, so exp never overflows; reusing it saves a pass per T
+    if sampling is None:
+        values, ids = torch.topk(logits, k, dim=-1, sorted=True)
+        top = values[..., :1]  # the max, so exp never overflows; reusing it saves a pass per T
+    else:
+        ids, values = _draw(logits, k=k, sampling=sampling, first_row=first_row)
+        top = logits.amax(-1, keepdim=True)
     lse = torch.stack([_sum_exp(logits - top, t).log_() + top[..., 0] / t
                        for t in temperatures], dim=-1)
     return ids.to(torch.int32), values, lse
+
+
+def _draw(logits: torch.Tensor, *, k: int, sampling: Sampling, first_row: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k draws per position from softmax(logits / T), sorted by (logit descending, id)."""
+    generator = torch.Generator(device=logits.device)
+    generator.manual_seed(sampling.seed * 1_000_003 + first_row)
+    probs = torch.softmax(logits.flatten(0, 1) / sampling.temperature, -1)
+    ids = torch.multinomial(probs, k, replacement=True, generator=generator)
+    ids = ids.view(*logits.shape[:2], k).sort(-1).values
+    values = logits.gather(-1, ids)
+    values, order = values.sort(dim=-1, descending=True, stable=True)
+    return ids.gather(-1, order), values
 
 
 def _sum_exp(shifted: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -76,27 +105,32 @@ def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Pat
     store = open_token_store(tokens_path)
     check_inputs(model, store=store, cfg=cfg, source=source, where=str(tokens_path))
     c = cfg.cache
+    sampling = Sampling(c.sample_temperature, c.sample_seed) if c.selection == "sample" else None
     return write_cache(model, store=store, cache_path=cache_path, teacher=teacher, k=c.k,
-                       temperatures=tuple(c.temperatures), value_code=c.value_code,
+                       temperatures=tuple(c.temperatures), sampling=sampling,
+                       value_code=c.value_code,
                        chunk_sequences=c.chunk_sequences, shard_chunks=c.shard_chunks,
                        batch_size=c.batch_size, device=device, rank=rank,
                        world_size=world_size, barrier=barrier)
 
 
 def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k: int,
-                temperatures: tuple[float, ...], value_code: str = "float16",
-                chunk_sequences: int = 32, shard_chunks: int = 16, batch_size: int = 32,
+                temperatures: tuple[float, ...], sampling: Sampling | None = None,
+                value_code: str = "float16", chunk_sequences: int = 32, shard_chunks: int = 16, batch_size: int = 32,
                 device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
                 barrier=lambda: None, progress: bool = True) -> dict:
     """Run `model` over `store` and write (or resume) its top-k logit cache at `cache_path`.
 
     `teacher`: the manifest's teacher entry (name, fingerprint, dtype, quantization, adapter).
+    `sampling`: store k draws per position instead of the top k (recorded in the manifest).
     `barrier` synchronises ranks: rank 0 creates the cache before the others open it, and
     finishes it after everyone has written. Returns this rank's {"tokens" computed, "seconds",
     "bytes" of the cache on disk, "total_tokens" of the store}.
     """
     manifest = {"teacher": teacher, "tokenizer_fingerprint": store.tokenizer_fingerprint,
                 "token_store_fingerprint": store.fingerprint}
+    if sampling is not None:  # top-k caches keep the manifest they always had
+        manifest["selection"] = {"kind": "sample", **sampling._asdict()}
 
     def create():
         return create_cache(
@@ -110,11 +144,11 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
     name = Path(store.path).stem
     if pending := writer.pending_shards(rank=rank, world_size=world_size):
         _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
-                 temperatures=temperatures, device=torch.device(device))
+                 temperatures=temperatures, sampling=sampling, device=torch.device(device))
     started = time.perf_counter()  # after the warm-up, as after loading the model
     computed = _run_shards(model, store=store, writer=writer, rank=rank, world_size=world_size,
-                           k=k, temperatures=temperatures, batch_size=batch_size,
-                           device=torch.device(device),
+                           k=k, temperatures=temperatures, sampling=sampling,
+                           batch_size=batch_size, device=torch.device(device),
                            desc=f"{name} r{rank}" if world_size > 1 else name,
                            show=progress and rank == 0)
     seconds = time.perf_counter() - started
@@ -141,7 +175,8 @@ def check_inputs(model, *, store, cfg: Config, source: TeacherSource, where: str
 
 
 def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, temperatures,
-                batch_size: int, device: torch.device, desc: str, show: bool) -> int:
+                sampling: Sampling | None, batch_size: int, device: torch.device, desc: str,
+                show: bool) -> int:
     """Compute this rank's pending shards, handing each finished one to the writer thread.
 
     Returns the number of sequences computed here (shards another process claimed are skipped).
@@ -168,7 +203,8 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
                         batch = tokens[first:first + batch_size].to(device, non_blocking=True)
                         outputs.append(tuple(
                             part.to("cpu", non_blocking=True)  # a no-op on the CPU
-                            for part in teacher_topk(model, batch, k=k, temperatures=temperatures)))
+                            for part in teacher_topk(model, batch, k=k, temperatures=temperatures,
+                                                     sampling=sampling, first_row=start + first)))
                         bar.update(batch.numel())
                     copied = _copy_done_event(device)
                     _put(finished, (shard, claim, outputs, copied), thread, failure)
@@ -188,7 +224,7 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
 
 
 def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, temperatures,
-             device: torch.device) -> None:
+             sampling: Sampling | None, device: torch.device) -> None:
     """One forward of a shard's first batch, thrown away. Of the two cache differences between
     runs seen since the writer thread went numpy-only, one (a last bit of lse in one row) was in
     a process's first batch and the other (a near-tied top-k id) most likely was, as if a
@@ -197,7 +233,8 @@ def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, tempe
     start, stop = writer.shard_rows(shard)
     rows = torch.from_numpy(store.read(start, min(stop, start + batch_size)).astype(np.int64))
     with torch.inference_mode():
-        teacher_topk(model, rows.to(device), k=k, temperatures=temperatures)
+        teacher_topk(model, rows.to(device), k=k, temperatures=temperatures, sampling=sampling,
+                     first_row=start)
 
 
 def _claimed(writer, *, rank: int, world_size: int):

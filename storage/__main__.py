@@ -1,8 +1,8 @@
 """`python -m storage inspect PATH [--json]` and `python -m storage verify PATH`.
 
 PATH is a logit cache or a token store. `inspect` prints its size, layout and provenance; for a
-cache also the teacher's mean entropy and head mass (sum of the top-k probabilities) at T=1 and
-T=2, estimated on a sample of done shards (which ones is printed). The entropy counts the tail
+top-k cache also the teacher's mean entropy and head mass (sum of the top-k probabilities) at T=1
+and T=2, estimated on a sample of done shards (which ones is printed). The entropy counts the tail
 mass m as spread uniformly over the V - k ids outside the head: H = -sum_i p_i log p_i -
 m log(m / (V - k)), an upper bound on the tail's true contribution. `verify` reads every chunk,
 prints each problem naming its shard, and exits 0 when clean, 2 when not.
@@ -91,6 +91,7 @@ def inspect_path(path: Path) -> dict:
         "path": str(path), "kind": "logit cache", "sequences": cache.n_sequences,
         "seq_len": cache.seq_len, "tokens": cache.n_sequences * cache.seq_len,
         "k": cache.k, "vocab_size": cache.vocab_size, "temperatures": list(cache.temperatures),
+        "selection": manifest.get("selection", {"kind": "topk"}),
         "value_code": cache.value_code, "chunk_sequences": cache.chunk_sequences,
         "shard_sequences": cache.shard_sequences,
         "shards_done": int(cache.done.sum()), "shards": cache.n_shards,
@@ -100,7 +101,8 @@ def inspect_path(path: Path) -> dict:
         "token_store_fingerprint": manifest.get("token_store_fingerprint"),
         "created": manifest.get("created"), "completed": manifest.get("completed"),
         "software_version": manifest.get("software_version"),
-        "teacher_stats": teacher_stats(cache),
+        # head mass and entropy describe a top-k head; sampled entries have none
+        "teacher_stats": teacher_stats(cache) if cache.sample_temperature is None else None,
     }
 
 

@@ -251,6 +251,13 @@ class _CacheBase:
         return self.manifest["value_code"]
 
     @property
+    def sample_temperature(self) -> float | None:
+        """The temperature the entries were drawn at, for a cache of sampled entries
+        (precompute's cache.selection = 'sample'); None for a top-k cache."""
+        selection = self.manifest.get("selection") or {}
+        return selection.get("temperature") if selection.get("kind") == "sample" else None
+
+    @property
     def n_sequences(self) -> int:
         return self.manifest["n_sequences"]
 

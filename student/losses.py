@@ -14,6 +14,14 @@ p_i = exp(z_i / T - lse_T) and the tail is 1 - sum p_i. The student's q is its t
 over the same ids plus its own tail 1 - sum q_i (floored at TAIL_FLOOR: below it float32 sums
 are rounding noise).
 
+A cache of sampled entries (precompute's cache.selection = 'sample': k draws per position from
+the teacher's softmax at T_s) stands for the whole distribution, tail included: p is the draws'
+frequencies, reweighted by exp(z (1/T - 1/T_s)) when T differs (`sampled_targets`), and there is
+no tail bucket (p_tail = 0), so the student's mass outside the drawn ids is pushed down as in
+full-vocabulary KD. Per-position p is noisy, but its expectation is the teacher's p_T, where the
+top-k head plus bucket never tells the student how the tail is shaped (README, "Top-k or
+sampled").
+
 `ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits in
 row chunks for CE and KL together and writes their gradients into a single (B, L, V) buffer, so
 cached KD costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over
@@ -100,6 +108,30 @@ def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: flo
     return log_p, p_tail
 
 
+def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: float,
+                    sample_temperature: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The teacher's tempered distribution estimated from a cache of sampled entries.
+
+    ids: (B, L, m) draws with replacement from the teacher's softmax at `sample_temperature`;
+    logits: (B, L, m) their cached logits (possibly shifted per position). Each draw weighs
+    w = exp(z (1/T - 1/T_s)), normalised over the position's draws (self-normalised importance
+    sampling: equal weights, the draws' frequencies, when T = T_s). Returns (log_p (B, L, m),
+    p_tail (B, L) zeros: the draws stand for the whole distribution, first (B, L, m) bool): an id
+    drawn several times has its summed probability at its first slot, and -inf at the others.
+    """
+    weights = torch.softmax(logits.float() * (1 / temperature - 1 / sample_temperature), -1)
+    sorted_ids, order = ids.sort(dim=-1, stable=True)
+    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first_sorted[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
+    group = first_sorted.cumsum(-1) - 1
+    totals = torch.zeros_like(weights).scatter_add_(-1, group, weights.gather(-1, order))
+    merged = torch.where(first_sorted, totals.gather(-1, group), 0.0)
+    first = torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
+    log_p = torch.empty_like(weights).scatter_(-1, order, merged).log()
+    return log_p, log_p.new_zeros(log_p.shape[:-1]), first
+
+
 class _FusedCEKL(torch.autograd.Function):
     """Per-row CE and tail-bucket KL of logits (N, V); see `ce_and_cached_kl` for the maths.
 
@@ -110,7 +142,7 @@ class _FusedCEKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature):
+    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature, head_mask):
         distil = head_ids is not None
         n = logits.shape[0]
         targets = labels.clamp(min=0).unsqueeze(-1)
@@ -141,12 +173,17 @@ class _FusedCEKL(torch.autograd.Function):
                 return ce, torch.zeros_like(ce)
             log_q = head_logits / temperature - lse_t.unsqueeze(-1)
             q = log_q.exp()
+            if head_mask is not None:  # repeated ids count once
+                q = torch.where(head_mask, q, 0.0)
             # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
             q_tail = 1 - q.sum(-1)
             tail_free = q_tail >= TAIL_FLOOR
             q_tail = q_tail.clamp(min=TAIL_FLOOR)
             p = log_p.exp()
-            kl = (p * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
+            head_terms = p * (log_p - log_q)
+            if head_mask is not None:
+                head_terms = torch.where(head_mask, head_terms, 0.0)
+            kl = head_terms.sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
             kl = torch.where(valid, kl, 0.0)
         ctx.save_for_backward(logits, labels, lse1, head_ids, p, p_tail, lse_t, q, q_tail,
                               tail_free)
@@ -202,7 +239,7 @@ class _FusedCEKL(torch.autograd.Function):
                 elif not fold:
                     g.mul_(grad_ce[rows].unsqueeze(-1))
                 g.scatter_add_(-1, targets[rows], -grad_ce[rows].unsqueeze(-1))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def _square_roots(x: torch.Tensor, roots: int, *, out: torch.Tensor | None = None
@@ -231,13 +268,16 @@ def _row_chunks(logits: torch.Tensor, scratches: int = 1):
 
 def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
                      head_ids: torch.Tensor | None = None, log_p_head: torch.Tensor | None = None,
-                     p_tail: torch.Tensor | None = None, temperature: float = 1.0
+                     p_tail: torch.Tensor | None = None, temperature: float = 1.0,
+                     head_mask: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token CE and cached-KD KL, fused into one pass over the logits.
 
     logits: (B, L, V) student logits; labels: (B, L) with IGNORE_INDEX where ignored.
     head_ids: (B, L, k) teacher top-k ids; log_p_head: (B, L, k) and p_tail: (B, L) from
     `teacher_buckets` at `temperature`; all None for plain CE (the baseline), when kl is None.
+    head_mask: (B, L, k) bool, False at repeats of an id (`sampled_targets`), None when the ids
+    are distinct.
     Returns (ce, kl), each (B, L), 0 where ignored. With q_i = softmax(logits / T)_i over the head
     ids and q_tail = 1 - sum q_i (floored at TAIL_FLOOR):
     kl = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail).
@@ -246,10 +286,12 @@ def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # autocast hands over half-precision logits; softmax needs more
     if head_ids is None:
-        ce, _ = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), None, None, None, 1.0)
+        ce, _ = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), None, None, None, 1.0,
+                                 None)
         return ce.view(shape), None
+    mask = None if head_mask is None else head_mask.flatten(0, 1)
     ce, kl = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), head_ids.flatten(0, 1),
-                              log_p_head.flatten(0, 1), p_tail.flatten(), float(temperature))
+                              log_p_head.flatten(0, 1), p_tail.flatten(), float(temperature), mask)
     return ce.view(shape), kl.view(shape)
 
 

@@ -42,7 +42,7 @@ from storage.cache import LogitCache, open_cache
 from storage.errors import CorruptData
 from storage.reader import Batch, batches_per_epoch, stream_batches
 from storage.tokens import TokenStore, open_token_store
-from student.losses import (LossTerms, ce_and_cached_kl, combine, full_kl,
+from student.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, sampled_targets,
                             shift_labels, teacher_buckets)
 from student.model import new_gpt2, resolve_device
 
@@ -141,7 +141,11 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
     if k > cache.k:
         raise UserError(f"distill.k = {k} is larger than the cached k = {cache.k} of {cache.path}")
     skip = bad_shards(cache) if d.skip_bad_shards else ()
-    if not any(math.isclose(t, d.temperature, rel_tol=1e-6) for t in cache.temperatures):
+    if cache.sample_temperature is not None:
+        if k != cache.k:  # the first k of draws sorted by logit are not a sample
+            raise UserError(f"distill.k = {k}: {cache.path} holds {cache.k} sampled entries per "
+                            f"position, which are used together (distill.k=0 or {cache.k})")
+    elif not any(math.isclose(t, d.temperature, rel_tol=1e-6) for t in cache.temperatures):
         near = min(cache.temperatures, key=lambda t: abs(t - d.temperature))
         print(f"note: distill.temperature = {d.temperature:g} is not stored in the cache "
               f"(stored: {', '.join(f'{t:g}' for t in cache.temperatures)}); approximating the "
@@ -341,11 +345,19 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
         ce, _ = ce_and_cached_kl(logits, labels)
         kl = full_kl(logits, teacher_logits, temperature=t, labels=labels)
     else:
-        log_p, p_tail = teacher_buckets(
-            torch.from_numpy(batch.logits).to(device), torch.from_numpy(batch.lse).to(device),
-            temperature=t, temperatures=distil.cache.temperatures, vocab_size=distil.vocab_size)
-        ce, kl = ce_and_cached_kl(logits, labels, head_ids=torch.from_numpy(batch.ids).to(device),
-                                  log_p_head=log_p, p_tail=p_tail, temperature=t)
+        ids = torch.from_numpy(batch.ids).to(device)
+        cached_logits = torch.from_numpy(batch.logits).to(device)
+        first = None
+        if distil.cache.sample_temperature is not None:
+            log_p, p_tail, first = sampled_targets(
+                ids, cached_logits, temperature=t,
+                sample_temperature=distil.cache.sample_temperature)
+        else:
+            log_p, p_tail = teacher_buckets(
+                cached_logits, torch.from_numpy(batch.lse).to(device), temperature=t,
+                temperatures=distil.cache.temperatures, vocab_size=distil.vocab_size)
+        ce, kl = ce_and_cached_kl(logits, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
+                                  temperature=t, head_mask=first)
     return combine(ce, kl, labels, alpha=distil.alpha, temperature=t)
 
 

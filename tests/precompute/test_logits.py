@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from configs.cli import run as run_cli
-from precompute.logits import main, teacher_topk, write_cache
+from precompute.logits import Sampling, main, teacher_topk, write_cache
+from storage.__main__ import inspect_path
 from storage.cache import encode_values, open_cache
 from storage.tokens import open_token_store
 from tests.precompute.tiny_teacher import cli_args, save_teacher, tiny_config, tiny_run
@@ -110,6 +111,27 @@ def test_topk_and_lse_of_a_batch():
     torch.testing.assert_close(lse[..., 1], torch.logsumexp(logits / 2, -1))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_draws_follow_the_tempered_softmax(temperature):
+    """64 draws at each of 512 positions with the same logits: the counts against 32,768 x
+    softmax(logits / T) are within 5 standard deviations for every id (the other temperature's
+    softmax is off by more than 20 for some id)."""
+    torch.manual_seed(0)
+    logits = (torch.randn(50).double() * 3).expand(8, 64, 50)
+    model = lambda input_ids, **_: type("Out", (), {"logits": logits})  # noqa: E731
+    ids, values, lse = teacher_topk(model, torch.zeros(8, 64, dtype=torch.long), k=64,
+                                    temperatures=(1.0, 2.0), sampling=Sampling(temperature, 0))
+    torch.testing.assert_close(values, logits.float().gather(-1, ids.long()))
+    torch.testing.assert_close(lse[..., 1], torch.logsumexp(logits / 2, -1).float())
+    counts = torch.bincount(ids.flatten().long(), minlength=50).double()
+
+    def deviation(t):
+        expected = 8 * 64 * 64 * torch.softmax(logits[0, 0] / t, -1)
+        return ((counts - expected).abs() / (expected.sqrt() + 1)).max()
+
+    assert deviation(temperature) < 5 and deviation(3 - temperature) > 20
+
+
 def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):
     run = tiny_run(tmp_path, n_train=96, n_val=32)
     main(tiny_config(run, *uses(teacher, "cache.splits=[train, val]")))
@@ -136,6 +158,35 @@ def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):
                                        rtol=2e-3, atol=1e-6)
     assert (run / "cache" / "config.yaml").is_file()
     assert open_cache(run / "cache" / "train.zarr").manifest["completed"]
+
+
+def test_sampled_cache_draws_from_the_teachers_tempered_softmax(tmp_path, teacher):
+    """cache.selection=sample: 64 draws per position, stored with their own logits, sorted by
+    logit with repeats adjacent; a second job writes the same bytes (each batch's generator is
+    seeded with its first row)."""
+    sampled = ("cache.selection=sample", "cache.k=64", "cache.sample_temperature=2.0")
+    runs = [tiny_run(tmp_path / name, n_train=96, n_val=16) for name in ("a", "b")]
+    for run in runs:
+        main(tiny_config(run, *uses(teacher, *sampled)))
+    paths = [run / "cache" / "train.zarr" for run in runs]
+    assert cache_differences(*paths) == []
+    store = open_token_store(runs[0] / "tokens" / "train.zarr")
+    cache = open_cache(paths[0], token_store=store)
+    assert cache.sample_temperature == 2.0 and cache.k == 64
+    info = inspect_path(paths[0])
+    assert info["selection"] == {"kind": "sample", "temperature": 2.0, "seed": 0}
+    assert info["teacher_stats"] is None  # no top-k head to describe
+    block = cache.read(0, store.n_sequences)
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64))
+                       ).logits.double().numpy()
+    assert np.all(block.logits[..., :-1] >= block.logits[..., 1:])
+    drawn = np.take_along_axis(logits, block.ids, -1)
+    np.testing.assert_allclose(block.logits, drawn - drawn[..., :1], atol=2e-3)
+    same_as_next = block.ids[..., 1:] == block.ids[..., :-1]
+    distinct = np.array([len(set(row)) for row in block.ids.reshape(-1, 64)])
+    assert np.array_equal(64 - same_as_next.reshape(-1, 63).sum(-1), distinct)  # repeats adjacent
 
 
 def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from student import losses
 from student.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, full_kl, log1mexp,
-                            shift_labels, teacher_buckets)
+                            sampled_targets, shift_labels, teacher_buckets)
 
 V, K = 50, 6
 TEMPS = (1.0, 2.0)
@@ -152,6 +152,42 @@ def test_fused_gradient_equals_autograd_of_the_definition(batch):
     valid = labels != IGNORE_INDEX
     ref_ce = F.cross_entropy(plain.flatten(0, 1), labels.flatten(), reduction="none").view(2, 7)
     ((ref_ce * weights).sum() + (torch.where(valid, ref_kl, 0) * weights.flip(0)).sum()).backward()
+    assert torch.allclose(fused.grad, plain.grad, atol=1e-6)
+
+
+def test_sampled_targets_merge_repeats_and_reweight_for_another_temperature():
+    ids = torch.tensor([[[3, 3, 5, 3]]])
+    z = torch.tensor([[[-0.5, -0.5, -1.0, -0.5]]])
+    log_p, p_tail, first = sampled_targets(ids, z, temperature=2.0, sample_temperature=2.0)
+    assert first.tolist() == [[[True, False, True, False]]] and p_tail.tolist() == [[0.0]]
+    assert torch.allclose(log_p.exp(), torch.tensor([[[0.75, 0.0, 0.25, 0.0]]]))
+    # drawn at T_s = 2, read at T = 1: each draw weighs exp(z (1/1 - 1/2)), normalised
+    log_p, _, _ = sampled_targets(ids, z, temperature=1.0, sample_temperature=2.0)
+    w = torch.exp(z[0, 0] / 2)
+    assert torch.allclose(log_p.exp()[0, 0, [0, 2]], torch.stack([w[[0, 1, 3]].sum(), w[2]]) / w.sum())
+
+
+def test_sampled_cache_kd_is_the_kl_to_the_sampled_distribution(batch):
+    """Draws with repeats: the fused loss and its gradient equal KL(p_hat || q_T) over the full
+    vocabulary, p_hat the draws' (merged) probabilities, by plain autograd."""
+    student, teacher, labels = batch
+    labels[0, 3] = IGNORE_INDEX
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.multinomial(torch.softmax(teacher.flatten(0, 1) / 2, -1), 12, replacement=True,
+                            generator=generator).view(2, 7, 12)
+    z = teacher.gather(-1, ids)
+    log_p, p_tail, first = sampled_targets(ids, z, temperature=1.5, sample_temperature=2.0)
+    assert torch.allclose(log_p.exp().sum(-1), torch.ones(2, 7)) and (~first).any()
+    fused = student.clone().requires_grad_()
+    _, kl = ce_and_cached_kl(fused, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
+                             temperature=1.5, head_mask=first)
+    kl.sum().backward()
+    plain = student.clone().requires_grad_()
+    p_hat = torch.zeros_like(teacher).scatter_add_(-1, ids, log_p.exp())
+    log_q = F.log_softmax(plain / 1.5, -1)
+    ref = torch.where(labels != IGNORE_INDEX, (torch.xlogy(p_hat, p_hat) - p_hat * log_q).sum(-1), 0)
+    ref.sum().backward()
+    assert torch.allclose(kl, ref, atol=1e-5)
     assert torch.allclose(fused.grad, plain.grad, atol=1e-6)
 
 

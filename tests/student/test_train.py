@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from configs import CONFIG_DIR, load_config
 from configs.cli import run
-from precompute.logits import write_cache
+from precompute.logits import Sampling, write_cache
 from storage.tokens import open_token_store
 from student import train as trainer
 from tests.precompute.tiny_teacher import save_teacher, tiny_overrides, tiny_run
@@ -29,15 +29,18 @@ STUDENT = ["student.n_layer=2", "student.n_embd=32", "student.n_head=2", "studen
            "student.eval_every=0", "student.checkpoint_every=0", "student.device=cpu"]
 
 
-def make_run(root: Path, *, k: int = 8, n_train: int = 256) -> Path:
-    """Token stores (vocab 300, seq 32), a tiny random teacher and its k = 8 cache (T = 1, 2)."""
+def make_run(root: Path, *, k: int = 8, n_train: int = 256, sampling: Sampling | None = None
+             ) -> Path:
+    """Token stores (vocab 300, seq 32), a tiny random teacher and its k = 8 cache (T = 1, 2;
+    of k draws with `sampling`)."""
     tiny_run(root, n_train=n_train)
     teacher = save_teacher(root / "teacher", n_embd=64, seed=3)
     from transformers import AutoModelForCausalLM
     write_cache(AutoModelForCausalLM.from_pretrained(teacher),
                 store=open_token_store(root / "tokens" / "train.zarr"),
                 cache_path=root / "cache" / "train.zarr", teacher={"name": "tiny"}, k=k,
-                temperatures=(1.0, 2.0), chunk_sequences=16, shard_chunks=2, progress=False)
+                temperatures=(1.0, 2.0), sampling=sampling, chunk_sequences=16, shard_chunks=2,
+                progress=False)
     return root
 
 
@@ -124,6 +127,23 @@ def test_cached_kd_follows_online_kd_with_k_equal_vocabulary(tmp_path):
                                   "distill.run=o"))
     c, o = metrics(cached)[0], metrics(online)[0]
     assert c["kl"] == pytest.approx(o["kl"], rel=5e-3)  # float16 cache values and c["ce"] == pytest.approx(o["ce"])
+
+
+def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
+    root = make_run(tmp_path, k=32, n_train=64, sampling=Sampling(temperature=2.0, seed=0))
+    for temperature in (2.0, 1.0):  # the draws' own temperature, and reweighted
+        out = trainer.train(config(root, "cache.k=32", f"distill.temperature={temperature}",
+                                   "student.max_steps=12"))
+        rows = metrics(out)
+        assert all(r["kl"] > 0 for r in rows)
+        assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(trainer.main, "train", argv=["--config", str(CONFIG), *overrides(root), "cache.k=32",
+                                         "distill.k=16"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "holds 32 sampled entries per position, which are used together" in err
 
 
 def test_fit_trains_a_lora_wrapped_model_with_ce(tmp_path):

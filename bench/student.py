@@ -16,7 +16,8 @@ same 2 x 64 student trained by `student.train.train` in every mode:
            training (VmHWM - VmRSS): the whole is what a machine must hold, the growth isolates
            what training adds.
   quality  final validation perplexity after the same steps and seed: cached KD over k and over
-           the stored temperatures, gap8 vs float16, against online full-vocabulary KD and CE.
+           the stored temperatures, gap8 vs float16, KD from 64 sampled entries (drawn at T = 2)
+           at T = 1 and 2, against online full-vocabulary KD and CE.
 
 `python -m bench.student [--steps N]` prints the table; `run(...)` returns its rows.
 """
@@ -85,11 +86,12 @@ def overrides(root: Path, *extra: str) -> list[str]:
 
 
 def build(root: Path, *, teacher_steps: int) -> dict:
-    """Token stores, a trained teacher and its float16 cache in `root`, and a sibling run
-    `root`-gap8 sharing them with a gap8 cache. Returns the teacher's val perplexity."""
+    """Token stores, a trained teacher and its float16 cache in `root`, and sibling runs sharing
+    them: `root`-gap8 with a gap8 cache, `root`-sampled with a cache of 64 draws per position at
+    T = 2. Returns the teacher's val perplexity."""
     from transformers import AutoModelForCausalLM
 
-    from precompute.logits import write_cache
+    from precompute.logits import Sampling, write_cache
     from student.model import new_gpt2
     from student.train import fit, open_tokens, read_metrics
 
@@ -103,14 +105,16 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     store = open_token_store(root / "tokens" / "train.zarr")
-    gap8 = root.with_name(root.name + "-gap8")
-    for link in ("tokens", "teacher"):
-        (gap8 / link).parent.mkdir(parents=True, exist_ok=True)
-        (gap8 / link).symlink_to(root / link)
-    for run_dir, code in ((root, "float16"), (gap8, "gap8")):
+    gap8, sampled = (root.with_name(f"{root.name}-{kind}") for kind in ("gap8", "sampled"))
+    for sibling in (gap8, sampled):
+        for link in ("tokens", "teacher"):
+            (sibling / link).parent.mkdir(parents=True, exist_ok=True)
+            (sibling / link).symlink_to(root / link)
+    for run_dir, code, sampling in ((root, "float16", None), (gap8, "gap8", None),
+                                    (sampled, "gap8", Sampling(temperature=2.0, seed=0))):
         write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",
                     teacher={"name": "bench"}, k=CACHE_K, temperatures=TEMPERATURES,
-                    value_code=code, progress=False)
+                    sampling=sampling, value_code=code, progress=False)
     val_rows = [r for r in read_metrics(root / "teacher" / "metrics.jsonl") if "val_ppl" in r]
     return {"teacher_val_ppl": val_rows[-1]["val_ppl"],
             "teacher_params": sum(p.numel() for p in teacher.parameters())}
@@ -290,13 +294,14 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     """Final val perplexity of the same student (same steps and seed) in every mode."""
     from student.train import read_metrics, train
 
-    gap8 = root.with_name(root.name + "-gap8")
+    gap8, sampled = (root.with_name(f"{root.name}-{kind}") for kind in ("gap8", "sampled"))
     runs = [("CE baseline", root, [])]
     runs += [(f"online KD T={t:g}", root, ["distill.mode=online", f"distill.temperature={t}"])
              for t in (1.0, 2.0)]
     runs += [(f"cached KD k={k} T=2", root, [f"distill.k={k}"]) for k in (4, 8, 16, 32, 64)]
     runs += [(f"cached KD k=64 T={t:g}", root, [f"distill.temperature={t}"]) for t in (1.0, 4.0)]
     runs += [("cached KD k=64 T=2 gap8", gap8, [])]
+    runs += [(f"sampled KD m=64 T={t:g}", sampled, [f"distill.temperature={t}"]) for t in (1.0, 2.0)]
     ppl = {}
     for name, run_dir, extra in runs:
         alpha = 1 if name == "CE baseline" else 0.5
@@ -309,7 +314,7 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
              "val_ppl": round(facts["teacher_val_ppl"], 3)}]
     for name, value in ppl.items():
         reference = (ppl.get(f"online KD T={name.split('T=')[1].split()[0]}")
-                     if name.startswith("cached") else None)
+                     if name.startswith(("cached", "sampled")) else None)
         rows.append({"section": "quality", "run": name, "val_ppl": round(value, 3),
                      "vs_online_%": round(100 * (value / reference - 1), 2) if reference else None,
                      "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})

@@ -56,14 +56,15 @@ def _student_rows(*, cached_vs_ce, rss, cached_ppl):
                for student, run, r, mb in speed]
             + [{"section": "quality", "run": run, "val_ppl": ppl} for run, ppl in (
                 ("CE baseline", 20.0), ("online KD T=1", 18.0), ("cached KD k=64 T=1", cached_ppl),
-                ("online KD T=2", 18.0), ("cached KD k=64 T=2", cached_ppl))])
+                ("online KD T=2", 18.0), ("cached KD k=64 T=2", cached_ppl),
+                ("sampled KD m=64 T=1", cached_ppl), ("sampled KD m=64 T=2", cached_ppl))])
 
 
 def test_summary_marks_targets_honestly():
     good = summary({"student": _student_rows(cached_vs_ce=0.97, rss=1.05, cached_ppl=18.1)})
     bad = summary({"student": _student_rows(cached_vs_ce=0.90, rss=60, cached_ppl=18.5)})
     verdicts = [[row["met"] for row in rows if row["target"]] for rows in (good, bad)]
-    assert verdicts == [["met"] * 7, ["NOT met"] * 7]
+    assert verdicts == [["met"] * 9, ["NOT met"] * 9]
     assert {row["measured"] for row in good if row["figure"].startswith("bench.")} == {"not run"}
 
 
@@ -96,11 +97,11 @@ def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
     assert teacher["section"] == "teacher" and teacher["train_tokens"] > 100_000
     assert 0 < teacher["head_mass_T=2"] < teacher["head_mass_T=1"] < 1
     caches = [r for r in rows if r["section"] == "caches"]
-    assert len(caches) == 2 and all(0 < r["bytes_per_token"] < 2000 for r in caches)
+    assert len(caches) == 3 and all(0 < r["bytes_per_token"] < 2000 for r in caches)
     quality = {r["run"]: r for r in rows if r["section"] == "quality"}
     assert list(quality) == ["CE baseline", "online KD T=1", "cached KD k=64 T=1",
                              "sampled KD m=64 T=1", "online KD T=2", "cached KD k=64 T=2",
-                             "sampled KD m=64 T=2", "cached KD k=8 T=2"]
+                             "sampled KD m=64 T=2", "cached KD k=8 T=2", "sampled KD m=16 T=2"]
     assert all(1 < r["val_ppl"] < 512 for r in quality.values())
     cached = quality["cached KD k=64 T=2"]
     assert cached["vs_online_%"] == round(

@@ -2,7 +2,8 @@
 
 Runs the teacher (see `precompute.models.resolve_teacher` for which one) in inference mode over
 every sequence of `tokens/train.zarr` (and `tokens/val.zarr` when "val" is in cache.splits) and
-writes its top-k logits (descending) plus the full-vocabulary logsumexp at each of
+writes its top-k logits (descending; or, with cache.selection = 'sample', k draws from its
+softmax at cache.sample_temperature) plus the full-vocabulary logsumexp at each of
 cache.temperatures to `cache/<split>.zarr`, shard by shard.
 
 * Batches run on the device while a background writer thread (bounded queue) compresses and
@@ -108,17 +109,17 @@ def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Pat
     sampling = Sampling(c.sample_temperature, c.sample_seed) if c.selection == "sample" else None
     return write_cache(model, store=store, cache_path=cache_path, teacher=teacher, k=c.k,
                        temperatures=tuple(c.temperatures), sampling=sampling,
-                       value_code=c.value_code,
-                       chunk_sequences=c.chunk_sequences, shard_chunks=c.shard_chunks,
+                       value_code=c.value_code, chunk_sequences=c.chunk_sequences,
+                       shard_chunks=c.shard_chunks,
                        batch_size=c.batch_size, device=device, rank=rank,
                        world_size=world_size, barrier=barrier)
 
 
 def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k: int,
                 temperatures: tuple[float, ...], sampling: Sampling | None = None,
-                value_code: str = "float16", chunk_sequences: int = 32, shard_chunks: int = 16, batch_size: int = 32,
-                device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1,
-                barrier=lambda: None, progress: bool = True) -> dict:
+                value_code: str = "float16", chunk_sequences: int = 32, shard_chunks: int = 16,
+                batch_size: int = 32, device: torch.device | str = "cpu", rank: int = 0,
+                world_size: int = 1, barrier=lambda: None, progress: bool = True) -> dict:
     """Run `model` over `store` and write (or resume) its top-k logit cache at `cache_path`.
 
     `teacher`: the manifest's teacher entry (name, fingerprint, dtype, quantization, adapter).

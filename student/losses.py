@@ -113,22 +113,20 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: flo
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's tempered distribution estimated from a cache of sampled entries.
 
-    ids: (B, L, m) draws with replacement from the teacher's softmax at `sample_temperature`;
-    logits: (B, L, m) their cached logits (possibly shifted per position). Each draw weighs
-    w = exp(z (1/T - 1/T_s)), normalised over the position's draws (self-normalised importance
-    sampling: equal weights, the draws' frequencies, when T = T_s). Returns (log_p (B, L, m),
-    p_tail (B, L) zeros: the draws stand for the whole distribution, first (B, L, m) bool): an id
-    drawn several times has its summed probability at its first slot, and -inf at the others.
+    ids: (B, L, m) draws with replacement from the teacher's softmax at `sample_temperature`,
+    repeats of an id adjacent (as the logits job stores them, sorted by logit); logits: (B, L, m)
+    their cached logits (possibly shifted per position). Each draw weighs w = exp(z (1/T - 1/T_s)),
+    normalised over the position's draws (self-normalised importance sampling: equal weights, the
+    draws' frequencies, when T = T_s). Returns (log_p (B, L, m), p_tail (B, L) zeros: the draws
+    stand for the whole distribution, first (B, L, m) bool): an id drawn several times has its
+    summed probability at its first slot, and -inf at the others.
     """
     weights = torch.softmax(logits.float() * (1 / temperature - 1 / sample_temperature), -1)
-    sorted_ids, order = ids.sort(dim=-1, stable=True)
-    first_sorted = torch.ones_like(sorted_ids, dtype=torch.bool)
-    first_sorted[..., 1:] = sorted_ids[..., 1:] != sorted_ids[..., :-1]
-    group = first_sorted.cumsum(-1) - 1
-    totals = torch.zeros_like(weights).scatter_add_(-1, group, weights.gather(-1, order))
-    merged = torch.where(first_sorted, totals.gather(-1, group), 0.0)
-    first = torch.empty_like(first_sorted).scatter_(-1, order, first_sorted)
-    log_p = torch.empty_like(weights).scatter_(-1, order, merged).log()
+    first = torch.ones_like(ids, dtype=torch.bool)
+    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
+    run = first.cumsum(-1) - 1  # which run of repeats each slot is in
+    totals = torch.zeros_like(weights).scatter_add_(-1, run, weights).gather(-1, run)
+    log_p = torch.where(first, totals.log(), -math.inf)
     return log_p, log_p.new_zeros(log_p.shape[:-1]), first
 
 

@@ -91,7 +91,7 @@ def inspect_path(path: Path) -> dict:
         "path": str(path), "kind": "logit cache", "sequences": cache.n_sequences,
         "seq_len": cache.seq_len, "tokens": cache.n_sequences * cache.seq_len,
         "k": cache.k, "vocab_size": cache.vocab_size, "temperatures": list(cache.temperatures),
-        "selection": manifest.get("selection", {"kind": "topk"}),
+        "selection": cache.selection,
         "value_code": cache.value_code, "chunk_sequences": cache.chunk_sequences,
         "shard_sequences": cache.shard_sequences,
         "shards_done": int(cache.done.sum()), "shards": cache.n_shards,

@@ -251,11 +251,15 @@ class _CacheBase:
         return self.manifest["value_code"]
 
     @property
+    def selection(self) -> dict:
+        """How the k entries were chosen: {"kind": "topk"}, or {"kind": "sample", "temperature",
+        "seed"} for draws (precompute's cache.selection = 'sample'; top-k caches record nothing)."""
+        return self.manifest.get("selection") or {"kind": "topk"}
+
+    @property
     def sample_temperature(self) -> float | None:
-        """The temperature the entries were drawn at, for a cache of sampled entries
-        (precompute's cache.selection = 'sample'); None for a top-k cache."""
-        selection = self.manifest.get("selection") or {}
-        return selection.get("temperature") if selection.get("kind") == "sample" else None
+        """The temperature the entries were drawn at; None for a top-k cache."""
+        return self.selection["temperature"] if self.selection["kind"] == "sample" else None
 
     @property
     def n_sequences(self) -> int:

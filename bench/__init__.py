@@ -8,3 +8,12 @@ from pathlib import Path
 SHARED_DATA = Path(os.environ.get("BABYLM_KD_SHARED_DATA",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 """The real public data (BabyLM, BLiMP) the benchmarks read in place; one setting, as in tests."""
+
+
+def sibling_run(run_dir: Path, sibling: Path) -> Path:
+    """`sibling`, a run directory sharing `run_dir`'s token stores and teacher (symlinks), for a
+    second cache of the same teacher."""
+    for shared in ("tokens", "teacher"):
+        (sibling / shared).parent.mkdir(parents=True, exist_ok=True)
+        (sibling / shared).symlink_to(run_dir / shared)
+    return sibling

@@ -28,7 +28,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from bench import SHARED_DATA
+from bench import SHARED_DATA, sibling_run
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
 
@@ -77,10 +77,7 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
         fill_caches(cfg)
         sampled = {}  # draws per position -> settings of a run sharing the tokens and teacher
         for m in (SAMPLES, FEWER_SAMPLES):
-            run_dir = tmp / f"run-sampled-{m}"
-            for shared in ("tokens", "teacher"):
-                (run_dir / shared).parent.mkdir(parents=True, exist_ok=True)
-                (run_dir / shared).symlink_to(cfg.run_path / shared)
+            run_dir = sibling_run(cfg.run_path, tmp / f"run-sampled-{m}")
             sampled[m] = [*base, f"run_dir={run_dir}", "cache.selection=sample", f"cache.k={m}",
                           f"cache.sample_temperature={SAMPLE_TEMPERATURE}"]
             fill_caches(load_config(CONFIG_DIR / "demo.yaml", sampled[m]))

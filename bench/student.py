@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import sibling_run
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
 from storage.tokens import open_token_store, write_token_store
@@ -105,11 +106,8 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     store = open_token_store(root / "tokens" / "train.zarr")
-    gap8, sampled = (root.with_name(f"{root.name}-{kind}") for kind in ("gap8", "sampled"))
-    for sibling in (gap8, sampled):
-        for link in ("tokens", "teacher"):
-            (sibling / link).parent.mkdir(parents=True, exist_ok=True)
-            (sibling / link).symlink_to(root / link)
+    gap8, sampled = (sibling_run(root, root.with_name(f"{root.name}-{kind}"))
+                     for kind in ("gap8", "sampled"))
     for run_dir, code, sampling in ((root, "float16", None), (gap8, "gap8", None),
                                     (sampled, "gap8", Sampling(temperature=2.0, seed=0))):
         write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",

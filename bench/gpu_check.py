@@ -1,14 +1,19 @@
-"""One-shot GPU check (H100/H200): the teacher-logits job with an fp16 and a 4-bit NF4 teacher,
-and a few bf16-autocast student steps from the cache just written. Needs no network: the
+"""One-shot GPU check (H100/H200) of the paths that only a GPU exercises. Needs no network: the
 teacher (GPT-2 Large shape, 36 x 1280, vocab 50257, random weights) and the token stores are
 made in-process under a temporary folder. Finishes in a few minutes.
 
-For each teacher: tokens/s of the bare forward, of forward + top-k + logsumexp, and of the job
-(`precompute.logits.cache_split`, the path `make teacher-logits` runs: batches, background shard
-writer, claims, fsync), then the cache checked against a direct forward of the same model
-(top-k ids, logits within fp16 rounding, lse). Then `student.train.fit` trains a GPT-2 Small
-shape (12 x 768) with cached KD (alpha 0.5, T 2) under bf16 autocast: tokens/s and
-torch.cuda.max_memory_allocated.
+Sections, each reported as table rows (a failing one becomes a FAILED row and the rest go on):
+  * teacher-logits job (`precompute.logits.cache_split`, the path `make teacher-logits` runs)
+    with the fp16 teacher (top-k, and sampled entries at vocab 50257) and the 4-bit NF4
+    teacher: tokens/s of the bare forward, of forward + selection + logsumexp, and of the job;
+    then the cache checked against a direct forward of the same model.
+  * teacher fine-tuning (`precompute.teacher.train_teacher`) by QLoRA and LoRA for a few steps
+    under bf16 autocast: tokens/s and max_memory_allocated; then the logits job on the result
+    (the NF4 base plus the adapter; the merged LoRA model), checked the same way.
+  * students of GPT-2 Small's shape (12 x 768) trained the same steps from the same seed under
+    bf16 autocast: the CE baseline, cached KD from the top-k and from the sampled cache, and
+    online KD with the fp16 teacher resident: tokens/s and max_memory_allocated, and the ratios
+    the student issue asks for (cached over CE, cached over online).
 
     python -m bench.gpu_check            # on the GPU machine; table also to $OUT/gpu_check.md
     python -m bench.gpu_check --tiny     # tiny shapes on the CPU, to check the script runs
@@ -43,12 +48,21 @@ class Shapes:
     k: int
     student_steps: int
     student_batch: int
+    finetune_steps: int
 
 
 FULL = Shapes(teacher=(36, 1280, 20), student=(12, 768, 12), vocab=50257, seq_len=128,
-              sequences=2048, batch=64, k=64, student_steps=30, student_batch=32)
+              sequences=2048, batch=64, k=64, student_steps=40, student_batch=32,
+              finetune_steps=20)
 TINY = Shapes(teacher=(2, 64, 2), student=(2, 64, 2), vocab=320, seq_len=32, sequences=64,
-              batch=16, k=8, student_steps=3, student_batch=8)
+              batch=16, k=8, student_steps=8, student_batch=8, finetune_steps=3)
+SAMPLE_TEMPERATURE = 2.0
+STUDENT_MODES = {  # name -> config overrides; the student's T is the sampled cache's
+    "CE baseline": ("distill.alpha=1",),
+    "cached KD, top-k": ("distill.alpha=0.5",),
+    "cached KD, sampled": ("distill.alpha=0.5",),
+    "online KD": ("distill.alpha=0.5", "distill.mode=online"),
+}
 
 
 def run(*, tiny: bool = False) -> list[dict]:
@@ -56,17 +70,28 @@ def run(*, tiny: bool = False) -> list[dict]:
     shapes = TINY if tiny else FULL
     device = "cpu" if tiny else "cuda"
     rows = [{"check": "device", "value": _device_name(device), "unit": "",
-             "note": f"torch {torch.__version__}, bitsandbytes {_version('bitsandbytes')}"}]
+             "note": f"torch {torch.__version__}, transformers {_version('transformers')}, "
+                     f"bitsandbytes {_version('bitsandbytes')}, peft {_version('peft')}"}]
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
         teacher_dir = make_teacher(root / "teacher", shapes, device)
         rows.append({"check": "setup: random teacher saved (fp16)", "value":
                      round(time.perf_counter() - started, 1), "unit": "s", "note": str(shapes.teacher)})
-        for name, dtype, quantization in (("fp16", "fp16", "none"), ("nf4", "fp16", "4bit")):
+        jobs = {"fp16": ("fp16", "none", ()),
+                "fp16 sampled": ("fp16", "none", ("cache.selection=sample",
+                                                  f"cache.sample_temperature={SAMPLE_TEMPERATURE}")),
+                "nf4": ("fp16", "4bit", ())}
+        for name, (dtype, quantization, extra) in jobs.items():
             rows += _section(f"teacher {name}", lambda: teacher_rows(
-                root / name, teacher_dir, shapes, device, dtype=dtype, quantization=quantization))
-        rows += _section("student bf16", lambda: student_rows(root / "fp16", shapes, device))
+                root / name, teacher_dir, shapes, device, name=name, dtype=dtype,
+                quantization=quantization, extra=extra))
+        for method, quantization in (("qlora", "4bit"), ("lora", "none")):
+            rows += _section(f"{method} fine-tune", lambda: finetune_rows(
+                root / method, teacher_dir, shapes, device, method=method) + teacher_rows(
+                root / method, teacher_dir, shapes, device, name=f"{method}-tuned",
+                dtype="fp16", quantization=quantization))
+        rows += _section("students", lambda: student_rows(root, teacher_dir, shapes, device))
     return rows
 
 
@@ -97,8 +122,11 @@ def make_teacher(folder: Path, shapes: Shapes, device: str) -> Path:
 
 
 def make_run(run: Path, shapes: Shapes) -> None:
+    """Random token stores (train, val) in `run`, unless it has them."""
     from storage.tokens import write_token_store
 
+    if (run / "tokens" / "train.zarr").exists():
+        return
     rng = np.random.default_rng(0)
     for split, n in (("train", shapes.sequences), ("val", max(shapes.student_batch, 64))):
         write_token_store(run / "tokens" / f"{split}.zarr",
@@ -115,20 +143,24 @@ def config(run: Path, teacher_dir: Path, shapes: Shapes, *extra: str):
         *extra])
 
 
-def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, dtype: str,
-                 quantization: str) -> list[dict]:
-    from precompute.logits import cache_split, teacher_topk
+def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, name: str,
+                 dtype: str, quantization: str, extra: tuple[str, ...] = ()) -> list[dict]:
+    """The logits job with the teacher `resolve_teacher` finds for `run` (a fine-tuned one when
+    `run` has it), timed against the forward alone, and its cache checked."""
+    from precompute.logits import Sampling, cache_split, teacher_topk
     from precompute.models import load_teacher, resolve_teacher, teacher_manifest
     from storage.cache import open_cache
     from storage.tokens import open_token_store
 
-    name = "nf4" if quantization == "4bit" else dtype
     make_run(run, shapes)
     cfg = config(run, teacher_dir, shapes, f"teacher.dtype={dtype}",
-                 f"teacher.quantization={quantization}", f"teacher.device={device}")
+                 f"teacher.quantization={quantization}", f"teacher.device={device}", *extra)
+    sampling = (Sampling(cfg.cache.sample_temperature, cfg.cache.sample_seed)
+                if cfg.cache.selection == "sample" else None)
     started = time.perf_counter()
     source = resolve_teacher(cfg)
-    model = load_teacher(source.model, dtype=dtype, quantization=quantization, device=device)
+    model = load_teacher(source.model, adapter=source.adapter, dtype=dtype,
+                         quantization=quantization, device=device)
     load_s = time.perf_counter() - started
     store = open_token_store(run / "tokens" / "train.zarr")
     rows_ids = torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64))
@@ -148,7 +180,8 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, d
 
     n_timed = min(8, shapes.sequences // shapes.batch)
     forward = rate(lambda b: model(input_ids=b, use_cache=False).logits, n_timed)
-    topk = rate(lambda b: teacher_topk(model, b, k=shapes.k, temperatures=temperatures), n_timed)
+    select = rate(lambda b: teacher_topk(model, b, k=shapes.k, temperatures=temperatures,
+                                         sampling=sampling), n_timed)
     teacher = teacher_manifest(source, dtype=dtype, quantization=quantization)
     _reset_peak(device)
     summary = cache_split(model, source=source, teacher=teacher, tokens_path=store.path,
@@ -160,69 +193,146 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, d
     cache = open_cache(run / "cache" / "train.zarr", token_store=store)
     block = cache.read(0, shapes.batch)
     with torch.inference_mode():
-        logits = model(input_ids=rows_ids[:shapes.batch].to(device)).logits.float().cpu()
-    values, ids = torch.topk(logits, shapes.k, dim=-1)
-    ids_match = float((torch.from_numpy(block.ids) == ids).float().mean())
-    top1_match = float((torch.from_numpy(block.ids[..., 0]) == ids[..., 0]).float().mean())
-    shifted = (values - values[..., :1]).numpy()
-    value_err = float(np.max(np.abs(block.logits - shifted) / (np.abs(shifted) + 1)))
-    lse = torch.stack([torch.logsumexp(logits / t, -1) - values[..., 0] / t
-                       for t in temperatures], -1).numpy()
-    lse_err = float(np.abs(block.lse - lse).max())
-    # Half-precision logits of a random teacher tie often, and tied entries may come out of top-k
-    # in either order; the cached ids are right when the direct logits at those ids are the top-k.
-    at_cached_ids = logits.gather(-1, torch.from_numpy(block.ids))
-    id_value_err = float((at_cached_ids - values).abs().max())
-    ok = id_value_err < 1e-6 and value_err < 2e-3 and lse_err < 1e-3
+        logits = model(input_ids=rows_ids[:shapes.batch].to(device),
+                       attention_mask=torch.ones_like(rows_ids[:shapes.batch]).to(device)
+                       ).logits.float().cpu()
     del model
     _free(device)
-    shape = "x".join(map(str, shapes.teacher[:2]))
+    ok, check = (check_sampled if sampling else check_topk)(block, logits, k=shapes.k,
+                                                           temperatures=temperatures)
+    what = "draws" if sampling else "top-k"
     return [
         {"check": f"teacher {name}: load", "value": round(load_s, 1), "unit": "s",
-         "note": f"{shape}, vocab {shapes.vocab}"},
+         "note": f"{'x'.join(map(str, shapes.teacher[:2]))}, vocab {shapes.vocab}"
+                 + (", + LoRA adapter" if source.adapter else "")},
         {"check": f"teacher {name}: forward", "value": round(forward), "unit": "tok/s",
          "note": f"batch {shapes.batch} x seq {shapes.seq_len}"},
-        {"check": f"teacher {name}: forward+topk+lse", "value": round(topk), "unit": "tok/s",
+        {"check": f"teacher {name}: forward+{what}+lse", "value": round(select), "unit": "tok/s",
          "note": f"k {shapes.k}, T {list(temperatures)}"},
         {"check": f"teacher {name}: logits job", "value": round(job), "unit": "tok/s",
          "note": f"{summary['tokens']:,} tokens in {summary['seconds']:.1f} s; "
-                 f"{job / topk:.2f} x fwd+topk+lse, {job / forward:.2f} x forward; "
+                 f"{job / select:.2f} x fwd+{what}+lse, {job / forward:.2f} x forward; "
                  f"{summary['bytes'] / summary['total_tokens']:.0f} bytes/token; peak {peak}"},
         {"check": f"teacher {name}: cache vs direct forward", "value": "PASS" if ok else "FAIL",
-         "unit": "", "note": f"top-1 ids equal {top1_match:.4f}, top-k ids equal {ids_match:.4f} (ties), "
-                             f"max |logit at cached id - direct top-k| {id_value_err:.1e}, "
-                             f"max rel logit err {value_err:.1e}, max lse err {lse_err:.1e}"},
+         "unit": "", "note": check},
     ]
 
 
-def student_rows(run: Path, shapes: Shapes, device: str) -> list[dict]:
-    """A few cached-KD steps of a GPT-2 Small shape from the fp16 teacher's cache, bf16 autocast."""
+def _log_prob_error(block, logits: torch.Tensor, temperatures) -> float:
+    """Largest |log p_T| difference at the cached ids between the cache's decoding
+    (logits / T - lse_T) and a direct log_softmax(logits / T): both caches store ids, logits and
+    lse so that this holds up to the value code's rounding (gap8: 1/64 nat / T)."""
+    ids = torch.from_numpy(block.ids)
+    worst = 0.0
+    for i, t in enumerate(temperatures):
+        direct = torch.log_softmax(logits / t, -1).gather(-1, ids)
+        cached = torch.from_numpy(block.logits / t - block.lse[..., i:i + 1])
+        worst = max(worst, float((cached - direct).abs().max()))
+    return worst
+
+
+def check_topk(block, logits: torch.Tensor, *, k: int, temperatures) -> tuple[bool, str]:
+    values, ids = torch.topk(logits, k, dim=-1)
+    ids_match = float((torch.from_numpy(block.ids) == ids).float().mean())
+    # Half-precision logits of a random teacher tie often, and tied entries may come out of top-k
+    # in either order; the cached ids are right when the direct logits at those ids are the top-k.
+    id_value_err = float((logits.gather(-1, torch.from_numpy(block.ids)) - values).abs().max())
+    log_p_err = _log_prob_error(block, logits, temperatures)
+    return (id_value_err < 1e-6 and log_p_err < 1 / 64 + 1e-3,
+            f"top-k ids equal {ids_match:.4f} (ties), max |logit at cached id - direct top-k| "
+            f"{id_value_err:.1e}, max |log p error| {log_p_err:.1e} nat")
+
+
+def check_sampled(block, logits: torch.Tensor, *, k: int, temperatures) -> tuple[bool, str]:
+    """The draws' log p are right, and the draws look like samples from softmax(z / T_s): the
+    mean log p_Ts of the draws is near the distribution's -entropy (within 5 standard errors)."""
+    log_p_err = _log_prob_error(block, logits, temperatures)
+    log_p = torch.log_softmax(logits / SAMPLE_TEMPERATURE, -1)
+    drawn = log_p.gather(-1, torch.from_numpy(block.ids))
+    neg_entropy = (log_p.exp() * log_p).sum(-1, keepdim=True)
+    spread = ((log_p.exp() * (log_p - neg_entropy) ** 2).sum(-1)).mean().sqrt()
+    z = float((drawn - neg_entropy).mean() / (spread / drawn.numel() ** 0.5))
+    order_ok = bool((np.diff(block.logits, axis=-1) <= 0).all())
+    return (log_p_err < 1 / 64 + 1e-3 and abs(z) < 5 and order_ok,
+            f"max |log p error| {log_p_err:.1e} nat; mean log p of draws vs -entropy {z:+.1f} "
+            f"standard errors; sorted by logit: {order_ok}")
+
+
+def finetune_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *,
+                  method: str) -> list[dict]:
+    """A few steps of `make teacher` with QLoRA or LoRA under bf16 autocast."""
+    from precompute.teacher import train_teacher
+    from student.train import read_metrics
+
+    make_run(run, shapes)
+    cfg = config(run, teacher_dir, shapes, f"teacher.use_{method}=true",
+                 "teacher.precision=bf16", f"teacher.device={device}",
+                 f"teacher.max_steps={shapes.finetune_steps}", "teacher.warmup_steps=2",
+                 "teacher.batch_size=16", "teacher.grad_accum=1", "teacher.eval_every=0",
+                 "teacher.checkpoint_every=0", "teacher.lr=1e-4")
+    _reset_peak(device)
+    started = time.perf_counter()
+    train_teacher(cfg)
+    seconds = time.perf_counter() - started
+    metrics = read_metrics(run / "teacher" / "metrics.jsonl")
+    steps = [row for row in metrics if "tokens_per_s" in row]
+    steady = [row["tokens_per_s"] for row in steps[min(5, len(steps) - 1):]]
+    return [
+        {"check": f"{method} fine-tune: tokens/s (median, steps 6+)",
+         "value": round(statistics.median(steady)), "unit": "tok/s",
+         "note": f"batch 16 x seq {shapes.seq_len}, bf16 autocast"},
+        {"check": f"{method} fine-tune: max_memory_allocated", "value": _peak_gb(device),
+         "unit": "", "note": f"{len(steps)} steps in {seconds:.0f} s incl. load, merge/save and "
+                             f"evaluation; loss {steps[0]['loss']:.3f} -> {steps[-1]['loss']:.3f}"},
+    ]
+
+
+def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> list[dict]:
+    """The same student, steps and seed in each mode; cached modes read the fp16 jobs' caches."""
     from student.train import read_metrics, train
 
     layers, width, heads = shapes.student
-    cfg = config(run, run / "unused", shapes, f"student.n_layer={layers}",
-                 f"student.n_embd={width}", f"student.n_head={heads}", "student.dropout=0.1",
-                 f"student.batch_size={shapes.student_batch}", "student.grad_accum=1",
-                 f"student.max_steps={shapes.student_steps}", "student.warmup_steps=5",
-                 "student.eval_every=0", "student.checkpoint_every=0",
-                 "student.precision=bf16", f"student.device={device}",
-                 "distill.alpha=0.5", "distill.temperature=2.0", "distill.run=gpu-check")
-    _reset_peak(device)
-    started = time.perf_counter()
-    out = train(cfg)
-    seconds = time.perf_counter() - started
-    metrics = read_metrics(out / "metrics.jsonl")
-    steady = [row["tokens_per_s"] for row in metrics[min(5, len(metrics) - 1):]]
-    losses = [row["loss"] for row in metrics]
-    return [
-        {"check": "student bf16 KD: tokens/s (median, steps 6+)", "value":
-         round(statistics.median(steady)), "unit": "tok/s",
-         "note": f"{'x'.join(map(str, shapes.student[:2]))}, batch {shapes.student_batch} x seq "
-                 f"{shapes.seq_len}, k {shapes.k}, alpha 0.5, T 2"},
-        {"check": "student bf16 KD: max_memory_allocated", "value": _peak_gb(device), "unit": "",
-         "note": f"{len(metrics)} steps in {seconds:.0f} s incl. setup and final save; loss "
-                 f"{losses[0]:.3f} -> {losses[-1]:.3f}"},
-    ]
+    runs = {"cached KD, sampled": root / "fp16 sampled"}
+    measured = {}
+    for mode, overrides in STUDENT_MODES.items():
+        cfg = config(runs.get(mode, root / "fp16"), teacher_dir, shapes,
+                     f"student.n_layer={layers}", f"student.n_embd={width}",
+                     f"student.n_head={heads}", "student.dropout=0.1",
+                     f"student.batch_size={shapes.student_batch}", "student.grad_accum=1",
+                     f"student.max_steps={shapes.student_steps}", "student.warmup_steps=5",
+                     "student.eval_every=0", "student.checkpoint_every=0",
+                     "student.precision=bf16", f"student.device={device}", "teacher.dtype=fp16",
+                     f"distill.temperature={SAMPLE_TEMPERATURE}",
+                     f"distill.run=gpu-check-{mode.replace(' ', '').replace(',', '-')}", *overrides)
+        _reset_peak(device)
+        started = time.perf_counter()
+        out = train(cfg)
+        seconds = time.perf_counter() - started
+        metrics = read_metrics(out / "metrics.jsonl")
+        steady = [row["tokens_per_s"] for row in metrics[min(5, len(metrics) - 1):]]
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+        measured[mode] = (statistics.median(steady), peak)
+        measured[mode + " note"] = (f"{len(metrics)} steps in {seconds:.0f} s incl. setup and "
+                                    f"save; loss {metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}")
+        _free(device)
+    ce_speed, ce_peak = measured["CE baseline"]
+    online_speed, _ = measured["online KD"]
+    rows = []
+    for mode in STUDENT_MODES:
+        speed, peak = measured[mode]
+        rows.append({"check": f"student {mode}: tokens/s (median, steps 6+)", "value": round(speed),
+                     "unit": "tok/s", "note": f"{speed / ce_speed:.3f} x CE; "
+                     f"{'x'.join(map(str, shapes.student[:2]))}, batch {shapes.student_batch} x seq "
+                     f"{shapes.seq_len}, k {shapes.k}, alpha 0.5, T {SAMPLE_TEMPERATURE:g}"})
+        rows.append({"check": f"student {mode}: max_memory_allocated",
+                     "value": f"{peak / 2**30:.2f} GiB" if device == "cuda" else "n/a (cpu)",
+                     "unit": "", "note": (f"{peak / ce_peak:.3f} x CE; " if ce_peak else "")
+                                         + measured[mode + " note"]})
+    for mode in ("cached KD, top-k", "cached KD, sampled"):
+        rows.append({"check": f"student {mode}: speed-up over online KD",
+                     "value": round(measured[mode][0] / online_speed, 2), "unit": "x",
+                     "note": f"teacher {'x'.join(map(str, shapes.teacher[:2]))} resident in online KD"})
+    return rows
 
 
 def _device_name(device: str) -> str:

@@ -329,6 +329,11 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
     """Forward one micro-batch and return its loss terms (means over its non-ignored tokens)."""
     tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
     labels = shift_labels(tokens)
+    if distil is not None and distil.cache is not None:
+        # Copied before the forward and without blocking: a blocking copy after it waits for the
+        # forward's kernels, and the GPU then idles while the loss and backward are launched.
+        ids, cached_logits, lse = (torch.from_numpy(array).to(device, non_blocking=True)
+                                   for array in (batch.ids, batch.logits, batch.lse))
     # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
     # (without one transformers warns on every run).
     unpadded = torch.ones_like(tokens)
@@ -345,8 +350,6 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
         ce, _ = ce_and_cached_kl(logits, labels)
         kl = full_kl(logits, teacher_logits, temperature=t, labels=labels)
     else:
-        ids = torch.from_numpy(batch.ids).to(device)
-        cached_logits = torch.from_numpy(batch.logits).to(device)
         first = None
         if distil.cache.sample_temperature is not None:
             log_p, p_tail, first = sampled_targets(
@@ -354,8 +357,8 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
                 sample_temperature=distil.cache.sample_temperature)
         else:
             log_p, p_tail = teacher_buckets(
-                cached_logits, torch.from_numpy(batch.lse).to(device), temperature=t,
-                temperatures=distil.cache.temperatures, vocab_size=distil.vocab_size)
+                cached_logits, lse, temperature=t, temperatures=distil.cache.temperatures,
+                vocab_size=distil.vocab_size)
         ce, kl = ce_and_cached_kl(logits, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
                                   temperature=t, head_mask=first)
     return combine(ce, kl, labels, alpha=distil.alpha, temperature=t)

@@ -130,3 +130,20 @@ def test_a_missing_teacher_elsewhere_is_refused_not_trained(tmp_path):
     with pytest.raises(UserError, match="no trained model there"):
         ensure_teacher(tmp_path / "none", tmp_path / "tokens.zarr")
     assert not any(tmp_path.iterdir())
+
+
+def test_gpu_check_tiny_dry_run_passes_every_section():
+    """bench.gpu_check needs a GPU for its numbers, but --tiny runs every section (fp16, sampled
+    and NF4 logits jobs, QLoRA and LoRA fine-tunes, students in four modes) on the CPU, so the
+    script cannot rot between the sessions that are lent one."""
+    from bench import gpu_check
+
+    rows = gpu_check.run(tiny=True)
+    checks = {row["check"]: row for row in rows}
+    assert not [name for name in checks if "FAILED" in name]
+    verdicts = [row["value"] for name, row in checks.items() if "cache vs direct forward" in name]
+    assert verdicts == ["PASS"] * 5  # fp16, fp16 sampled, nf4, qlora-tuned, lora-tuned
+    assert "+ LoRA adapter" in checks["teacher qlora-tuned: load"]["note"]
+    for mode in gpu_check.STUDENT_MODES:
+        assert checks[f"student {mode}: tokens/s"]["value"] > 0
+    assert "x CE" in checks["student cached KD, top-k: tokens/s"]["note"]

@@ -59,7 +59,7 @@ FULL = Shapes(teacher=(36, 1280, 20), student=(12, 768, 12), vocab=50257, seq_le
               student_rounds=4, finetune_steps=20)
 TINY = Shapes(teacher=(2, 64, 2), student=(2, 64, 2), vocab=320, seq_len=32, sequences=64,
               batch=16, k=8, student_steps=8, student_batch=8, student_rounds=2,
-             finetune_steps=3)
+              finetune_steps=3)
 SAMPLE_TEMPERATURE = 2.0
 STUDENT_MODES = {  # name -> config overrides; the student's T is the sampled cache's
     "CE baseline": ("distill.alpha=1",),

@@ -283,10 +283,9 @@ def finetune_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *,
     seconds = time.perf_counter() - started
     metrics = read_metrics(run / "teacher" / "metrics.jsonl")
     steps = [row for row in metrics if "tokens_per_s" in row]
-    steady = [row["tokens_per_s"] for row in steps[min(5, len(steps) - 1):]]
     return [
         {"check": f"{method} fine-tune: tokens/s (median, steps 6+)",
-         "value": round(statistics.median(steady)), "unit": "tok/s",
+         "value": round(_steady_tokens_per_s(steps)), "unit": "tok/s",
          "note": f"batch 16 x seq {shapes.seq_len}, bf16 autocast"},
         {"check": f"{method} fine-tune: max_memory_allocated", "value": _peak_gb(device),
          "unit": "", "note": f"{len(steps)} steps in {seconds:.0f} s incl. load, merge/save and "
@@ -326,10 +325,8 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
             out = train(cfg)
             seconds = time.perf_counter() - started
             metrics = read_metrics(out / "metrics.jsonl")
-            speeds[mode].append(statistics.median(
-                row["tokens_per_s"] for row in metrics[min(5, len(metrics) - 1):]))
-            peaks[mode] = max(peaks.get(mode, 0), torch.cuda.max_memory_allocated()
-                              if device == "cuda" else 0)
+            speeds[mode].append(_steady_tokens_per_s(metrics))
+            peaks[mode] = max(peaks.get(mode, 0), _peak_bytes(device))
             notes[mode] = (f"{len(metrics)} steps in {seconds:.0f} s incl. setup and save; loss "
                            f"{metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}")
             shutil.rmtree(out)
@@ -348,7 +345,7 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                      f"{shapes.seq_len}, k {shapes.k}, T {SAMPLE_TEMPERATURE:g}; median of steps 6+, "
                      f"median of {shapes.student_rounds} rounds"})
         rows.append({"check": f"student {mode}: max_memory_allocated",
-                     "value": f"{peaks[mode] / 2**30:.2f} GiB" if device == "cuda" else "n/a (cpu)",
+                     "value": _gib(peaks[mode], device),
                      "unit": "", "note": (f"{peaks[mode] / peaks['CE baseline']:.3f} x CE; "
                                           if peaks["CE baseline"] else "") + notes[mode]})
     for mode in ("cached KD, top-k", "cached KD, sampled"):
@@ -387,10 +384,21 @@ def _reset_peak(device: str) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def _peak_bytes(device: str) -> int:
+    return torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+
 def _peak_gb(device: str) -> str:
-    if device != "cuda":
-        return "n/a (cpu)"
-    return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
+    return _gib(_peak_bytes(device), device)
+
+
+def _gib(n_bytes: int, device: str) -> str:
+    return f"{n_bytes / 2**30:.2f} GiB" if device == "cuda" else "n/a (cpu)"
+
+
+def _steady_tokens_per_s(metrics: list[dict]) -> float:
+    """Median tokens/s of a run's steps after the first five (start-up and warm-up)."""
+    return statistics.median(row["tokens_per_s"] for row in metrics[min(5, len(metrics) - 1):])
 
 
 def markdown(rows: list[dict]) -> str:

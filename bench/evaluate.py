@@ -26,7 +26,6 @@ from student.evaluate import read_pair_dir, score_pairs
 from student.model import new_gpt2
 
 
-
 DEFAULT_SETTINGS = ((1, 16), (1, 64), (1, 256), (torch.get_num_threads(), 64))
 """(torch threads, batch size) measured by default: batch sizes at one thread, and torch's
 default thread count at the default eval.batch_size."""

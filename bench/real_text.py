@@ -75,12 +75,14 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
         stores = prepare(cfg)
         train_teacher(cfg)
         fill_caches(cfg)
-        sampled = {}  # draws per position -> settings of a run sharing the tokens and teacher
-        for m in (SAMPLES, FEWER_SAMPLES):
-            run_dir = sibling_run(cfg.run_path, tmp / f"run-sampled-{m}")
-            sampled[m] = [*base, f"run_dir={run_dir}", "cache.selection=sample", f"cache.k={m}",
-                          f"cache.sample_temperature={SAMPLE_TEMPERATURE}"]
-            fill_caches(load_config(CONFIG_DIR / "demo.yaml", sampled[m]))
+        # draws per position -> a run sharing the tokens and teacher, and its settings
+        sampled_dirs = {m: sibling_run(cfg.run_path, tmp / f"run-sampled-{m}")
+                        for m in (SAMPLES, FEWER_SAMPLES)}
+        sampled = {m: [*base, f"run_dir={run_dir}", "cache.selection=sample", f"cache.k={m}",
+                       f"cache.sample_temperature={SAMPLE_TEMPERATURE}"]
+                   for m, run_dir in sampled_dirs.items()}
+        for settings_m in sampled.values():
+            fill_caches(load_config(CONFIG_DIR / "demo.yaml", settings_m))
         cache = open_cache(cfg.run_path / "cache" / "train.zarr")
         stats = teacher_stats(cache, k=K)
         runs = [("CE baseline", base, ["distill.alpha=1"])]
@@ -108,8 +110,8 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
                  **{f"head_mass_T={t:g}": round(stats[f"T={t:g}"]["head_mass"], 4)
                     for t in TEMPERATURES}}]
         caches = {f"top-{CACHE_K} (k = {K} read)": cfg.run_path}
-        caches.update({f"{m} draws at T = {SAMPLE_TEMPERATURE:g}": tmp / f"run-sampled-{m}"
-                       for m in sampled})
+        caches.update({f"{m} draws at T = {SAMPLE_TEMPERATURE:g}": run_dir
+                       for m, run_dir in sampled_dirs.items()})
         rows += [{"section": "caches", "cache": name,
                   "bytes_per_token": round(cache_bytes(run_dir / "cache" / "train.zarr") / tokens, 1)}
                  for name, run_dir in caches.items()]

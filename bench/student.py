@@ -86,6 +86,11 @@ def overrides(root: Path, *extra: str) -> list[str]:
             "teacher.eval_every=0", "teacher.checkpoint_every=0", *extra]
 
 
+def sibling(root: Path, kind: str) -> Path:
+    """The run directory `build` makes beside `root` for its `kind` ('gap8', 'sampled') cache."""
+    return root.with_name(f"{root.name}-{kind}")
+
+
 def build(root: Path, *, teacher_steps: int) -> dict:
     """Token stores, a trained teacher and its float16 cache in `root`, and sibling runs sharing
     them: `root`-gap8 with a gap8 cache, `root`-sampled with a cache of 64 draws per position at
@@ -106,8 +111,7 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     store = open_token_store(root / "tokens" / "train.zarr")
-    gap8, sampled = (sibling_run(root, root.with_name(f"{root.name}-{kind}"))
-                     for kind in ("gap8", "sampled"))
+    gap8, sampled = (sibling_run(root, sibling(root, kind)) for kind in ("gap8", "sampled"))
     for run_dir, code, sampling in ((root, "float16", None), (gap8, "gap8", None),
                                     (sampled, "gap8", Sampling(temperature=2.0, seed=0))):
         write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",
@@ -292,7 +296,7 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     """Final val perplexity of the same student (same steps and seed) in every mode."""
     from student.train import read_metrics, train
 
-    gap8, sampled = (root.with_name(f"{root.name}-{kind}") for kind in ("gap8", "sampled"))
+    gap8, sampled = (sibling(root, kind) for kind in ("gap8", "sampled"))
     runs = [("CE baseline", root, [])]
     runs += [(f"online KD T={t:g}", root, ["distill.mode=online", f"distill.temperature={t}"])
              for t in (1.0, 2.0)]

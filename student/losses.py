@@ -118,16 +118,16 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: flo
     their cached logits (possibly shifted per position). Each draw weighs w = exp(z (1/T - 1/T_s)),
     normalised over the position's draws (self-normalised importance sampling: equal weights, the
     draws' frequencies, when T = T_s). Returns (log_p (B, L, m), p_tail (B, L) zeros: the draws
-    stand for the whole distribution, first (B, L, m) bool): an id drawn several times has its
-    summed probability at its first slot, and -inf at the others.
+    stand for the whole distribution, once (B, L, m) float32): an id drawn several times has its
+    summed probability at each of its slots, and `once` is 1 at its first slot and 0 at the
+    others, so that sums over slots weighted by it count each id once.
     """
     weights = torch.softmax(logits.float() * (1 / temperature - 1 / sample_temperature), -1)
     first = torch.ones_like(ids, dtype=torch.bool)
     first[..., 1:] = ids[..., 1:] != ids[..., :-1]
     run = first.cumsum(-1) - 1  # which run of repeats each slot is in
-    totals = torch.zeros_like(weights).scatter_add_(-1, run, weights).gather(-1, run)
-    log_p = torch.where(first, totals.log(), -math.inf)
-    return log_p, log_p.new_zeros(log_p.shape[:-1]), first
+    log_p = torch.zeros_like(weights).scatter_add_(-1, run, weights).gather(-1, run).log_()
+    return log_p, log_p.new_zeros(log_p.shape[:-1]), first.to(log_p.dtype)
 
 
 class _FusedCEKL(torch.autograd.Function):
@@ -140,7 +140,7 @@ class _FusedCEKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature, head_mask):
+    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature, head_once):
         distil = head_ids is not None
         n = logits.shape[0]
         targets = labels.clamp(min=0).unsqueeze(-1)
@@ -169,19 +169,17 @@ class _FusedCEKL(torch.autograd.Function):
             if not distil:
                 ctx.save_for_backward(logits, labels, lse1)
                 return ce, torch.zeros_like(ce)
-            log_q = head_logits / temperature - lse_t.unsqueeze(-1)
+            log_q = torch.add(-lse_t.unsqueeze(-1), head_logits, alpha=1 / temperature)
             q = log_q.exp()
-            if head_mask is not None:  # repeated ids count once
-                q = torch.where(head_mask, q, 0.0)
+            p = log_p.exp()
+            # a repeated id counts once in the sums (multiplying by 0/1 is ~5x faster than where)
+            q_once, p_once = (q, p) if head_once is None else (q * head_once, p * head_once)
             # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
-            q_tail = 1 - q.sum(-1)
+            q_tail = 1 - q_once.sum(-1)
             tail_free = q_tail >= TAIL_FLOOR
             q_tail = q_tail.clamp(min=TAIL_FLOOR)
-            p = log_p.exp()
-            head_terms = p * (log_p - log_q)
-            if head_mask is not None:
-                head_terms = torch.where(head_mask, head_terms, 0.0)
-            kl = head_terms.sum(-1) + torch.xlogy(p_tail, p_tail) - p_tail * q_tail.log()
+            kl = ((p_once * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail)
+                  - p_tail * q_tail.log())
             kl = torch.where(valid, kl, 0.0)
         ctx.save_for_backward(logits, labels, lse1, head_ids, p, p_tail, lse_t, q, q_tail,
                               tail_free)
@@ -211,9 +209,6 @@ class _FusedCEKL(torch.autograd.Function):
             else:  # q_j = softmax(s)_j ** (1/T) * exp(lse_1 / T - lse_T)
                 tail_coef = tail_coef * torch.exp(lse1 / temperature - lse_t)
             tail_coef = tail_coef.unsqueeze(-1)
-            # a tensor scatters 3x faster than 0.0; an expanded zero does so without a
-            # (N, k) buffer
-            no_mass = head_grad.new_zeros(()).expand(head_grad.shape)
         # softmax(s) * g_ce computed as exp(s - lse + log g_ce), one pass fewer; a loss's
         # backward has g_ce >= 0, anything else takes the multiply. With a teacher, g_ce is
         # applied in the pass that adds the tail, and the plain softmax(s) gives the tempered one.
@@ -231,9 +226,10 @@ class _FusedCEKL(torch.autograd.Function):
                     else:
                         tempered = _square_roots(g, roots, out=scratch)
                     tail = torch.mul(tempered, tail_coef[rows], out=scratch)
-                    tail.scatter_(-1, head_ids[rows], no_mass[rows])
+                    # the head's gradient replaces the tail's at the head ids (a repeated id
+                    # has the same value at each of its slots)
+                    tail.scatter_(-1, head_ids[rows], head_grad[rows])
                     torch.addcmul(tail, g, grad_ce[rows].unsqueeze(-1), out=g)
-                    g.scatter_add_(-1, head_ids[rows], head_grad[rows])
                 elif not fold:
                     g.mul_(grad_ce[rows].unsqueeze(-1))
                 g.scatter_add_(-1, targets[rows], -grad_ce[rows].unsqueeze(-1))
@@ -267,15 +263,15 @@ def _row_chunks(logits: torch.Tensor, scratches: int = 1):
 def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
                      head_ids: torch.Tensor | None = None, log_p_head: torch.Tensor | None = None,
                      p_tail: torch.Tensor | None = None, temperature: float = 1.0,
-                     head_mask: torch.Tensor | None = None
+                     head_once: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token CE and cached-KD KL, fused into one pass over the logits.
 
     logits: (B, L, V) student logits; labels: (B, L) with IGNORE_INDEX where ignored.
     head_ids: (B, L, k) teacher top-k ids; log_p_head: (B, L, k) and p_tail: (B, L) from
     `teacher_buckets` at `temperature`; all None for plain CE (the baseline), when kl is None.
-    head_mask: (B, L, k) bool, False at repeats of an id (`sampled_targets`), None when the ids
-    are distinct.
+    head_once: (B, L, k) 1 at an id's first slot and 0 at its repeats, which hold the same log_p
+    (`sampled_targets`); None when the ids are distinct.
     Returns (ce, kl), each (B, L), 0 where ignored. With q_i = softmax(logits / T)_i over the head
     ids and q_tail = 1 - sum q_i (floored at TAIL_FLOOR):
     kl = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail).
@@ -287,9 +283,9 @@ def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
         ce, _ = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), None, None, None, 1.0,
                                  None)
         return ce.view(shape), None
-    mask = None if head_mask is None else head_mask.flatten(0, 1)
+    once = None if head_once is None else head_once.flatten(0, 1)
     ce, kl = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), head_ids.flatten(0, 1),
-                              log_p_head.flatten(0, 1), p_tail.flatten(), float(temperature), mask)
+                              log_p_head.flatten(0, 1), p_tail.flatten(), float(temperature), once)
     return ce.view(shape), kl.view(shape)
 
 

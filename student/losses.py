@@ -143,32 +143,33 @@ class _FusedCEKL(torch.autograd.Function):
     def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature, head_once):
         distil = head_ids is not None
         n = logits.shape[0]
-        targets = labels.clamp(min=0).unsqueeze(-1)
-        lse1 = logits.new_empty(n)
-        label_logit = logits.new_empty(n)
+        # per-row results go straight into (n, 1) buffers: on a small student each op's Python
+        # overhead (~5 us) is a visible part of the loss, so the chunk loop does the least it can
+        row_max, sum_exp = logits.new_empty(n, 1), logits.new_empty(n, 1)
         if distil:
-            lse_t = logits.new_empty(n)
-            head_logits = logits.new_empty(head_ids.shape)
+            sum_tempered = logits.new_empty(n, 1)
             roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
         with torch.no_grad():
             for rows, x, (shifted, exps) in _row_chunks(logits, scratches=2):
-                row_max = x.amax(-1, keepdim=True)
-                torch.sub(x, row_max, out=shifted)
-                lse1[rows] = torch.exp(shifted, out=exps).sum(-1).log_() + row_max.squeeze(-1)
-                label_logit[rows] = x.gather(-1, targets[rows]).squeeze(-1)
+                torch.amax(x, -1, keepdim=True, out=row_max[rows])
+                torch.sub(x, row_max[rows], out=shifted)
+                torch.sum(torch.exp(shifted, out=exps), -1, keepdim=True, out=sum_exp[rows])
                 if distil:
                     # in place on the cache-hot buffers: re-reading x costs more than an exp
                     if roots is None:
                         tempered = shifted.mul_(1 / temperature).exp_()
                     else:
                         tempered = _square_roots(exps, roots)
-                    lse_t[rows] = tempered.sum(-1).log_() + row_max.squeeze(-1) / temperature
-                    head_logits[rows] = x.gather(-1, head_ids[rows])
+                    torch.sum(tempered, -1, keepdim=True, out=sum_tempered[rows])
+            lse1 = sum_exp.log_().add_(row_max).squeeze(-1)
             valid = labels != IGNORE_INDEX
+            label_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             ce = torch.where(valid, lse1 - label_logit, 0.0)
             if not distil:
                 ctx.save_for_backward(logits, labels, lse1)
                 return ce, torch.zeros_like(ce)
+            lse_t = sum_tempered.log_().add_(row_max, alpha=1 / temperature).squeeze(-1)
+            head_logits = logits.gather(-1, head_ids)
             log_q = torch.add(-lse_t.unsqueeze(-1), head_logits, alpha=1 / temperature)
             q = log_q.exp()
             p = log_p.exp()
@@ -190,8 +191,7 @@ class _FusedCEKL(torch.autograd.Function):
     def backward(ctx, grad_ce, grad_kl):
         logits, labels, lse1, *teacher = ctx.saved_tensors
         valid = labels != IGNORE_INDEX
-        targets = labels.clamp(min=0).unsqueeze(-1)
-        grad_ce = torch.where(valid, grad_ce, 0.0)
+        grad_ce = torch.where(valid, grad_ce, 0.0).unsqueeze(-1)
         if teacher:
             head_ids, p, p_tail, lse_t, q, q_tail, tail_free = teacher
             temperature = ctx.temperature
@@ -213,7 +213,7 @@ class _FusedCEKL(torch.autograd.Function):
         # backward has g_ce >= 0, anything else takes the multiply. With a teacher, g_ce is
         # applied in the pass that adds the tail, and the plain softmax(s) gives the tempered one.
         fold = not teacher and bool((grad_ce >= 0).all())
-        shift1 = (lse1 - grad_ce.log() if fold else lse1).unsqueeze(-1)
+        shift1 = lse1.unsqueeze(-1) - grad_ce.log() if fold else lse1.unsqueeze(-1)
         grad = torch.empty_like(logits)
         with torch.no_grad():
             for rows, x, (scratch,) in _row_chunks(logits):
@@ -229,10 +229,10 @@ class _FusedCEKL(torch.autograd.Function):
                     # the head's gradient replaces the tail's at the head ids (a repeated id
                     # has the same value at each of its slots)
                     tail.scatter_(-1, head_ids[rows], head_grad[rows])
-                    torch.addcmul(tail, g, grad_ce[rows].unsqueeze(-1), out=g)
+                    torch.addcmul(tail, g, grad_ce[rows], out=g)
                 elif not fold:
-                    g.mul_(grad_ce[rows].unsqueeze(-1))
-                g.scatter_add_(-1, targets[rows], -grad_ce[rows].unsqueeze(-1))
+                    g.mul_(grad_ce[rows])
+            grad.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), grad_ce.neg())
         return grad, None, None, None, None, None, None
 
 

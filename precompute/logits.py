@@ -42,6 +42,10 @@ from student.model import resolve_device
 CACHE_DIR = "cache"
 WRITE_QUEUE_SHARDS = 2
 """Finished shards waiting for the writer; bounds memory while compute runs ahead of I/O."""
+DRAW_BLOCK_ELEMENTS = 1 << 26
+"""Probabilities the sampled job draws from at once (256 MB in float32): the tempered softmax and
+torch.multinomial's working copies are as large as the logits they draw from, so drawing a whole
+GPT-2-vocabulary batch at once doubled the job's peak GPU memory (bench/gpu_results.md)."""
 
 
 class Sampling(NamedTuple):
@@ -80,11 +84,16 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
 
 def _draw(logits: torch.Tensor, *, k: int, sampling: Sampling, first_row: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k draws per position from softmax(logits / T), sorted by (logit descending, id)."""
+    """k draws per position from softmax(logits / T), sorted by (logit descending, id).
+
+    Drawn DRAW_BLOCK_ELEMENTS at a time, one generator for the batch (on the CPU the draws equal
+    those of a single call)."""
     generator = torch.Generator(device=logits.device)
     generator.manual_seed(sampling.seed * 1_000_003 + first_row)
-    probs = torch.softmax(logits.flatten(0, 1) / sampling.temperature, -1)
-    ids = torch.multinomial(probs, k, replacement=True, generator=generator)
+    rows = logits.flatten(0, 1)
+    ids = torch.cat([torch.multinomial(torch.softmax(block / sampling.temperature, -1), k,
+                                       replacement=True, generator=generator)
+                     for block in rows.split(max(1, DRAW_BLOCK_ELEMENTS // rows.shape[-1]))])
     ids = ids.view(*logits.shape[:2], k).sort(-1).values
     values = logits.gather(-1, ids)
     values, order = values.sort(dim=-1, descending=True, stable=True)

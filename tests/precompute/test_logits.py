@@ -132,6 +132,23 @@ def test_draws_follow_the_tempered_softmax(temperature):
     assert deviation(temperature) < 5 and deviation(3 - temperature) > 20
 
 
+def test_draws_in_row_blocks_equal_one_draw(monkeypatch):
+    """The job draws DRAW_BLOCK_ELEMENTS at a time to bound its memory; on the CPU the draws are
+    those of one call over the whole batch, so the block size never changes a cache."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 16, 50) * 3
+    model = lambda input_ids, **_: type("Out", (), {"logits": logits})  # noqa: E731
+
+    def draw():
+        return teacher_topk(model, torch.zeros(4, 16, dtype=torch.long), k=32,
+                            temperatures=(1.0, 2.0), sampling=Sampling(2.0, 7), first_row=3)
+
+    whole = draw()
+    monkeypatch.setattr("precompute.logits.DRAW_BLOCK_ELEMENTS", 7 * 50)  # 10 blocks, a short last
+    for once, blocked in zip(whole, draw()):
+        assert torch.equal(once, blocked)
+
+
 def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):
     run = tiny_run(tmp_path, n_train=96, n_val=32)
     main(tiny_config(run, *uses(teacher, "cache.splits=[train, val]")))

@@ -134,9 +134,11 @@ class _FusedCEKL(torch.autograd.Function):
     """Per-row CE and tail-bucket KL of logits (N, V); see `ce_and_cached_kl` for the maths.
 
     Neither pass keeps a (N, V) intermediate. Rows are processed in chunks small enough to stay
-    in the CPU cache, and every read of a chunk (max, logsumexp at T = 1 and at T, the gathers;
-    in the backward both softmaxes and the scatters) happens while it is there: on a small
-    student the loss is memory-bound, so each extra trip over the logits costs ~5% of a step.
+    in the CPU cache, and every full read of a chunk (its max and the sums behind logsumexp at
+    T = 1 and at T; in the backward both softmaxes and the head ids' scatter) happens while it is
+    there: on a small student the loss is memory-bound, so each extra trip over the logits costs
+    ~5% of a step. The gathers and the labels' scatter touch k + 1 entries a row and run once
+    over all rows.
     """
 
     @staticmethod

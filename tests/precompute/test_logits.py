@@ -145,8 +145,8 @@ def test_draws_in_row_blocks_equal_one_draw(monkeypatch):
 
     whole = draw()
     monkeypatch.setattr("precompute.logits.DRAW_BLOCK_ELEMENTS", 7 * 50)  # 10 blocks, a short last
-    for once, blocked in zip(whole, draw()):
-        assert torch.equal(once, blocked)
+    for single, blocked in zip(whole, draw()):
+        assert torch.equal(single, blocked)
 
 
 def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):

@@ -165,10 +165,10 @@ class _FusedCEKL(torch.autograd.Function):
                     torch.sum(tempered, -1, keepdim=True, out=sum_tempered[rows])
             lse1 = sum_exp.log_().add_(row_max).squeeze(-1)
             valid = labels != IGNORE_INDEX
-            label_logit = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            ce = torch.where(valid, lse1 - label_logit, 0.0)
+            targets = labels.clamp(min=0).unsqueeze(-1)
+            ce = torch.where(valid, lse1 - logits.gather(-1, targets).squeeze(-1), 0.0)
             if not distil:
-                ctx.save_for_backward(logits, labels, lse1)
+                ctx.save_for_backward(logits, targets, valid, lse1)
                 return ce, torch.zeros_like(ce)
             lse_t = sum_tempered.log_().add_(row_max, alpha=1 / temperature).squeeze(-1)
             head_logits = logits.gather(-1, head_ids)
@@ -184,15 +184,14 @@ class _FusedCEKL(torch.autograd.Function):
             kl = ((p_once * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail)
                   - p_tail * q_tail.log())
             kl = torch.where(valid, kl, 0.0)
-        ctx.save_for_backward(logits, labels, lse1, head_ids, p, p_tail, lse_t, q, q_tail,
+        ctx.save_for_backward(logits, targets, valid, lse1, head_ids, p, p_tail, lse_t, q, q_tail,
                               tail_free)
         ctx.temperature = temperature
         return ce, kl
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):
-        logits, labels, lse1, *teacher = ctx.saved_tensors
-        valid = labels != IGNORE_INDEX
+        logits, targets, valid, lse1, *teacher = ctx.saved_tensors
         grad_ce = torch.where(valid, grad_ce, 0.0).unsqueeze(-1)
         if teacher:
             head_ids, p, p_tail, lse_t, q, q_tail, tail_free = teacher
@@ -234,7 +233,7 @@ class _FusedCEKL(torch.autograd.Function):
                     torch.addcmul(tail, g, grad_ce[rows], out=g)
                 elif not fold:
                     g.mul_(grad_ce[rows])
-            grad.scatter_add_(-1, labels.clamp(min=0).unsqueeze(-1), grad_ce.neg())
+            grad.scatter_add_(-1, targets, grad_ce.neg())
         return grad, None, None, None, None, None, None
 
 

@@ -99,11 +99,15 @@ def uses(teacher, *extra):
     return ("teacher.from_scratch=false", f"teacher.model={teacher}", *extra)
 
 
+def returning(logits: torch.Tensor):
+    """A stand-in teacher whose forward returns `logits` whatever its input."""
+    return lambda input_ids, **_: type("Out", (), {"logits": logits})
+
+
 def test_topk_and_lse_of_a_batch():
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 50)
-    model = lambda input_ids, **_: type("Out", (), {"logits": logits})  # noqa: E731
-    ids, values, lse = teacher_topk(model, torch.zeros(2, 3, dtype=torch.long), k=5,
+    ids, values, lse = teacher_topk(returning(logits), torch.zeros(2, 3, dtype=torch.long), k=5,
                                     temperatures=(1.0, 2.0))
     assert ids.dtype == torch.int32 and ids.shape == values.shape == (2, 3, 5)
     assert torch.all(values[..., :-1] >= values[..., 1:])
@@ -118,8 +122,7 @@ def test_draws_follow_the_tempered_softmax(temperature):
     softmax is off by more than 20 for some id)."""
     torch.manual_seed(0)
     logits = (torch.randn(50).double() * 3).expand(8, 64, 50)
-    model = lambda input_ids, **_: type("Out", (), {"logits": logits})  # noqa: E731
-    ids, values, lse = teacher_topk(model, torch.zeros(8, 64, dtype=torch.long), k=64,
+    ids, values, lse = teacher_topk(returning(logits), torch.zeros(8, 64, dtype=torch.long), k=64,
                                     temperatures=(1.0, 2.0), sampling=Sampling(temperature, 0))
     torch.testing.assert_close(values, logits.float().gather(-1, ids.long()))
     torch.testing.assert_close(lse[..., 1], torch.logsumexp(logits / 2, -1).float())
@@ -137,10 +140,9 @@ def test_draws_in_row_blocks_equal_one_draw(monkeypatch):
     those of one call over the whole batch, so the block size never changes a cache."""
     torch.manual_seed(0)
     logits = torch.randn(4, 16, 50) * 3
-    model = lambda input_ids, **_: type("Out", (), {"logits": logits})  # noqa: E731
 
     def draw():
-        return teacher_topk(model, torch.zeros(4, 16, dtype=torch.long), k=32,
+        return teacher_topk(returning(logits), torch.zeros(4, 16, dtype=torch.long), k=32,
                             temperatures=(1.0, 2.0), sampling=Sampling(2.0, 7), first_row=3)
 
     whole = draw()

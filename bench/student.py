@@ -168,7 +168,7 @@ def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
         facts = build(base, teacher_steps=teacher_steps)
         torch.set_num_threads(1)
         rows = step_rows(base)
-        rows += loop_rows(base, STUDENT, steps=120)
+        rows += loop_rows(base, STUDENT, steps=120, torch_ops=True)
         rows += loop_rows(base, SMALL_STUDENT, steps=30)
         rows += speed_rows(base, speed_steps)
         rows += quality_rows(base, steps, facts)
@@ -214,23 +214,31 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
             for mode, t in fastest.items()]
 
 
-def loop_rows(root: Path, student: dict, *, steps: int, warmup: int = 5) -> list[dict]:
+def loop_rows(root: Path, student: dict, *, steps: int, warmup: int = 5,
+              torch_ops: bool = False) -> list[dict]:
     """The training step of `student` as the loop runs it, CE and cached KD alternating in this
     process (median of `steps` steps each). Each process of this machine runs at its own speed,
     10-20% apart, so ratios of two subprocesses (speed_rows) are noisy; here both modes share
-    one process."""
+    one process. torch_ops: both modes again with the loss as torch ops instead of the C kernel
+    (student.native), every ratio still against the kernel's CE."""
+    import contextlib
     import time
 
     from student.model import new_gpt2
+    from student.native import torch_ops_only
     from student.train import (Cursor, distillation, make_optimizer, micro_batches, open_tokens,
                                train_step)
 
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
     hp, cpu = cfg.student, torch.device("cpu")
     tokens, _ = open_tokens(cfg)
-    modes = {"CE baseline": None, "cached KD (k=64, T=2)": distillation(cfg, tokens, vocab_size=VOCAB)}
+    cached = distillation(cfg, tokens, vocab_size=VOCAB)
+    modes = {"CE baseline": (None, False), "cached KD (k=64, T=2)": (cached, False)}
+    if torch_ops:
+        modes.update({"CE baseline, loss as torch ops": (None, True),
+                      "cached KD (k=64, T=2), loss as torch ops": (cached, True)})
     runs = {}
-    for mode, distil in modes.items():
+    for mode, (distil, _) in modes.items():
         model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, seed=hp.seed, **student)
         cursor = Cursor()
         data = micro_batches(tokens, distil, hp=hp, micro=hp.batch_size, cursor=cursor, rank=0,
@@ -240,11 +248,13 @@ def loop_rows(root: Path, student: dict, *, steps: int, warmup: int = 5) -> list
     tokens_per_s = {mode: [] for mode in modes}
     for step in range(warmup + steps):
         for mode, (model, optimizer, data, distil, cursor) in runs.items():
-            started = time.perf_counter()
-            row = train_step(model, optimizer, scaler, data, distil, hp=hp, cursor=cursor,
-                             device=cpu, amp_dtype=None, world_size=1)
+            with torch_ops_only() if modes[mode][1] else contextlib.nullcontext():
+                started = time.perf_counter()
+                row = train_step(model, optimizer, scaler, data, distil, hp=hp, cursor=cursor,
+                                 device=cpu, amp_dtype=None, world_size=1)
+                seconds = time.perf_counter() - started
             if step >= warmup:
-                tokens_per_s[mode].append(row["step_tokens"] / (time.perf_counter() - started))
+                tokens_per_s[mode].append(row["step_tokens"] / seconds)
     median = {mode: statistics.median(values) for mode, values in tokens_per_s.items()}
     return [{"section": "loop (training step with reading, alternating in one process)",
              "student": shape_name(student), "run": mode, "tokens_per_s": round(value),

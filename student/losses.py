@@ -25,7 +25,10 @@ sampled").
 `ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits in
 row chunks for CE and KL together and writes their gradients into a single (B, L, V) buffer, so
 cached KD costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over
-(B, L, V) and ran 7-28% slower than CE).
+(B, L, V) and ran 7-28% slower than CE). On the CPU the same function runs as a small C kernel
+(rows.c, built on first use by student.native) a row at a time: the torch ops' dispatch, ~40 ops a
+step, cost more than the arithmetic on a small student. The two agree to ~1e-6 (tests); the torch
+ops serve GPUs, other dtypes and machines without a C compiler.
 """
 
 from __future__ import annotations
@@ -36,16 +39,18 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from student.native import TeacherRows, fits_kernel, rows_kernel
+
 IGNORE_INDEX = -100
 TAIL_FLOOR = 1e-6
 """Smallest tail mass taken at face value. A tail is 1 minus a float32 sum of head probabilities,
 so below ~1e-6 it is rounding noise; smaller student tails are clamped (no gradient through the
 clamp), which also keeps k = V exact: both tails are then ~0 and contribute nothing."""
 SQUARE_ROOT_TEMPERATURES = {1.0: 0, 2.0: 1, 4.0: 2}
-"""Temperatures T = 2**n whose tempered exponentials the fused loss takes as n square roots of
-the plain ones, exp(y / T) = exp(y) ** (1 / 2**n): a square root costs a fraction of an exp, and
-on a small student the loss's exps are a visible part of the step (bench.student). Other
-temperatures take an exp of y / T."""
+"""Temperatures T = 2**n whose tempered exponentials the fused loss (and rows.c) takes as n square
+roots of the plain ones, exp(y / T) = exp(y) ** (1 / 2**n): a square root costs a fraction of an
+exp, and on a small student the loss's exps are a visible part of the step (bench.student).
+Other temperatures take an exp of y / T."""
 CHUNK_ELEMENTS = 1 << 17
 """Logits processed together by the fused loss: small enough to stay in the CPU's cache."""
 
@@ -237,6 +242,28 @@ class _FusedCEKL(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+class _NativeCEKL(torch.autograd.Function):
+    """`_FusedCEKL` as rows.c computes it, a row at a time on the CPU (same inputs and outputs)."""
+
+    @staticmethod
+    def forward(ctx, kernel, logits, labels, head_ids, log_p, p_tail, temperature, head_once):
+        teacher = None if head_ids is None else TeacherRows(
+            head_ids, log_p, p_tail, head_once, temperature,
+            SQUARE_ROOT_TEMPERATURES.get(temperature, -1), TAIL_FLOOR)
+        out = kernel.forward(logits, labels, teacher)
+        ctx.kernel, ctx.teacher, ctx.names = kernel, teacher, list(out)
+        ctx.save_for_backward(logits, labels, *out.values())
+        return out["ce"], out["kl"] if teacher is not None else torch.zeros_like(out["ce"])
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kl):
+        logits, labels, *values = ctx.saved_tensors
+        grad = ctx.kernel.backward(logits, labels, ctx.teacher, dict(zip(ctx.names, values)),
+                                   grad_ce.contiguous(),
+                                   None if ctx.teacher is None else grad_kl.contiguous())
+        return None, grad, None, None, None, None, None, None
+
+
 def _square_roots(x: torch.Tensor, roots: int, *, out: torch.Tensor | None = None
                   ) -> torch.Tensor:
     """x ** (1 / 2**roots) by `roots` square roots, into `out` (default: in place; x itself
@@ -280,14 +307,14 @@ def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
     shape = labels.shape
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # autocast hands over half-precision logits; softmax needs more
-    if head_ids is None:
-        ce, _ = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), None, None, None, 1.0,
-                                 None)
-        return ce.view(shape), None
-    once = None if head_once is None else head_once.flatten(0, 1)
-    ce, kl = _FusedCEKL.apply(logits.flatten(0, 1), labels.flatten(), head_ids.flatten(0, 1),
-                              log_p_head.flatten(0, 1), p_tail.flatten(), float(temperature), once)
-    return ce.view(shape), kl.view(shape)
+    rows = [None if t is None else t.flatten(0, 1)
+            for t in (logits, labels, head_ids, log_p_head, p_tail, head_once)]
+    kernel = rows_kernel() if fits_kernel(*rows) else None
+    if kernel is None:
+        ce, kl = _FusedCEKL.apply(*rows[:5], float(temperature), rows[5])
+    else:
+        ce, kl = _NativeCEKL.apply(kernel, *rows[:5], float(temperature), rows[5])
+    return ce.view(shape), None if head_ids is None else kl.view(shape)
 
 
 def full_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,

@@ -1,5 +1,7 @@
 """KD losses checked analytically: zero for identical distributions, equal to F.kl_div over the
-full vocabulary when k = V, CE when alpha = 1, finite-difference gradients, masking, fallback."""
+full vocabulary when k = V, CE when alpha = 1, finite-difference gradients, masking, fallback.
+Every test runs twice: with the CPU's C kernel for the fused loss and with its torch ops
+(float64, as in gradcheck, always takes the torch ops)."""
 
 import math
 
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from student import losses
+from student.native import rows_kernel, torch_ops_only
 from student.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, full_kl, log1mexp,
                             sampled_targets, shift_labels, teacher_buckets)
 
@@ -32,6 +35,16 @@ def cached(student, teacher, labels, *, k=K, temperature=2.0, temperatures=TEMPS
                                     vocab_size=teacher.shape[-1])
     return ce_and_cached_kl(student, labels, head_ids=ids, log_p_head=log_p.to(student.dtype),
                             p_tail=p_tail.to(student.dtype), temperature=temperature)
+
+
+@pytest.fixture(autouse=True, params=["kernel", "torch ops"])
+def implementation(request):
+    if request.param == "kernel":
+        assert rows_kernel() is not None, "the C loss kernel did not build (see stderr)"
+        yield
+    else:
+        with torch_ops_only():
+            yield
 
 
 @pytest.fixture

@@ -1,0 +1,275 @@
+/* The fused CE + cached-KD loss (student/losses.py, ce_and_cached_kl) on the CPU, a row at a time.
+
+   Compiled on first use by student/native.py. Each row of V logits is read while it sits in the
+   L1 cache (its max, then its exponentials), and the row's k head entries and label are handled
+   in the same visit. The torch ops of losses._FusedCEKL compute the same thing in ~40 ops over
+   chunks of rows; on a small CPU student their dispatch alone costs more than this whole kernel
+   (bench.student).
+
+   The maths, per row r with label y (negative: ignored, CE and KL 0):
+     lse = logsumexp(x), ce = lse - x[y]
+     lse_T = logsumexp(x / T), q_i = exp(x[id_i] / T - lse_T) over the k head ids
+     tail = 1 - sum' q_i (sum' counts a repeated id once: the `once` weights)
+     kl = sum' p_i (log p_i - log q_i) + p_tail log p_tail - p_tail log max(tail, floor)
+   and the gradient of w_ce ce + w_kl kl, for tail tokens and head ids:
+     softmax(x)_j w_ce + q_j c w_kl / T,  and  softmax(x)_j w_ce + (q_j h - p_j) w_kl / T,
+   with c = (tail - p_tail) / tail and h = 1 while tail >= floor, c = h = 1 - p_tail below it,
+   minus w_ce at y.
+
+   Built without -ffast-math: NaN must stay NaN. The flags allow only reassociation (to sum in
+   vector lanes); the max loop alone assumes finite values, and a row holding a NaN or an
+   infinity gets NaN log-sums from a row-sum check instead. */
+
+#include <math.h>
+#include <pthread.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define HEAD_BLOCK 64
+#define MAX_THREADS 64
+#define ELEMENTS_PER_THREAD (1 << 18) /* below, a thread's start costs more than its share */
+
+/* exp(x) for x <= 88 in a form the compiler vectorises (libm's expf is a call): 2^n p(r) with
+   |r| <= ln(2)/2 and Cephes's degree-6 polynomial for p (~1 ulp). Arguments below -87 give
+   2^-126 p(r), ~1e-38, the floor of a normal float. Every caller passes a logit shifted by its
+   row's max or logsumexp, or a log-probability, so nothing near 88 comes here. */
+static inline float fast_exp(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* exp(x / 2^roots) for roots 0, 1 or 2 from e = exp(x): square roots cost a fraction of an exp. */
+static inline float root(float e, int roots) {
+    if (roots >= 1) e = sqrtf(e);
+    if (roots >= 2) e = sqrtf(e);
+    return e;
+}
+
+__attribute__((optimize("finite-math-only")))
+static float max_of(const float *row, int64_t n) {
+    float m = row[0];
+    for (int64_t j = 1; j < n; j++) m = row[j] > m ? row[j] : m;
+    return m;
+}
+
+static float sum_of(const float *row, int64_t n) {
+    float s = 0.0f;
+    for (int64_t j = 0; j < n; j++) s += row[j];
+    return s;
+}
+
+/* g = softmax(row) w_ce + softmax(row)^(1/2^roots) u; roots a constant at each call, so that
+   each loop compiles without the branches (they keep it from vectorising). */
+static inline __attribute__((always_inline)) void mix_rooted(
+        const float *row, int64_t vocab, float lse, float w_ce, float u, int roots, float *g) {
+    for (int64_t j = 0; j < vocab; j++) {
+        float e = fast_exp(row[j] - lse);
+        g[j] = e * w_ce + root(e, roots) * u;
+    }
+}
+
+/* On entry q_row holds the head ids' logits, on return their probabilities at T; q_sum and cross
+   are sum' q_i and sum' p_i (log p_i - log q_i). once is NULL or not at each call, so that the
+   loop compiles without the branch (it keeps it from vectorising). */
+static inline __attribute__((always_inline)) void head_terms(
+        float *q_row, const float *log_p, const float *once, int64_t k, float inv_t, float lse_t,
+        float *q_sum, float *cross) {
+    float q_total = 0.0f, cross_total = 0.0f;
+    for (int64_t i = 0; i < k; i++) {
+        float log_q = q_row[i] * inv_t - lse_t;
+        float weight = once != NULL ? once[i] : 1.0f;
+        q_row[i] = fast_exp(log_q);
+        q_total += weight * q_row[i];
+        cross_total += weight * fast_exp(log_p[i]) * (log_p[i] - log_q);
+    }
+    *q_sum = q_total;
+    *cross = cross_total;
+}
+
+static float xlogx(float x) { return x > 0.0f ? x * logf(x) : 0.0f; }
+
+/* The teacher side of a cached-KD loss: k entries a row. */
+typedef struct {
+    int64_t k;
+    const int64_t *ids;    /* (rows, k) head ids */
+    const float *log_p;    /* (rows, k) teacher log-probabilities at T of the head ids */
+    const float *p_tail;   /* (rows,) teacher tail mass */
+    const float *once;     /* (rows, k) 1 at an id's first slot, 0 at its repeats; NULL: distinct */
+    float inv_temperature;
+    int roots;             /* 0-2: T = 2^roots, tempered exps as roots of the plain ones; -1: exps */
+    float tail_floor;
+} Teacher;
+
+/* One call's tensors. The forward writes lse, ce and, with a teacher, lse_tempered, q (rows, k:
+   the head ids' student probabilities at T), tail (1 - sum' q, before the floor) and kl; the
+   backward reads them, with grad_ce and grad_kl, and writes grad (rows, vocab). */
+typedef struct {
+    const float *x;
+    int64_t rows, vocab;
+    const int64_t *labels;
+    const Teacher *teacher; /* NULL: CE only */
+    float *lse, *ce, *lse_tempered, *q, *tail, *kl;
+    const float *grad_ce, *grad_kl;
+    float *grad;
+} Call;
+
+/* Rows [first, last) of the forward. Returns 1 (outputs undefined) when a label or head id is
+   outside [0, vocab) (a label < 0 is ignored), else 0. */
+static int forward_rows(const Call *c, int64_t first, int64_t last) {
+    const Teacher *teacher = c->teacher;
+    int64_t vocab = c->vocab;
+    for (int64_t r = first; r < last; r++) {
+        const float *row = c->x + r * vocab;
+        float m = max_of(row, vocab), total = sum_of(row, vocab);
+        float nan_if_not_finite = total - total;
+        float s = 0.0f, s_tempered = 0.0f;
+        if (teacher == NULL) {
+            for (int64_t j = 0; j < vocab; j++) s += fast_exp(row[j] - m);
+        } else if (teacher->roots >= 0) {
+            for (int64_t j = 0; j < vocab; j++) {
+                float e = fast_exp(row[j] - m);
+                s += e;
+                s_tempered += root(e, teacher->roots);
+            }
+        } else {
+            for (int64_t j = 0; j < vocab; j++) {
+                float shifted = row[j] - m;
+                s += fast_exp(shifted);
+                s_tempered += fast_exp(shifted * teacher->inv_temperature);
+            }
+        }
+        c->lse[r] = logf(s) + m + nan_if_not_finite;
+        int64_t y = c->labels[r];
+        if (y >= vocab) return 1;
+        c->ce[r] = y < 0 ? 0.0f : c->lse[r] - row[y];
+        if (teacher == NULL) continue;
+
+        int64_t k = teacher->k;
+        float inv_t = teacher->inv_temperature;
+        float lse_t = logf(s_tempered) + m * inv_t + nan_if_not_finite;
+        const int64_t *ids = teacher->ids + r * k;
+        const float *log_p = teacher->log_p + r * k;
+        const float *once = teacher->once ? teacher->once + r * k : NULL;
+        float *q_row = c->q + r * k;
+        int outside = 0;
+        for (int64_t i = 0; i < k; i++) outside |= ids[i] < 0 || ids[i] >= vocab;
+        if (outside) return 1;
+        for (int64_t i = 0; i < k; i++) q_row[i] = row[ids[i]];
+        float q_sum, cross;
+        if (once != NULL) head_terms(q_row, log_p, once, k, inv_t, lse_t, &q_sum, &cross);
+        else head_terms(q_row, log_p, NULL, k, inv_t, lse_t, &q_sum, &cross);
+        float p_tail = teacher->p_tail[r];
+        float free_tail = 1.0f - q_sum;
+        float floored = free_tail >= teacher->tail_floor ? free_tail : teacher->tail_floor;
+        c->lse_tempered[r] = lse_t;
+        c->tail[r] = free_tail;
+        c->kl[r] = y < 0 ? 0.0f : cross + xlogx(p_tail) - p_tail * logf(floored);
+    }
+    return 0;
+}
+
+/* Rows [first, last) of the gradient of sum_r grad_ce[r] ce[r] + grad_kl[r] kl[r]. */
+static int backward_rows(const Call *c, int64_t first, int64_t last) {
+    const Teacher *teacher = c->teacher;
+    int64_t vocab = c->vocab, k = teacher ? teacher->k : 0;
+    for (int64_t r = first; r < last; r++) {
+        const float *row = c->x + r * vocab;
+        float *g = c->grad + r * vocab;
+        int64_t y = c->labels[r];
+        float a = c->lse[r], w_ce = y < 0 ? 0.0f : c->grad_ce[r];
+        if (teacher == NULL) {
+            for (int64_t j = 0; j < vocab; j++) g[j] = fast_exp(row[j] - a) * w_ce;
+            if (y >= 0) g[y] -= w_ce;
+            continue;
+        }
+        float inv_t = teacher->inv_temperature;
+        int roots = teacher->roots; /* a local: grad's stores might alias teacher->roots */
+        float w_kl = y < 0 ? 0.0f : c->grad_kl[r] * inv_t;
+        float p_tail = teacher->p_tail[r], tail = c->tail[r];
+        int free_tail = tail >= teacher->tail_floor;
+        float tail_coef = (free_tail ? (tail - p_tail) / tail : 1.0f - p_tail) * w_kl;
+        float head_coef = free_tail ? 1.0f : 1.0f - p_tail;
+        const int64_t *ids = teacher->ids + r * k;
+        const float *log_p = teacher->log_p + r * k;
+        const float *q_row = c->q + r * k;
+        if (roots >= 0) {
+            /* softmax(x / T) = softmax(x)^(1/T) exp(lse / T - lse_T) */
+            float u = tail_coef * expf(a * inv_t - c->lse_tempered[r]);
+            if (roots == 0) mix_rooted(row, vocab, a, w_ce, u, 0, g);
+            else if (roots == 1) mix_rooted(row, vocab, a, w_ce, u, 1, g);
+            else mix_rooted(row, vocab, a, w_ce, u, 2, g);
+        } else {
+            float b = c->lse_tempered[r];
+            for (int64_t j = 0; j < vocab; j++)
+                g[j] = fast_exp(row[j] - a) * w_ce + fast_exp(row[j] * inv_t - b) * tail_coef;
+        }
+        /* the head's terms replace the tail's (a repeated id writes the same value each time),
+           HEAD_BLOCK at a time: gathered, computed in vector lanes, scattered */
+        float head[HEAD_BLOCK];
+        for (int64_t start = 0; start < k; start += HEAD_BLOCK) {
+            int64_t n = k - start < HEAD_BLOCK ? k - start : HEAD_BLOCK;
+            for (int64_t i = 0; i < n; i++) head[i] = row[ids[start + i]];
+            for (int64_t i = 0; i < n; i++)
+                head[i] = fast_exp(head[i] - a) * w_ce
+                          + (q_row[start + i] * head_coef - fast_exp(log_p[start + i])) * w_kl;
+            for (int64_t i = 0; i < n; i++) g[ids[start + i]] = head[i];
+        }
+        if (y >= 0) g[y] -= w_ce;
+    }
+    return 0;
+}
+
+typedef int (*RowsFunction)(const Call *, int64_t, int64_t);
+
+typedef struct {
+    RowsFunction function;
+    const Call *call;
+    int64_t first, last;
+    int result;
+} Part;
+
+static void *run_part(void *arg) {
+    Part *part = arg;
+    part->result = part->function(part->call, part->first, part->last);
+    return NULL;
+}
+
+/* function over all rows, split into up to `threads` parts run at once (no more parts than
+   ELEMENTS_PER_THREAD allows); a part whose thread cannot start runs here. Returns the parts'
+   results or'ed. */
+static int over_rows(RowsFunction function, const Call *c, int threads) {
+    int64_t by_size = c->rows * c->vocab / ELEMENTS_PER_THREAD;
+    int n = threads < by_size ? threads : (int)by_size;
+    n = n > MAX_THREADS ? MAX_THREADS : n < 1 ? 1 : n;
+    Part parts[MAX_THREADS];
+    pthread_t handles[MAX_THREADS];
+    int started[MAX_THREADS] = {0};
+    for (int i = 0; i < n; i++) {
+        parts[i] = (Part){function, c, c->rows * i / n, c->rows * (i + 1) / n, 0};
+        if (i > 0) started[i] = pthread_create(&handles[i], NULL, run_part, &parts[i]) == 0;
+    }
+    int result = 0;
+    for (int i = 0; i < n; i++) {
+        if (!started[i]) run_part(&parts[i]);
+        else pthread_join(handles[i], NULL);
+        result |= parts[i].result;
+    }
+    return result;
+}
+
+int fused_forward(const Call *call, int threads) { return over_rows(forward_rows, call, threads); }
+
+int fused_backward(const Call *call, int threads) { return over_rows(backward_rows, call, threads); }

@@ -1,0 +1,145 @@
+"""The C kernel of the fused loss (student/rows.c) against the torch ops it replaces on the CPU,
+and its build: in a fresh cache folder, without a compiler, switched off."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from student.losses import IGNORE_INDEX, ce_and_cached_kl, sampled_targets, teacher_buckets
+from student.native import rows_kernel, torch_ops_only
+
+
+def loss_and_grad(student, labels, teacher_kwargs, weights):
+    """ce, kl and d(sum w_ce ce + w_kl kl)/d student of one call."""
+    student = student.clone().requires_grad_()
+    ce, kl = ce_and_cached_kl(student, labels, **teacher_kwargs)
+    total = (ce * weights[0]).sum()
+    if kl is not None:
+        total = total + (kl * weights[1]).sum()
+    total.backward()
+    return ce, kl, student.grad
+
+
+def top_k_teacher(teacher_logits, k, temperature):
+    temperatures = (1.0, 2.0, 3.0, 4.0)
+    values, ids = teacher_logits.topk(k, -1)
+    lse = torch.stack([torch.logsumexp(teacher_logits / t, -1) for t in temperatures], -1)
+    log_p, p_tail = teacher_buckets(values.half(), lse, temperature=temperature,
+                                    temperatures=temperatures, vocab_size=teacher_logits.shape[-1])
+    return dict(head_ids=ids, log_p_head=log_p, p_tail=p_tail, temperature=temperature)
+
+
+def sampled_teacher(teacher_logits, m, temperature):
+    b, length, vocab = teacher_logits.shape
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.multinomial(torch.softmax(teacher_logits.flatten(0, 1) / 2, -1), m,
+                            replacement=True, generator=generator).view(b, length, m).sort(-1).values
+    log_p, p_tail, once = sampled_targets(ids, teacher_logits.gather(-1, ids),
+                                          temperature=temperature, sample_temperature=2.0)
+    return dict(head_ids=ids, log_p_head=log_p, p_tail=p_tail, temperature=temperature,
+                head_once=once)
+
+
+CASES = [("CE", 1.0)] + [(kind, t) for kind in ("top-k", "sampled") for t in (1.0, 2.0, 3.0, 4.0)]
+
+
+@pytest.mark.parametrize("kind,temperature", CASES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_equals_the_torch_ops(kind, temperature, threads):
+    """Values and gradients, ignored positions, repeated ids, a head longer than the kernel's
+    HEAD_BLOCK (100 > 64), T = 2^n (square roots) and 3 (exps), and 2 threads with rows enough
+    to split (2 x 2^18 elements)."""
+    torch.manual_seed(0)
+    b, length, vocab = (4, 64, 2048) if threads == 2 else (3, 20, 300)
+    student = torch.randn(b, length, vocab) * 3
+    teacher_logits = torch.randn(b, length, vocab) * 2
+    labels = torch.randint(0, vocab, (b, length))
+    labels[:, -1] = IGNORE_INDEX
+    teacher = {"CE": lambda: {}, "top-k": lambda: top_k_teacher(teacher_logits, 100, temperature),
+               "sampled": lambda: sampled_teacher(teacher_logits, 100, temperature)}[kind]()
+    weights = torch.rand(2, b, length)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert rows_kernel() is not None
+        kernel = loss_and_grad(student, labels, teacher, weights)
+        with torch_ops_only():
+            reference = loss_and_grad(student, labels, teacher, weights)
+    finally:
+        torch.set_num_threads(previous)
+    for got, expected in zip(kernel, reference):
+        if expected is None:
+            assert got is None
+        else:
+            assert torch.allclose(got, expected, atol=5e-6, rtol=1e-5)
+    assert (kernel[0][:, -1] == 0).all()
+
+
+def test_a_row_with_nan_gives_nan_and_others_stay_finite():
+    student = torch.randn(1, 3, 40)
+    student[0, 1, 5] = float("nan")
+    ce, _ = ce_and_cached_kl(student, torch.tensor([[1, 2, 3]]))
+    assert torch.isnan(ce[0, 1]) and torch.isfinite(ce[0, [0, 2]]).all()
+
+
+def test_an_id_outside_the_vocabulary_raises_instead_of_reading_past_the_row():
+    student = torch.randn(1, 2, 40)
+    with pytest.raises(IndexError, match="outside the vocabulary of 40"):
+        ce_and_cached_kl(student, torch.tensor([[1, 40]]))
+    ids = torch.tensor([[[0, 1], [2, 45]]])
+    with pytest.raises(IndexError, match="outside the vocabulary"):
+        ce_and_cached_kl(student, torch.tensor([[1, 2]]), head_ids=ids,
+                         log_p_head=torch.full((1, 2, 2), -1.0), p_tail=torch.zeros(1, 2),
+                         temperature=2.0)
+
+
+def build_in_a_child(tmp_path, **env) -> subprocess.CompletedProcess:
+    """A fresh process (rows_kernel caches its library per process) with its own cache folder."""
+    code = ("from student.native import rows_kernel; "
+            "print('kernel' if rows_kernel() is not None else 'torch ops')")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})
+
+
+def test_a_fresh_machine_builds_the_library_once_into_its_cache(tmp_path):
+    first = build_in_a_child(tmp_path)
+    assert first.stdout.strip() == "kernel", first.stderr
+    built = sorted((tmp_path / "babylm-kd").iterdir())
+    assert len(built) == 1 and built[0].name.startswith("rows-") and built[0].suffix == ".so"
+    stamp = built[0].stat().st_mtime_ns
+    second = build_in_a_child(tmp_path)
+    assert second.stdout.strip() == "kernel"
+    assert sorted((tmp_path / "babylm-kd").iterdir()) == built
+    assert built[0].stat().st_mtime_ns == stamp
+
+
+def test_without_a_compiler_the_loss_falls_back_to_torch_ops_with_one_line(tmp_path):
+    result = build_in_a_child(tmp_path, CC="no-such-compiler")
+    assert result.returncode == 0 and result.stdout.strip() == "torch ops"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "could not be built" in lines[0] and "no-such-compiler" in lines[0]
+    assert not any((tmp_path / "babylm-kd").iterdir())  # no half-written library left
+
+
+def test_a_compiler_error_falls_back_too(tmp_path):
+    result = build_in_a_child(tmp_path, CC="cc -fno-such-option")
+    assert result.stdout.strip() == "torch ops" and "could not be built" in result.stderr
+
+
+def test_babylm_kd_native_0_switches_the_kernel_off(tmp_path):
+    result = build_in_a_child(tmp_path, BABYLM_KD_NATIVE="0")
+    assert result.stdout.strip() == "torch ops" and result.stderr == ""
+    assert not (tmp_path / "babylm-kd").exists()
+
+
+def test_torch_ops_only_is_scoped():
+    assert rows_kernel() is not None
+    with torch_ops_only():
+        assert rows_kernel() is None
+        with torch_ops_only():
+            assert rows_kernel() is None
+        assert rows_kernel() is None
+    assert rows_kernel() is not None

@@ -3,8 +3,9 @@
    Compiled on first use by student/native.py. Each row of V logits is read while it sits in the
    L1 cache (its max, then its exponentials), and the row's k head entries and label are handled
    in the same visit. The torch ops of losses._FusedCEKL compute the same thing in ~40 ops over
-   chunks of rows; on a small CPU student their dispatch alone costs more than this whole kernel
-   (bench.student).
+   chunks of rows, each op a few microseconds of dispatch: on 1,008 x 512 logits (bench.student's
+   student, one thread) forward and backward took them 2.05 ms for cached KD and 1.21 for CE, and
+   this kernel 0.91 and 0.71.
 
    The maths, per row r with label y (negative: ignored, CE and KL 0):
      lse = logsumexp(x), ce = lse - x[y]

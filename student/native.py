@@ -5,7 +5,7 @@ second. The library is kept in $XDG_CACHE_HOME/babylm-kd (default ~/.cache/babyl
 hash of the source, the flags and this CPU's instruction-set flags (it is built with
 -march=native, so a home directory shared by different machines gets one library per kind of
 CPU). It is written to a temporary name and renamed into place, so ranks that build at once
-never load a half-written file.
+never load a half-written file; a file there that does not load is built again.
 
 Without a compiler, or with BABYLM_KD_NATIVE=0, `rows_kernel()` is None and the loss runs as
 torch ops (one line on stderr says so); on a GPU the kernel is never used.
@@ -157,23 +157,25 @@ def rows_kernel() -> RowsKernel | None:
 def _load() -> RowsKernel | None:
     compiler = shlex.split(os.environ.get("CC", "cc"))
     try:
-        library = _build(compiler)
+        return RowsKernel(_open(compiler))
     except (OSError, subprocess.CalledProcessError) as error:
         why = (getattr(error, "stderr", None) or str(error)).strip().splitlines()
         print(f"babylm-kd: the C loss kernel could not be built ({why[-1] if why else error}); "
               "the loss runs as torch ops, slower on a CPU", file=sys.stderr)
         return None
-    return RowsKernel(ctypes.CDLL(str(library)))
 
 
-def _build(compiler: list[str]) -> Path:
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(compiler + list(FLAGS)).encode(),
+def _open(compiler: list[str]) -> ctypes.CDLL:
+    """The library for this source, flags and CPU: loaded from the cache, else built there."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compiler + list(FLAGS)).encode(),
                                      platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "babylm-kd"
     library = cache / f"rows-{key}.so"
     if library.exists():
-        return library
+        try:
+            return ctypes.CDLL(str(library))
+        except OSError:
+            pass  # a damaged file (say, truncated on a full disk by a copy): built again below
     cache.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=cache, prefix=library.stem, suffix=".so.partial")
     os.close(handle)
@@ -183,7 +185,7 @@ def _build(compiler: list[str]) -> Path:
         os.replace(partial, library)
     finally:
         Path(partial).unlink(missing_ok=True)
-    return library
+    return ctypes.CDLL(str(library))
 
 
 def _cpu_flags() -> bytes:

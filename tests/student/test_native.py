@@ -129,6 +129,16 @@ def test_a_compiler_error_falls_back_too(tmp_path):
     assert result.stdout.strip() == "torch ops" and "could not be built" in result.stderr
 
 
+def test_a_damaged_library_in_the_cache_is_built_again(tmp_path):
+    assert build_in_a_child(tmp_path).stdout.strip() == "kernel"
+    (library,) = (tmp_path / "babylm-kd").iterdir()
+    library.write_bytes(b"not a shared object")
+    result = build_in_a_child(tmp_path)
+    assert result.stdout.strip() == "kernel" and result.stderr == ""
+    assert [p.name for p in (tmp_path / "babylm-kd").iterdir()] == [library.name]
+    assert library.read_bytes().startswith(b"\x7fELF")
+
+
 def test_babylm_kd_native_0_switches_the_kernel_off(tmp_path):
     result = build_in_a_child(tmp_path, BABYLM_KD_NATIVE="0")
     assert result.stdout.strip() == "torch ops" and result.stderr == ""

@@ -167,8 +167,9 @@ def _load() -> RowsKernel | None:
 
 def _open(compiler: list[str]) -> ctypes.CDLL:
     """The library for this source, flags and CPU: loaded from the cache, else built there."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(compiler + list(FLAGS)).encode(),
-                                     platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
+    recipe = [SOURCE.read_bytes(), " ".join([*compiler, *FLAGS]).encode(),
+              platform.machine().encode(), _cpu_flags()]
+    key = hashlib.sha256(b"\0".join(recipe)).hexdigest()[:16]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "babylm-kd"
     library = cache / f"rows-{key}.so"
     if library.exists():

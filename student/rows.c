@@ -110,7 +110,7 @@ typedef struct {
     const float *p_tail;   /* (rows,) teacher tail mass */
     const float *once;     /* (rows, k) 1 at an id's first slot, 0 at its repeats; NULL: distinct */
     float inv_temperature;
-    int roots;             /* 0-2: T = 2^roots, tempered exps as roots of the plain ones; -1: exps */
+    int roots;             /* 0-2: T = 2^roots, tempered exps as roots of plain ones; -1: exps */
     float tail_floor;
 } Teacher;
 
@@ -271,6 +271,10 @@ static int over_rows(RowsFunction function, const Call *c, int threads) {
     return result;
 }
 
-int fused_forward(const Call *call, int threads) { return over_rows(forward_rows, call, threads); }
+int fused_forward(const Call *call, int threads) {
+    return over_rows(forward_rows, call, threads);
+}
 
-int fused_backward(const Call *call, int threads) { return over_rows(backward_rows, call, threads); }
+int fused_backward(const Call *call, int threads) {
+    return over_rows(backward_rows, call, threads);
+}

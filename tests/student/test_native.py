@@ -35,8 +35,9 @@ def top_k_teacher(teacher_logits, k, temperature):
 def sampled_teacher(teacher_logits, m, temperature):
     b, length, vocab = teacher_logits.shape
     generator = torch.Generator().manual_seed(3)
-    ids = torch.multinomial(torch.softmax(teacher_logits.flatten(0, 1) / 2, -1), m,
-                            replacement=True, generator=generator).view(b, length, m).sort(-1).values
+    draws = torch.multinomial(torch.softmax(teacher_logits.flatten(0, 1) / 2, -1), m,
+                              replacement=True, generator=generator)
+    ids = draws.view(b, length, m).sort(-1).values  # repeats adjacent, as cached
     log_p, p_tail, once = sampled_targets(ids, teacher_logits.gather(-1, ids),
                                           temperature=temperature, sample_temperature=2.0)
     return dict(head_ids=ids, log_p_head=log_p, p_tail=p_tail, temperature=temperature,

@@ -127,7 +127,13 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: flo
     summed probability at each of its slots, and `once` is 1 at its first slot and 0 at the
     others, so that sums over slots weighted by it count each id once.
     """
-    weights = torch.softmax(logits.float() * (1 / temperature - 1 / sample_temperature), -1)
+    scale = 1 / temperature - 1 / sample_temperature
+    logits = logits.float()
+    kernel = rows_kernel() if fits_kernel(ids, logits) and ids.shape[-1] else None
+    if kernel is not None:  # on the CPU: ~10 small ops, ~0.7 ms a step of bench.student's student
+        log_p, once = kernel.sampled_targets(ids, logits, scale=scale)
+        return log_p, log_p.new_zeros(log_p.shape[:-1]), once
+    weights = torch.softmax(logits * scale, -1)
     first = torch.ones_like(ids, dtype=torch.bool)
     first[..., 1:] = ids[..., 1:] != ids[..., :-1]
     run = first.cumsum(-1) - 1  # which run of repeats each slot is in

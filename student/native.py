@@ -73,7 +73,8 @@ class _Call(ctypes.Structure):
 
 
 class RowsKernel:
-    """rows.c's fused_forward and fused_backward over torch tensors; rows.c has the maths.
+    """rows.c's fused_forward, fused_backward and sampled_targets over torch tensors; rows.c has
+    the maths.
 
     Every tensor is contiguous on the CPU, float32 but for the int64 labels and ids
     (`fits_kernel`). Both split the rows over torch.get_num_threads() threads where there is
@@ -85,6 +86,9 @@ class RowsKernel:
         for function in (self._forward, self._backward):
             function.argtypes = [ctypes.POINTER(_Call), ctypes.c_int]
             function.restype = ctypes.c_int
+        self._sampled = library.sampled_targets
+        self._sampled.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 teacher: TeacherRows | None) -> dict[str, torch.Tensor]:
@@ -108,6 +112,17 @@ class RowsKernel:
                      {**forward, "grad_ce": grad_ce, "grad_kl": grad_kl, "grad": grad})
         self._backward(call, torch.get_num_threads())
         return grad
+
+
+    def sampled_targets(self, ids: torch.Tensor, logits: torch.Tensor, *, scale: float
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_p, once), each shaped as ids (..., m), m >= 1: see losses.sampled_targets, with
+        scale = 1/T - 1/T_s."""
+        log_p, once = torch.empty_like(logits), torch.empty_like(logits)
+        m = ids.shape[-1]
+        self._sampled(ids.data_ptr(), logits.data_ptr(), ids.numel() // m, m, scale,
+                      log_p.data_ptr(), once.data_ptr())
+        return log_p, once
 
 
 def _call(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherRows | None,

@@ -53,6 +53,32 @@ static inline float fast_exp(float x) {
     return p * scale;
 }
 
+/* log(x) for normal x > 0 in a form the compiler vectorises: x = 2^e f with f in [sqrt(1/2),
+   sqrt(2)), log f by Cephes's degree-8 polynomial (~1 ulp). */
+static inline float fast_log(float x) {
+    int32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    float e = (float)(((bits >> 23) & 0xff) - 126);
+    bits = (bits & 0x807fffff) | 0x3f000000; /* f in [0.5, 1) */
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    int small = f < 0.70710678f;
+    e = small ? e - 1.0f : e;
+    f = small ? f + f - 1.0f : f - 1.0f;
+    float z = f * f;
+    float y = 7.0376836292e-2f;
+    y = y * f - 1.1514610310e-1f;
+    y = y * f + 1.1676998740e-1f;
+    y = y * f - 1.2420140846e-1f;
+    y = y * f + 1.4249322787e-1f;
+    y = y * f - 1.6668057665e-1f;
+    y = y * f + 2.0000714765e-1f;
+    y = y * f - 2.4999993993e-1f;
+    y = y * f + 3.3333331174e-1f;
+    y = y * f * z - 2.12194440e-4f * e - 0.5f * z;
+    return f + y + 0.693359375f * e;
+}
+
 /* exp(x / 2^roots) for roots 0, 1 or 2 from e = exp(x): square roots cost a fraction of an exp. */
 static inline float root(float e, int roots) {
     if (roots >= 1) e = sqrtf(e);
@@ -60,10 +86,11 @@ static inline float root(float e, int roots) {
     return e;
 }
 
+/* max_j row[j] * scale */
 __attribute__((optimize("finite-math-only")))
-static float max_of(const float *row, int64_t n) {
-    float m = row[0];
-    for (int64_t j = 1; j < n; j++) m = row[j] > m ? row[j] : m;
+static float max_of(const float *row, int64_t n, float scale) {
+    float m = row[0] * scale;
+    for (int64_t j = 1; j < n; j++) m = row[j] * scale > m ? row[j] * scale : m;
     return m;
 }
 
@@ -135,7 +162,7 @@ static int forward_rows(const Call *c, int64_t first, int64_t last) {
     int64_t vocab = c->vocab;
     for (int64_t r = first; r < last; r++) {
         const float *row = c->x + r * vocab;
-        float m = max_of(row, vocab), total = sum_of(row, vocab);
+        float m = max_of(row, vocab, 1.0f), total = sum_of(row, vocab);
         float nan_if_not_finite = total - total;
         float s = 0.0f, s_tempered = 0.0f;
         if (teacher == NULL) {
@@ -278,4 +305,31 @@ int fused_forward(const Call *call, int threads) {
 
 int fused_backward(const Call *call, int threads) {
     return over_rows(backward_rows, call, threads);
+}
+
+/* losses.sampled_targets over rows of m draws whose repeats are adjacent: each draw weighs
+   w = softmax(z * scale) over its row (scale = 1/T - 1/T_s); every slot of a run of repeats gets
+   the log of the run's summed w, and once is 1 at a run's first slot, 0 at the others. */
+void sampled_targets(const int64_t *ids, const float *z, int64_t rows, int64_t m, float scale,
+                     float *log_p, float *once) {
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t *id = ids + r * m;
+        const float *zr = z + r * m;
+        float *lp = log_p + r * m, *first = once + r * m;
+        float top = max_of(zr, m, scale), total = 0.0f;
+        for (int64_t i = 0; i < m; i++) {
+            lp[i] = fast_exp(zr[i] * scale - top);
+            total += lp[i];
+        }
+        for (int64_t i = 0, j; i < m; i = j) {
+            float run = 0.0f;
+            for (j = i; j < m && id[j] == id[i]; j++) run += lp[j];
+            for (int64_t t = i; t < j; t++) {
+                lp[t] = run;
+                first[t] = t == i;
+            }
+        }
+        float log_total = fast_log(total);
+        for (int64_t i = 0; i < m; i++) lp[i] = fast_log(lp[i]) - log_total;
+    }
 }

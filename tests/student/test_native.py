@@ -79,6 +79,22 @@ def test_kernel_equals_the_torch_ops(kind, temperature, threads):
     assert (kernel[0][:, -1] == 0).all()
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kernel_merges_draws_as_the_torch_ops(temperature):
+    """sampled_targets: repeats merged, reweighted from T_s = 2 to T, one id a whole row."""
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(3, 20, 300) * 2
+    teacher_logits[0, 0, 7] = 50.0  # every draw of this position is id 7
+    draws = sampled_teacher(teacher_logits, 64, temperature)
+    ids, z = draws["head_ids"], teacher_logits.gather(-1, draws["head_ids"]).half()
+    kernel = sampled_targets(ids, z, temperature=temperature, sample_temperature=2.0)
+    with torch_ops_only():
+        reference = sampled_targets(ids, z, temperature=temperature, sample_temperature=2.0)
+    assert torch.allclose(kernel[0], reference[0], atol=2e-6, rtol=1e-5)
+    assert torch.equal(kernel[1], reference[1]) and torch.equal(kernel[2], reference[2])
+    assert kernel[2][0, 0].tolist() == [1.0] + [0.0] * 63 and kernel[0][0, 0].abs().max() < 1e-6
+
+
 def test_a_row_with_nan_gives_nan_and_others_stay_finite():
     student = torch.randn(1, 3, 40)
     student[0, 1, 5] = float("nan")

@@ -257,9 +257,10 @@ class _NativeCEKL(torch.autograd.Function):
             head_ids, log_p, p_tail, head_once, temperature,
             SQUARE_ROOT_TEMPERATURES.get(temperature, -1), TAIL_FLOOR)
         out = kernel.forward(logits, labels, teacher)
+        ce, kl = out.pop("ce"), out.pop("kl", None)  # the rest is what the backward reads
         ctx.kernel, ctx.teacher, ctx.names = kernel, teacher, list(out)
         ctx.save_for_backward(logits, labels, *out.values())
-        return out["ce"], out["kl"] if teacher is not None else torch.zeros_like(out["ce"])
+        return ce, kl if kl is not None else torch.zeros_like(ce)
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):

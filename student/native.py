@@ -113,7 +113,6 @@ class RowsKernel:
         self._backward(call, torch.get_num_threads())
         return grad
 
-
     def sampled_targets(self, ids: torch.Tensor, logits: torch.Tensor, *, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_p, once), each shaped as ids (..., m), m >= 1: see losses.sampled_targets, with

@@ -1,5 +1,6 @@
 """The C kernel of the fused loss (student/rows.c) against the torch ops it replaces on the CPU,
-and its build: in a fresh cache folder, without a compiler, switched off."""
+and its build: in a fresh cache folder, without a compiler, over a damaged library, switched
+off."""
 
 import os
 import subprocess

@@ -328,6 +328,8 @@ def _student_figures(rows: list[dict], _results) -> list[dict]:
                        ("sampled KD m=64", "KD from 64 sampled entries (T={t})")):
         out += [_vs_online(f"val perplexity, {label.format(t=t)} vs online KD (T={t})",
                            ppl[f"{run} T={t}"], ppl[f"online KD T={t}"]) for t in (1, 2)]
+    out.append(_vs_online("val perplexity, KD from 128 sampled entries (T=2) vs online KD (T=2)",
+                          ppl["sampled KD m=128 T=2"], ppl["online KD T=2"]))
     ce_ppl = ppl["CE baseline"]
     out.append(_row("val perplexity vs CE baseline (T=2)",
                     f"cached {100 * (ppl['cached KD k=64 T=2'] / ce_ppl - 1):+.2f} %, online "

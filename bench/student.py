@@ -17,7 +17,7 @@ same 2 x 64 student trained by `student.train.train` in every mode:
            what training adds.
   quality  final validation perplexity after the same steps and seed: cached KD over k and over
            the stored temperatures, gap8 vs float16, KD from 64 sampled entries (drawn at T = 2)
-           at T = 1 and 2, against online full-vocabulary KD and CE.
+           at T = 1 and 2 and from 128 at T = 2, against online full-vocabulary KD and CE.
 
 `python -m bench.student [--steps N]` prints the table; `run(...)` returns its rows.
 """
@@ -49,6 +49,8 @@ SMALL_STUDENT = dict(n_layer=4, n_embd=256, n_head=4)
 TEACHER = dict(n_layer=4, n_embd=128, n_head=4)
 TEMPERATURES = (1.0, 2.0, 4.0)
 CACHE_K = 64
+SAMPLES = (CACHE_K, 2 * CACHE_K)
+"""Draws per position of the sampled caches: the second shows what twice the entries buy."""
 
 
 def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> np.ndarray:
@@ -87,14 +89,15 @@ def overrides(root: Path, *extra: str) -> list[str]:
 
 
 def sibling(root: Path, kind: str) -> Path:
-    """The run directory `build` makes beside `root` for its `kind` ('gap8', 'sampled') cache."""
+    """The run directory `build` makes beside `root` for its `kind` ('gap8', 'sampled-64', ...)
+    cache."""
     return root.with_name(f"{root.name}-{kind}")
 
 
 def build(root: Path, *, teacher_steps: int) -> dict:
     """Token stores, a trained teacher and its float16 cache in `root`, and sibling runs sharing
-    them: `root`-gap8 with a gap8 cache, `root`-sampled with a cache of 64 draws per position at
-    T = 2. Returns the teacher's val perplexity."""
+    them: `root`-gap8 with a gap8 cache, `root`-sampled-<m> with caches of m draws per position
+    at T = 2 (m in SAMPLES). Returns the teacher's val perplexity."""
     from transformers import AutoModelForCausalLM
 
     from precompute.logits import Sampling, write_cache
@@ -111,11 +114,13 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     store = open_token_store(root / "tokens" / "train.zarr")
-    gap8, sampled = (sibling_run(root, sibling(root, kind)) for kind in ("gap8", "sampled"))
-    for run_dir, code, sampling in ((root, "float16", None), (gap8, "gap8", None),
-                                    (sampled, "gap8", Sampling(temperature=2.0, seed=0))):
+    caches = [(root, "float16", CACHE_K, None),
+              (sibling_run(root, sibling(root, "gap8")), "gap8", CACHE_K, None)]
+    caches += [(sibling_run(root, sibling(root, f"sampled-{m}")), "gap8", m,
+                Sampling(temperature=2.0, seed=0)) for m in SAMPLES]
+    for run_dir, code, k, sampling in caches:
         write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",
-                    teacher={"name": "bench"}, k=CACHE_K, temperatures=TEMPERATURES,
+                    teacher={"name": "bench"}, k=k, temperatures=TEMPERATURES,
                     sampling=sampling, value_code=code, progress=False)
     val_rows = [r for r in read_metrics(root / "teacher" / "metrics.jsonl") if "val_ppl" in r]
     return {"teacher_val_ppl": val_rows[-1]["val_ppl"],
@@ -306,14 +311,17 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     """Final val perplexity of the same student (same steps and seed) in every mode."""
     from student.train import read_metrics, train
 
-    gap8, sampled = (sibling(root, kind) for kind in ("gap8", "sampled"))
     runs = [("CE baseline", root, [])]
     runs += [(f"online KD T={t:g}", root, ["distill.mode=online", f"distill.temperature={t}"])
              for t in (1.0, 2.0)]
     runs += [(f"cached KD k={k} T=2", root, [f"distill.k={k}"]) for k in (4, 8, 16, 32, 64)]
     runs += [(f"cached KD k=64 T={t:g}", root, [f"distill.temperature={t}"]) for t in (1.0, 4.0)]
-    runs += [("cached KD k=64 T=2 gap8", gap8, [])]
-    runs += [(f"sampled KD m=64 T={t:g}", sampled, [f"distill.temperature={t}"]) for t in (1.0, 2.0)]
+    runs += [("cached KD k=64 T=2 gap8", sibling(root, "gap8"), [])]
+    sampled, more = (sibling(root, f"sampled-{m}") for m in SAMPLES)
+    runs += [(f"sampled KD m={SAMPLES[0]} T={t:g}", sampled, [f"distill.temperature={t}"])
+             for t in (1.0, 2.0)]
+    runs += [(f"sampled KD m={SAMPLES[1]} T=2", more,
+              [f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}"])]
     ppl = {}
     for name, run_dir, extra in runs:
         alpha = 1 if name == "CE baseline" else 0.5

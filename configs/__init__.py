@@ -108,7 +108,7 @@ class CacheConfig:
     """Teacher entries kept per position: the top k (selection 'topk'), or k draws."""
     selection: str = "topk"
     """Which k entries: 'topk', the k largest logits plus the exact tail mass (DESIGN.md's tail
-    bucket), or 'sample', k ids drawn with replacement from the teacher's softmax at
+    bucket), or 'sample', k ids drawn systematically from the teacher's softmax at
     sample_temperature (random-sampling KD, Anshumann et al., ACL 2025): an unbiased estimate of
     the whole distribution, tail included (README, "Top-k or sampled")."""
     sample_temperature: float = 2.0

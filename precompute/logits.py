@@ -44,7 +44,7 @@ WRITE_QUEUE_SHARDS = 2
 """Finished shards waiting for the writer; bounds memory while compute runs ahead of I/O."""
 DRAW_BLOCK_ELEMENTS = 1 << 26
 """Probabilities the sampled job draws from at once (256 MB in float32): the tempered softmax and
-torch.multinomial's working copies are as large as the logits they draw from, so drawing a whole
+its cumulative sums are as large as the logits they draw from, so drawing a whole
 GPT-2-vocabulary batch at once doubled the job's peak GPU memory (bench/gpu_results.md)."""
 
 
@@ -63,7 +63,7 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
     input_ids: (B, L) int64, rows first_row.. of the token store. Returns ids (B, L, k) int32,
     descending by logit; logits (B, L, k) float32, raw (T = 1); lse (B, L, n_T) float32,
     logsumexp over the full vocabulary of logits / T for each T. Computed in float32 whatever the
-    teacher's dtype. With `sampling`, the ids are k draws with replacement from
+    teacher's dtype. With `sampling`, the ids are k systematic draws (`_draw`) from
     softmax(logits / sampling.temperature) by a generator seeded with (seed, first_row), so a
     batch's draws do not depend on what ran before it; repeats are adjacent (ties by id).
     """
@@ -84,20 +84,36 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
 
 def _draw(logits: torch.Tensor, *, k: int, sampling: Sampling, first_row: int
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """k draws per position from softmax(logits / T), sorted by (logit descending, id).
+    """k systematic draws per position from p = softmax(logits / T), sorted by (logit descending,
+    id).
 
-    Drawn DRAW_BLOCK_ELEMENTS at a time, one generator for the batch (on the CPU the draws equal
-    those of a single call)."""
+    Systematic sampling: one uniform offset u per position and the k points (u + j) / k,
+    j = 0..k-1, on p's cumulative sum; an id is drawn once for each point in its interval, so
+    exactly floor(k p) or ceil(k p) times, k p on average. Independent draws (multinomial) give
+    each id the same mean count with a binomial spread around it, and that noise in the student's
+    target cost it quality at no saving (README, "Top-k or sampled"). Drawn DRAW_BLOCK_ELEMENTS at
+    a time; the offsets are drawn first, for the whole batch, so the block size never changes a
+    cache."""
     generator = torch.Generator(device=logits.device)
     generator.manual_seed(sampling.seed * 1_000_003 + first_row)
     rows = logits.flatten(0, 1)
-    ids = torch.cat([torch.multinomial(torch.softmax(block / sampling.temperature, -1), k,
-                                       replacement=True, generator=generator)
-                     for block in rows.split(max(1, DRAW_BLOCK_ELEMENTS // rows.shape[-1]))])
-    ids = ids.view(*logits.shape[:2], k).sort(-1).values
+    offsets = torch.rand(rows.shape[0], 1, generator=generator, device=rows.device)
+    points = (offsets + torch.arange(k, device=rows.device)) / k
+    per_block = max(1, DRAW_BLOCK_ELEMENTS // rows.shape[-1])
+    ids = torch.cat([_systematic(block, block_points, sampling.temperature)
+                     for block, block_points in zip(rows.split(per_block), points.split(per_block))])
+    ids = ids.view(*logits.shape[:2], k)  # ascending: the points ascend
     values = logits.gather(-1, ids)
     values, order = values.sort(dim=-1, descending=True, stable=True)
     return ids.gather(-1, order), values
+
+
+def _systematic(rows: torch.Tensor, points: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The id whose interval of the cumulative softmax(rows / T) holds each point of [0, 1)."""
+    cumulative = torch.softmax(rows / temperature, -1).cumsum_(-1)
+    # float32 sums end a little off 1: scaling the points to the last one keeps every point inside
+    ids = torch.searchsorted(cumulative, points * cumulative[:, -1:], right=True)
+    return ids.clamp_(max=rows.shape[-1] - 1)
 
 
 def _sum_exp(shifted: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -118,7 +118,8 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: flo
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's tempered distribution estimated from a cache of sampled entries.
 
-    ids: (B, L, m) draws with replacement from the teacher's softmax at `sample_temperature`,
+    ids: (B, L, m) draws from the teacher's softmax at `sample_temperature` (any scheme whose
+    expected count of an id is m times its probability: precompute draws systematically),
     repeats of an id adjacent (as the logits job stores them, sorted by logit); logits: (B, L, m)
     their cached logits (possibly shifted per position). Each draw weighs w = exp(z (1/T - 1/T_s)),
     normalised over the position's draws (self-normalised importance sampling: equal weights, the

@@ -57,14 +57,15 @@ def _student_rows(*, cached_vs_ce, rss, cached_ppl):
             + [{"section": "quality", "run": run, "val_ppl": ppl} for run, ppl in (
                 ("CE baseline", 20.0), ("online KD T=1", 18.0), ("cached KD k=64 T=1", cached_ppl),
                 ("online KD T=2", 18.0), ("cached KD k=64 T=2", cached_ppl),
-                ("sampled KD m=64 T=1", cached_ppl), ("sampled KD m=64 T=2", cached_ppl))])
+                ("sampled KD m=64 T=1", cached_ppl), ("sampled KD m=64 T=2", cached_ppl),
+                ("sampled KD m=128 T=2", cached_ppl))])
 
 
 def test_summary_marks_targets_honestly():
     good = summary({"student": _student_rows(cached_vs_ce=0.97, rss=1.05, cached_ppl=18.1)})
     bad = summary({"student": _student_rows(cached_vs_ce=0.90, rss=60, cached_ppl=18.5)})
     verdicts = [[row["met"] for row in rows if row["target"]] for rows in (good, bad)]
-    assert verdicts == [["met"] * 9, ["NOT met"] * 9]
+    assert verdicts == [["met"] * 10, ["NOT met"] * 10]
     assert {row["measured"] for row in good if row["figure"].startswith("bench.")} == {"not run"}
 
 

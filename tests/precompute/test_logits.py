@@ -135,6 +135,19 @@ def test_draws_follow_the_tempered_softmax(temperature):
     assert deviation(temperature) < 5 and deviation(3 - temperature) > 20
 
 
+def test_each_id_is_drawn_floor_or_ceil_of_k_times_its_probability():
+    """Systematic draws: at every position an id with probability p appears floor(64 p) or
+    ceil(64 p) times (independent draws would stray from that at most positions)."""
+    torch.manual_seed(0)
+    logits = torch.randn(4, 32, 50) * 3
+    ids, _, _ = teacher_topk(returning(logits), torch.zeros(4, 32, dtype=torch.long), k=64,
+                             temperatures=(1.0,), sampling=Sampling(2.0, 0))
+    counts = torch.nn.functional.one_hot(ids.long(), 50).sum(-2).double()
+    expected = 64 * torch.softmax(logits.double() / 2, -1)
+    assert torch.all(counts >= (expected - 1e-4).floor()) and torch.all(counts <= (expected + 1e-4).ceil())
+    assert torch.any(counts != expected.round())  # the fractional parts are drawn, not rounded
+
+
 def test_draws_in_row_blocks_equal_one_draw(monkeypatch):
     """The job draws DRAW_BLOCK_ELEMENTS at a time to bound its memory; on the CPU the draws are
     those of one call over the whole batch, so the block size never changes a cache."""

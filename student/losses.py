@@ -95,10 +95,13 @@ def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: flo
     logits = logits.float()
     nearest = min(range(len(temperatures)), key=lambda i: abs(temperatures[i] - temperature))
     t0 = temperatures[nearest]
-    lse_t0 = lse[..., nearest].float()
     if math.isclose(t0, temperature, rel_tol=1e-6):
-        log_p = logits / temperature - lse_t0.unsqueeze(-1)
+        kernel = rows_kernel() if fits_kernel(logits, lse) and logits.shape[-1] else None
+        if kernel is not None:  # ~7 small ops: 0.64 ms a step of bench.student's loop, 0.36 in C
+            return kernel.teacher_buckets(logits, lse, column=nearest, temperature=temperature)
+        log_p = logits / temperature - lse[..., nearest].float().unsqueeze(-1)
     else:
+        lse_t0 = lse[..., nearest].float()
         n_tail = vocab_size - logits.shape[-1]
         log_p0 = logits / t0 - lse_t0.unsqueeze(-1)
         log_tail0 = log1mexp(torch.logsumexp(log_p0, -1).clamp(max=-1e-7))

@@ -73,8 +73,8 @@ class _Call(ctypes.Structure):
 
 
 class RowsKernel:
-    """rows.c's fused_forward, fused_backward and sampled_targets over torch tensors; rows.c has
-    the maths.
+    """rows.c's fused_forward, fused_backward, teacher_buckets and sampled_targets over torch
+    tensors; rows.c has the maths.
 
     Every tensor is contiguous on the CPU, float32 but for the int64 labels and ids
     (`fits_kernel`). Both split the rows over torch.get_num_threads() threads where there is
@@ -86,6 +86,10 @@ class RowsKernel:
         for function in (self._forward, self._backward):
             function.argtypes = [ctypes.POINTER(_Call), ctypes.c_int]
             function.restype = ctypes.c_int
+        self._buckets = library.teacher_buckets
+        self._buckets.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_int64, ctypes.c_float,
+                                  ctypes.c_void_p, ctypes.c_void_p]
         self._sampled = library.sampled_targets
         self._sampled.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
@@ -112,6 +116,16 @@ class RowsKernel:
                      {**forward, "grad_ce": grad_ce, "grad_kl": grad_kl, "grad": grad})
         self._backward(call, torch.get_num_threads())
         return grad
+
+    def teacher_buckets(self, logits: torch.Tensor, lse: torch.Tensor, *, column: int,
+                        temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log_p (..., k), p_tail (...)) from cached logits (..., k) and lse (..., n_T) at the
+        stored temperature lse[..., column]: see losses.teacher_buckets."""
+        log_p, k = torch.empty_like(logits), logits.shape[-1]
+        p_tail = logits.new_empty(logits.shape[:-1])
+        self._buckets(logits.data_ptr(), lse[..., column:].data_ptr(), lse.shape[-1],
+                      logits.numel() // k, k, 1.0 / temperature, log_p.data_ptr(), p_tail.data_ptr())
+        return log_p, p_tail
 
     def sampled_targets(self, ids: torch.Tensor, logits: torch.Tensor, *, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,8 +5,9 @@
    in the same visit. The torch ops of losses._FusedCEKL compute the same thing in ~40 ops over
    chunks of rows, each op a few microseconds of dispatch: on 1,008 x 512 logits (bench.student's
    student, one thread) forward and backward took them 2.05 ms for cached KD and 1.21 for CE, and
-   this kernel 0.91 and 0.71. sampled_targets, at the end, does the same for
-   losses.sampled_targets (a sampled cache's draws: reweighted, repeats merged).
+   this kernel 0.91 and 0.71. teacher_buckets and sampled_targets, at the end, do the same for
+   the losses functions of those names (a top-k cache's head and tail; a sampled cache's draws,
+   reweighted, repeats merged).
 
    The maths, per row r with label y (negative: ignored, CE and KL 0):
      lse = logsumexp(x), ce = lse - x[y]
@@ -306,6 +307,22 @@ int fused_forward(const Call *call, int threads) {
 
 int fused_backward(const Call *call, int threads) {
     return over_rows(backward_rows, call, threads);
+}
+
+/* losses.teacher_buckets at a stored temperature, over rows of k cached logits z: log_p = z / T -
+   lse_T and p_tail = 1 - sum exp(log_p), floored at 0 (NaN stays NaN); lse_T is every
+   lse_stride-th float of lse. */
+void teacher_buckets(const float *z, const float *lse, int64_t lse_stride, int64_t rows, int64_t k,
+                     float inv_t, float *log_p, float *p_tail) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *zr = z + r * k;
+        float *lp = log_p + r * k, lse_t = lse[r * lse_stride], head = 0.0f;
+        for (int64_t i = 0; i < k; i++) {
+            lp[i] = zr[i] * inv_t - lse_t;
+            head += fast_exp(lp[i]);
+        }
+        p_tail[r] = head > 1.0f ? 0.0f : 1.0f - head;
+    }
 }
 
 /* losses.sampled_targets over rows of m draws whose repeats are adjacent: each draw weighs

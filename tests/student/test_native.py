@@ -96,6 +96,29 @@ def test_kernel_merges_draws_as_the_torch_ops(temperature):
     assert kernel[2][0, 0].tolist() == [1.0] + [0.0] * 63 and kernel[0][0, 0].abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kernel_makes_the_teachers_buckets_as_the_torch_ops(temperature):
+    """teacher_buckets at each stored temperature (read from its column of lse); a row whose head
+    holds all the mass gets a tail of ~0, not a negative one; a NaN lse stays NaN."""
+    torch.manual_seed(0)
+    teacher_logits = torch.randn(3, 20, 300) * 2
+    teacher_logits[0, 0, 7] = 50.0
+    temperatures = (1.0, 2.0, 4.0)
+    values = teacher_logits.topk(16, -1).values.half().float()
+    lse = torch.stack([torch.logsumexp(teacher_logits / t, -1) for t in temperatures], -1)
+    lse[2, 5] = float("nan")
+    kwargs = dict(temperature=temperature, temperatures=temperatures, vocab_size=300)
+    kernel = teacher_buckets(values, lse, **kwargs)
+    with torch_ops_only():
+        reference = teacher_buckets(values, lse, **kwargs)
+    finite = torch.ones(3, 20, dtype=torch.bool)
+    finite[2, 5] = False
+    assert torch.allclose(kernel[0][finite], reference[0][finite], atol=2e-6, rtol=1e-6)
+    assert torch.allclose(kernel[1][finite], reference[1][finite], atol=2e-6)
+    assert 0 <= kernel[1][0, 0] < (1e-6 if temperature == 1.0 else 1)
+    assert kernel[0][2, 5].isnan().all() and kernel[1][2, 5].isnan()
+
+
 def test_a_row_with_nan_gives_nan_and_others_stay_finite():
     student = torch.randn(1, 3, 40)
     student[0, 1, 5] = float("nan")

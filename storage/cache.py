@@ -129,7 +129,9 @@ def decode_values(values: np.ndarray, *, value_code: str) -> np.ndarray:
     if value_code == "float16":
         return values.astype(np.float32)
     if value_code == "gap8":
-        decoded = np.cumsum(values, axis=-1, dtype=np.float32)  # integers < 2^24: exact
+        # summed as int32 (numpy's float32 and uint16 cumsums run 2-3x slower: ~0.3 ms of a
+        # 16 x 64 x 64 batch) and converted: integers < 2^24 are exact in float32
+        decoded = np.cumsum(values, axis=-1, dtype=np.int32).astype(np.float32)
         decoded *= -GAP8_STEP  # a power of two: exact
         escaped = values == GAP8_ESCAPE
         if escaped.any():

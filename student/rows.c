@@ -325,29 +325,53 @@ void teacher_buckets(const float *z, const float *lse, int64_t lse_stride, int64
     }
 }
 
+/* Sums each run of repeated ids in w into every slot of the run. Runs are rare (a few in 64
+   draws), so a branch per slot would mostly mispredict on their edges: the slots that repeat the
+   id before them are collected as a bit mask, 64 at a time, and only its set bits are visited. */
+static void merge_runs(const int64_t *id, int64_t m, float *w) {
+    int64_t merged = 1; /* slots below it belong to runs already summed */
+    for (int64_t base = 1; base < m; base += 64) {
+        int64_t n = m - base < 64 ? m - base : 64;
+        uint64_t repeats = 0;
+        for (int64_t j = 0; j < n; j++) repeats |= (uint64_t)(id[base + j] == id[base + j - 1]) << j;
+        if (merged > base) /* a run from the last word reaches into this one */
+            repeats &= merged - base >= 64 ? 0 : ~0ULL << (merged - base);
+        while (repeats) {
+            int64_t start = base + __builtin_ctzll(repeats) - 1, end = start + 2;
+            while (end < m && id[end] == id[start]) end++;
+            float run = 0.0f;
+            for (int64_t t = start; t < end; t++) run += w[t];
+            for (int64_t t = start; t < end; t++) w[t] = run;
+            merged = end;
+            repeats &= end - base >= 64 ? 0 : ~0ULL << (end - base);
+        }
+    }
+}
+
 /* losses.sampled_targets over rows of m draws whose repeats are adjacent: each draw weighs
    w = softmax(z * scale) over its row (scale = 1/T - 1/T_s); every slot of a run of repeats gets
-   the log of the run's summed w, and once is 1 at a run's first slot, 0 at the others. */
+   the log of the run's summed w, and once is 1 at a run's first slot, 0 at the others. At
+   scale 0 (T = T_s) the weights are all 1/m and z is not read. */
 void sampled_targets(const int64_t *ids, const float *z, int64_t rows, int64_t m, float scale,
                      float *log_p, float *once) {
     for (int64_t r = 0; r < rows; r++) {
         const int64_t *id = ids + r * m;
-        const float *zr = z + r * m;
-        float *lp = log_p + r * m, *first = once + r * m;
-        float top = max_of(zr, m, scale), total = 0.0f;
-        for (int64_t i = 0; i < m; i++) {
-            lp[i] = fast_exp(zr[i] * scale - top);
-            total += lp[i];
-        }
-        for (int64_t i = 0, j; i < m; i = j) {
-            float run = 0.0f;
-            for (j = i; j < m && id[j] == id[i]; j++) run += lp[j];
-            for (int64_t t = i; t < j; t++) {
-                lp[t] = run;
-                first[t] = t == i;
+        float *w = log_p + r * m, *first = once + r * m, log_total;
+        first[0] = 1.0f;
+        for (int64_t i = 1; i < m; i++) first[i] = id[i] != id[i - 1];
+        if (scale == 0.0f) {
+            for (int64_t i = 0; i < m; i++) w[i] = 1.0f;
+            log_total = fast_log((float)m);
+        } else {
+            const float *zr = z + r * m;
+            float top = max_of(zr, m, scale), total = 0.0f;
+            for (int64_t i = 0; i < m; i++) {
+                w[i] = fast_exp(zr[i] * scale - top);
+                total += w[i];
             }
+            log_total = fast_log(total);
         }
-        float log_total = fast_log(total);
-        for (int64_t i = 0; i < m; i++) lp[i] = fast_log(lp[i]) - log_total;
+        merge_runs(id, m, w);
+        for (int64_t i = 0; i < m; i++) w[i] = fast_log(w[i]) - log_total;
     }
 }

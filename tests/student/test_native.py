@@ -81,19 +81,28 @@ def test_kernel_equals_the_torch_ops(kind, temperature, threads):
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
-def test_kernel_merges_draws_as_the_torch_ops(temperature):
-    """sampled_targets: repeats merged, reweighted from T_s = 2 to T, one id a whole row."""
+@pytest.mark.parametrize("m", [64, 150])
+def test_kernel_merges_draws_as_the_torch_ops(temperature, m):
+    """sampled_targets: repeats merged, reweighted from T_s = 2 to T (T = 2: equal weights), one
+    id a whole row; with m = 150 (the kernel finds repeats 64 slots at a time) runs that cross
+    those words' edges and one that ends the row."""
     torch.manual_seed(0)
     teacher_logits = torch.randn(3, 20, 300) * 2
     teacher_logits[0, 0, 7] = 50.0  # every draw of this position is id 7
-    draws = sampled_teacher(teacher_logits, 64, temperature)
-    ids, z = draws["head_ids"], teacher_logits.gather(-1, draws["head_ids"]).half()
+    ids = sampled_teacher(teacher_logits, m, temperature)["head_ids"]
+    if m == 150:
+        ids[1, 0] = torch.arange(150)
+        for start, stop in ((60, 63), (64, 66), (100, 140), (145, 150)):
+            ids[1, 0, start:stop] = ids[1, 0, start]
+        ids[1, 1] = torch.arange(150).clamp(max=1)  # one run of 149 from slot 1
+    z = teacher_logits.gather(-1, ids).half()
     kernel = sampled_targets(ids, z, temperature=temperature, sample_temperature=2.0)
     with torch_ops_only():
         reference = sampled_targets(ids, z, temperature=temperature, sample_temperature=2.0)
     assert torch.allclose(kernel[0], reference[0], atol=2e-6, rtol=1e-5)
     assert torch.equal(kernel[1], reference[1]) and torch.equal(kernel[2], reference[2])
-    assert kernel[2][0, 0].tolist() == [1.0] + [0.0] * 63 and kernel[0][0, 0].abs().max() < 1e-6
+    assert kernel[2][0, 0].tolist() == [1.0] + [0.0] * (m - 1)
+    assert kernel[0][0, 0].abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])

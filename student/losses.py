@@ -47,10 +47,11 @@ TAIL_FLOOR = 1e-6
 so below ~1e-6 it is rounding noise; smaller student tails are clamped (no gradient through the
 clamp), which also keeps k = V exact: both tails are then ~0 and contribute nothing."""
 SQUARE_ROOT_TEMPERATURES = {1.0: 0, 2.0: 1, 4.0: 2}
-"""Temperatures T = 2**n whose tempered exponentials the fused loss (and rows.c) takes as n square
-roots of the plain ones, exp(y / T) = exp(y) ** (1 / 2**n): a square root costs a fraction of an
-exp, and on a small student the loss's exps are a visible part of the step (bench.student).
-Other temperatures take an exp of y / T."""
+"""Temperatures T = 2**n whose tempered exponentials the fused loss takes as n square roots of the
+plain ones, exp(y / T) = exp(y) ** (1 / 2**n), and rows.c the other way round, the plain ones as
+n squares of the tempered: a square root (as one torch op) or a multiply (in rows.c's vector
+loops) costs a fraction of an exp, and on a small student the loss's exps are a visible part of
+the step (bench.student). Other temperatures take an exp of y / T."""
 CHUNK_ELEMENTS = 1 << 17
 """Logits processed together by the fused loss: small enough to stay in the CPU's cache."""
 

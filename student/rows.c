@@ -37,9 +37,10 @@
 /* exp(x) for x <= 88 in a form the compiler vectorises (libm's expf is a call): 2^n p(r) with
    |r| <= ln(2)/2 and Cephes's degree-6 polynomial for p (~1 ulp). Arguments below -87 give
    2^-126 p(r), ~1e-38, the floor of a normal float. Every caller passes a logit shifted by its
-   row's max or logsumexp, or a log-probability, so nothing near 88 comes here. */
-static inline float fast_exp(float x) {
-    x = x < -87.0f ? -87.0f : x;
+   row's max or logsumexp, or a log-probability, so nothing near 88 comes here. exp_above takes
+   max(x, lo) for a floor lo >= -87 (one clamp: gcc vectorises no loop with two in a row). */
+static inline float exp_above(float x, float lo) {
+    x = x < lo ? lo : x;
     float n = floorf(x * 1.44269504088896341f + 0.5f);
     float r = x - n * 0.693359375f + n * 2.12194440e-4f;
     float p = 1.9875691500e-4f;
@@ -54,6 +55,8 @@ static inline float fast_exp(float x) {
     memcpy(&scale, &bits, sizeof scale);
     return p * scale;
 }
+
+static inline float fast_exp(float x) { return exp_above(x, -87.0f); }
 
 /* log(x) for normal x > 0 in a form the compiler vectorises: x = 2^e f with f in [sqrt(1/2),
    sqrt(2)), log f by Cephes's degree-8 polynomial (~1 ulp). */
@@ -81,11 +84,19 @@ static inline float fast_log(float x) {
     return f + y + 0.693359375f * e;
 }
 
-/* exp(x / 2^roots) for roots 0, 1 or 2 from e = exp(x): square roots cost a fraction of an exp. */
-static inline float root(float e, int roots) {
-    if (roots >= 1) e = sqrtf(e);
-    if (roots >= 2) e = sqrtf(e);
-    return e;
+/* exp(x / 2^roots) for roots 0, 1 or 2, x <= 0, with x / 2^roots floored at -87 / 2^roots so that
+   its square (`squared`) stays a normal float, as fast_exp keeps exp(x). */
+static inline float tempered_exp(float x, int roots) {
+    float scale = roots == 0 ? 1.0f : roots == 1 ? 0.5f : 0.25f;
+    return exp_above(x * scale, -87.0f * scale);
+}
+
+/* t^(2^roots): exp(x) from tempered_exp(x, roots), a multiply or two where taking the tempered
+   value from exp(x) would cost square roots (several times a multiply). */
+static inline float squared(float t, int roots) {
+    if (roots >= 1) t *= t;
+    if (roots >= 2) t *= t;
+    return t;
 }
 
 /* max_j row[j] * scale */
@@ -107,9 +118,23 @@ static float sum_of(const float *row, int64_t n) {
 static inline __attribute__((always_inline)) void mix_rooted(
         const float *row, int64_t vocab, float lse, float w_ce, float u, int roots, float *g) {
     for (int64_t j = 0; j < vocab; j++) {
-        float e = fast_exp(row[j] - lse);
-        g[j] = e * w_ce + root(e, roots) * u;
+        float t = tempered_exp(row[j] - lse, roots);
+        g[j] = squared(t, roots) * w_ce + t * u;
     }
+}
+
+/* s = sum exp(row - m), s_tempered = sum exp((row - m) / 2^roots); roots a constant at each call
+   (see mix_rooted). */
+static inline __attribute__((always_inline)) void tempered_sums(
+        const float *row, int64_t vocab, float m, int roots, float *s, float *s_tempered) {
+    float plain = 0.0f, tempered = 0.0f;
+    for (int64_t j = 0; j < vocab; j++) {
+        float t = tempered_exp(row[j] - m, roots);
+        plain += squared(t, roots);
+        tempered += t;
+    }
+    *s = plain;
+    *s_tempered = tempered;
 }
 
 /* On entry q_row holds the head ids' logits, on return their probabilities at T; q_sum and cross
@@ -140,7 +165,7 @@ typedef struct {
     const float *p_tail;   /* (rows,) teacher tail mass */
     const float *once;     /* (rows, k) 1 at an id's first slot, 0 at its repeats; NULL: distinct */
     float inv_temperature;
-    int roots;             /* 0-2: T = 2^roots, tempered exps as roots of plain ones; -1: exps */
+    int roots;             /* 0-2: T = 2^roots, plain exps as squares of tempered ones; -1: exps */
     float tail_floor;
 } Teacher;
 
@@ -169,12 +194,13 @@ static int forward_rows(const Call *c, int64_t first, int64_t last) {
         float s = 0.0f, s_tempered = 0.0f;
         if (teacher == NULL) {
             for (int64_t j = 0; j < vocab; j++) s += fast_exp(row[j] - m);
-        } else if (teacher->roots >= 0) {
-            for (int64_t j = 0; j < vocab; j++) {
-                float e = fast_exp(row[j] - m);
-                s += e;
-                s_tempered += root(e, teacher->roots);
-            }
+        } else if (teacher->roots == 0) {
+            for (int64_t j = 0; j < vocab; j++) s += fast_exp(row[j] - m);
+            s_tempered = s;
+        } else if (teacher->roots == 1) {
+            tempered_sums(row, vocab, m, 1, &s, &s_tempered);
+        } else if (teacher->roots == 2) {
+            tempered_sums(row, vocab, m, 2, &s, &s_tempered);
         } else {
             for (int64_t j = 0; j < vocab; j++) {
                 float shifted = row[j] - m;

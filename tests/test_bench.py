@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from bench import real_text
+from bench.student import SAMPLED_KD
 from bench.__main__ import ensure_teacher, summary
 from bench.tables import cell, markdown_sections, markdown_table
 from configs import UserError
@@ -39,14 +40,15 @@ def _student_rows(*, cached_vs_ce, rss, cached_ppl):
     noisy = 1.9 - cached_vs_ce
     speed = [("2x64", "CE baseline", 1.0, 10.0),
              ("2x64", "cached KD (k=64, T=2)", noisy, 10.0 * rss),
+             ("2x64", SAMPLED_KD, noisy, 10.0 * rss),
              ("2x64", "online KD (T=2)", 0.5, 30.0), ("4x256", "CE baseline", 1.0, 20.0),
              ("4x256", "cached KD (k=64, T=2)", noisy, 20.0 * rss)]
 
     def ce_mb(student):
-        return speed[0 if student == "2x64" else 3][3]
+        return 10.0 if student == "2x64" else 20.0
 
     return ([{"section": "step (one batch, no reading, interleaved)", "run": run, "vs_ce": r}
-             for student, run, r, _ in speed[:3]]
+             for student, run, r, _ in speed if student == "2x64" and run != SAMPLED_KD]
             + [{"section": "loop (training step with reading, alternating in one process)",
                 "student": student, "run": run, "vs_ce": 1.0 if run == "CE baseline" else cached_vs_ce}
                for student, run, _, _ in speed if run != "online KD (T=2)"]
@@ -65,14 +67,19 @@ def test_summary_marks_targets_honestly():
     good = summary({"student": _student_rows(cached_vs_ce=0.97, rss=1.05, cached_ppl=18.1)})
     bad = summary({"student": _student_rows(cached_vs_ce=0.90, rss=60, cached_ppl=18.5)})
     verdicts = [[row["met"] for row in rows if row["target"]] for rows in (good, bad)]
-    assert verdicts == [["met"] * 10, ["NOT met"] * 10]
+    assert verdicts == [["met"] * 12, ["NOT met"] * 12]
     assert {row["measured"] for row in good if row["figure"].startswith("bench.")} == {"not run"}
 
 
-def _real_text_rows(*, cached_ppl, sampled_ppl):
+def _real_text_rows(*, cached_ppl, sampled_ppl, cached_vs_ce=0.97, sampled_vs_ce=0.96):
+    loop = "loop (training step with reading, alternating in one process)"
     return ([{"section": "teacher", "val_ppl": 50.0, "train_tokens": 1000, "head_mass_T=1": 0.9,
               "head_mass_T=2": 0.6},
              {"section": "caches", "cache": "top-256", "bytes_per_token": 400.0}]
+            + [{"section": loop, "student": "2x64", "run": run, "tokens_per_s": 1000 * r,
+                "vs_ce": r} for run, r in (("CE baseline", 1.0), ("cached KD (k=64, T=2)",
+                                                                  cached_vs_ce),
+                                           (real_text.SAMPLED_KD, sampled_vs_ce))]
             + [{"section": "quality", "run": run, "val_ppl": ppl} for run, ppl in (
                 ("CE baseline", 60.0), ("online KD T=1", 50.0), ("cached KD k=64 T=1", cached_ppl),
                 ("sampled KD m=64 T=1", sampled_ppl), ("online KD T=2", 50.0),
@@ -83,8 +90,13 @@ def test_summary_judges_the_real_text_quality_against_online_kd():
     verdicts = [[row["met"] for row in summary({"real_text": _real_text_rows(
         cached_ppl=cached, sampled_ppl=sampled)}) if row["target"]]
         for cached, sampled in ((50.4, 49.6), (49.4, 50.3), (50.6, 50.0))]
-    assert verdicts == [["met", "met", "met", "met"], ["NOT met", "NOT met", "met", "met"],
-                        ["NOT met", "NOT met", "met", "met"]]
+    assert verdicts == [["met", "met", "met", "met", "met", "met"],
+                        ["NOT met", "NOT met", "met", "met", "met", "met"],
+                        ["NOT met", "NOT met", "met", "met", "met", "met"]]
+    speed = [row["met"] for row in summary({"real_text": _real_text_rows(
+        cached_ppl=50.0, sampled_ppl=50.0, cached_vs_ce=0.96, sampled_vs_ce=0.94)})
+        if "tokens/s" in row["figure"]]
+    assert speed == ["met", "NOT met"]
 
 
 def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
@@ -111,7 +123,10 @@ def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
     assert "### quality" in real_text.markdown(rows)
     judged = [row for row in summary({"real_text": rows}) if row["figure"].startswith("BabyLM")
               and row["target"]]
-    assert [row["met"] in ("met", "NOT met") for row in judged] == [True] * 4
+    assert [row["met"] in ("met", "NOT met") for row in judged] == [True] * 6
+    loop = {r["run"]: r for r in rows if r["section"].startswith("loop")}
+    assert list(loop) == ["CE baseline", "cached KD (k=64, T=2)", real_text.SAMPLED_KD]
+    assert all(r["tokens_per_s"] > 0 and r["student"] == "1x16" for r in loop.values())
 
 
 def test_python_m_bench_tiny(tmp_path):

@@ -19,7 +19,8 @@ on pinned here:
 and reports each student's validation perplexity against online KD at its temperature and against
 CE, with the teacher's head mass (share of its tempered probability in the top k) that bounds
 what a top-k cache can carry; then the students' training step (bench.student's loop rows: CE and
-KD at T = 2 from the top-64 and from the 64 draws, alternating in one process, 60 steps each). `python -m bench.real_text` prints the tables (~17 min here).
+KD at T = 2 from the top-64 and from the 64 draws, alternating in one process, 60 steps each).
+`python -m bench.real_text` prints the tables (~17 min here).
 """
 
 from __future__ import annotations

@@ -192,11 +192,9 @@ static int forward_rows(const Call *c, int64_t first, int64_t last) {
         float m = max_of(row, vocab, 1.0f), total = sum_of(row, vocab);
         float nan_if_not_finite = total - total;
         float s = 0.0f, s_tempered = 0.0f;
-        if (teacher == NULL) {
+        if (teacher == NULL || teacher->roots == 0) {
             for (int64_t j = 0; j < vocab; j++) s += fast_exp(row[j] - m);
-        } else if (teacher->roots == 0) {
-            for (int64_t j = 0; j < vocab; j++) s += fast_exp(row[j] - m);
-            s_tempered = s;
+            s_tempered = s; /* T = 1: the tempered sum is the plain one (unused for CE) */
         } else if (teacher->roots == 1) {
             tempered_sums(row, vocab, m, 1, &s, &s_tempered);
         } else if (teacher->roots == 2) {

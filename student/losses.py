@@ -22,18 +22,23 @@ full-vocabulary KD. Per-position p is noisy, but its expectation is the teacher'
 top-k head plus bucket never tells the student how the tail is shaped (README, "Top-k or
 sampled").
 
-`ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits in
-row chunks for CE and KL together and writes their gradients into a single (B, L, V) buffer, so
-cached KD costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over
-(B, L, V) and ran 7-28% slower than CE). On the CPU the same function runs as a small C kernel
-(rows.c, built on first use by student.native) a row at a time: the torch ops' dispatch, ~40 ops a
-step, cost more than the arithmetic on a small student. The two agree to ~1e-6 (tests); the torch
-ops serve GPUs, other dtypes and machines without a C compiler.
+`ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits
+for CE and KL together and writes their gradients into a single (B, L, V) buffer, so cached KD
+costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over (B, L, V)
+and ran 7-28% slower than CE). On the CPU it runs as a small C kernel (rows.c, built on first use
+by student.native) a row at a time: the torch ops' dispatch, ~40 ops a step, cost more than the
+arithmetic on a small student. On a GPU its torch ops go through torch.compile, which makes each
+direction's pass over the logits one kernel. The kernel, the compiled and the eager ops agree to
+~1e-6 (tests); the eager ops serve other dtypes, machines without a C compiler, and
+BABYLM_KD_COMPILE=0.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import sys
 from typing import NamedTuple
 
 import torch
@@ -47,13 +52,13 @@ TAIL_FLOOR = 1e-6
 so below ~1e-6 it is rounding noise; smaller student tails are clamped (no gradient through the
 clamp), which also keeps k = V exact: both tails are then ~0 and contribute nothing."""
 SQUARE_ROOT_TEMPERATURES = {1.0: 0, 2.0: 1, 4.0: 2}
-"""Temperatures T = 2**n whose tempered exponentials the fused loss takes as n square roots of the
-plain ones, exp(y / T) = exp(y) ** (1 / 2**n), and rows.c the other way round, the plain ones as
-n squares of the tempered: a square root (as one torch op) or a multiply (in rows.c's vector
+"""Temperatures T = 2**n whose tempered exponentials the fused loss's forward takes as n square
+roots of the plain ones, exp(y / T) = exp(y) ** (1 / 2**n), and rows.c (both directions) the other
+way round, the plain ones as n squares of the tempered: a square root (as one torch op) or a multiply (in rows.c's vector
 loops) costs a fraction of an exp, and on a small student the loss's exps are a visible part of
 the step (bench.student). Other temperatures take an exp of y / T."""
 CHUNK_ELEMENTS = 1 << 17
-"""Logits processed together by the fused loss: small enough to stay in the CPU's cache."""
+"""Logits a block of the fused loss's torch ops on the CPU: small enough to stay in its cache."""
 
 
 class LossTerms(NamedTuple):
@@ -149,108 +154,186 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: flo
 class _FusedCEKL(torch.autograd.Function):
     """Per-row CE and tail-bucket KL of logits (N, V); see `ce_and_cached_kl` for the maths.
 
-    Neither pass keeps a (N, V) intermediate. Rows are processed in chunks small enough to stay
-    in the CPU cache, and every full read of a chunk (its max and the sums behind logsumexp at
-    T = 1 and at T; in the backward both softmaxes and the head ids' scatter) happens while it is
-    there: on a small student the loss is memory-bound, so each extra trip over the logits costs
-    ~5% of a step. The gathers and the labels' scatter touch k + 1 entries a row and run once
-    over all rows.
+    Each direction is one pure function of the rows (`_forward_rows`, `_backward_rows`): a
+    dense pass over the (N, V) logits (`_logsumexps`, `_dense_grad`) and a few ops on the (N, k)
+    head around it. On the CPU the dense pass goes in blocks of rows small enough to stay in its
+    cache while every read of them happens, and the head's ops once over all rows. On an
+    accelerator the whole function goes through torch.compile (`_compiled`): each dense pass
+    becomes one kernel that reads the logits once, where the eager ops read them ~6 times a
+    direction and their launches leave the GPU idle (bench/gpu_results.md: 5.89 -> 1.63 ms for
+    KD on GPT-2 Small's batch).
     """
 
     @staticmethod
     def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature, head_once):
-        distil = head_ids is not None
-        n = logits.shape[0]
-        # per-row results go straight into (n, 1) buffers: on a small student each op's Python
-        # overhead (~5 us) is a visible part of the loss, so the chunk loop does the least it can
-        row_max, sum_exp = logits.new_empty(n, 1), logits.new_empty(n, 1)
-        if distil:
-            sum_tempered = logits.new_empty(n, 1)
-            roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
         with torch.no_grad():
-            for rows, x, (shifted, exps) in _row_chunks(logits, scratches=2):
-                torch.amax(x, -1, keepdim=True, out=row_max[rows])
-                torch.sub(x, row_max[rows], out=shifted)
-                torch.sum(torch.exp(shifted, out=exps), -1, keepdim=True, out=sum_exp[rows])
-                if distil:
-                    # in place on the cache-hot buffers: re-reading x costs more than an exp
-                    if roots is None:
-                        tempered = shifted.mul_(1 / temperature).exp_()
-                    else:
-                        tempered = _square_roots(exps, roots)
-                    torch.sum(tempered, -1, keepdim=True, out=sum_tempered[rows])
-            lse1 = sum_exp.log_().add_(row_max).squeeze(-1)
-            valid = labels != IGNORE_INDEX
-            targets = labels.clamp(min=0).unsqueeze(-1)
-            ce = torch.where(valid, lse1 - logits.gather(-1, targets).squeeze(-1), 0.0)
-            if not distil:
-                ctx.save_for_backward(logits, targets, valid, lse1)
-                return ce, torch.zeros_like(ce)
-            lse_t = sum_tempered.log_().add_(row_max, alpha=1 / temperature).squeeze(-1)
-            head_logits = logits.gather(-1, head_ids)
-            log_q = torch.add(-lse_t.unsqueeze(-1), head_logits, alpha=1 / temperature)
-            q = log_q.exp()
-            p = log_p.exp()
-            # a repeated id counts once in the sums (multiplying by 0/1 is ~5x faster than where)
-            q_once, p_once = (q, p) if head_once is None else (q * head_once, p * head_once)
-            # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
-            q_tail = 1 - q_once.sum(-1)
-            tail_free = q_tail >= TAIL_FLOOR
-            q_tail = q_tail.clamp(min=TAIL_FLOOR)
-            kl = ((p_once * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail)
-                  - p_tail * q_tail.log())
-            kl = torch.where(valid, kl, 0.0)
-        ctx.save_for_backward(logits, targets, valid, lse1, head_ids, p, p_tail, lse_t, q, q_tail,
-                              tail_free)
+            ce, kl, *saved = _direction(_forward_rows, _logsumexps, logits, labels, head_ids,
+                                        log_p, p_tail, head_once, temperature=temperature)
+        ctx.save_for_backward(logits, labels, head_ids, p_tail, *saved)
         ctx.temperature = temperature
         return ce, kl
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kl):
-        logits, targets, valid, lse1, *teacher = ctx.saved_tensors
-        grad_ce = torch.where(valid, grad_ce, 0.0).unsqueeze(-1)
-        if teacher:
-            head_ids, p, p_tail, lse_t, q, q_tail, tail_free = teacher
-            temperature = ctx.temperature
-            roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
-            grad_kl = torch.where(valid, grad_kl, 0.0) / temperature
-            # d KL / d s_j = (1/T) q_j c for tail tokens and (1/T) (q_j h - p_j) for head tokens,
-            # with c = (q_tail - p_tail) / q_tail and h = 1 while the student tail is above the
-            # floor, c = h = 1 - p_tail when it is clamped. Head and tail are written separately
-            # so that no large terms cancel when the tails are tiny.
-            tail_coef = torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail) * grad_kl
-            head_coef = torch.where(tail_free, 1.0, 1 - p_tail).unsqueeze(-1)
-            head_grad = (q * head_coef - p) * grad_kl.unsqueeze(-1)
-            if roots is None:
-                minus_lse_t = -lse_t.unsqueeze(-1)
-            else:  # q_j = softmax(s)_j ** (1/T) * exp(lse_1 / T - lse_T)
-                tail_coef = tail_coef * torch.exp(lse1 / temperature - lse_t)
-            tail_coef = tail_coef.unsqueeze(-1)
-        # softmax(s) * g_ce computed as exp(s - lse + log g_ce), one pass fewer; a loss's
-        # backward has g_ce >= 0, anything else takes the multiply. With a teacher, g_ce is
-        # applied in the pass that adds the tail, and the plain softmax(s) gives the tempered one.
-        fold = not teacher and bool((grad_ce >= 0).all())
-        shift1 = lse1.unsqueeze(-1) - grad_ce.log() if fold else lse1.unsqueeze(-1)
-        grad = torch.empty_like(logits)
+        logits, labels, head_ids, p_tail, *saved = ctx.saved_tensors
         with torch.no_grad():
-            for rows, x, (scratch,) in _row_chunks(logits):
-                g = grad[rows]
-                torch.sub(x, shift1[rows], out=g).exp_()
-                if teacher:
-                    if roots is None:
-                        tempered = torch.add(minus_lse_t[rows], x, alpha=1 / temperature,
-                                             out=scratch).exp_()
-                    else:
-                        tempered = _square_roots(g, roots, out=scratch)
-                    tail = torch.mul(tempered, tail_coef[rows], out=scratch)
-                    # the head's gradient replaces the tail's at the head ids (a repeated id
-                    # has the same value at each of its slots)
-                    tail.scatter_(-1, head_ids[rows], head_grad[rows])
-                    torch.addcmul(tail, g, grad_ce[rows], out=g)
-                elif not fold:
-                    g.mul_(grad_ce[rows])
-            grad.scatter_add_(-1, targets, grad_ce.neg())
+            grad, = _direction(_backward_rows, _dense_grad, logits, labels, grad_ce, grad_kl,
+                               head_ids, p_tail, *saved, temperature=ctx.temperature)
         return grad, None, None, None, None, None, None
+
+
+def _logsumexps(x, *, temperature=None):
+    """(lse_1, lse_T) of rows x (n, V): logsumexp of x and of x / T (None without T), from one
+    read of x."""
+    row_max = x.amax(-1, keepdim=True)
+    shifted = x - row_max
+    exps = torch.exp(shifted)
+    lse1 = exps.sum(-1).log() + row_max.squeeze(-1)
+    if temperature is None:
+        return lse1, None
+    roots = SQUARE_ROOT_TEMPERATURES.get(temperature)
+    tempered = (shifted.mul_(1 / temperature).exp_() if roots is None
+                else _square_roots(exps, roots))
+    return lse1, tempered.sum(-1).log() + row_max.squeeze(-1) / temperature
+
+
+def _forward_rows(x, labels, head_ids, log_p, p_tail, head_once, *, temperature,
+                  dense=_logsumexps):
+    """(ce, kl, *what `_backward_rows` reads) of rows x (n, V); without a teacher (head_ids
+    None) kl is 0 and only lse_1 is kept."""
+    distil = head_ids is not None
+    lse1, lse_t = dense(x, temperature=temperature if distil else None)
+    valid = labels != IGNORE_INDEX
+    ce = torch.where(valid, lse1 - x.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1),
+                     0.0)
+    if not distil:
+        return ce, torch.zeros_like(ce), lse1
+    log_q = x.gather(-1, head_ids) / temperature - lse_t.unsqueeze(-1)
+    q = log_q.exp()
+    p = log_p.exp()
+    # a repeated id counts once in the sums (multiplying by 0/1 is ~5x faster than where)
+    q_once, p_once = (q, p) if head_once is None else (q * head_once, p * head_once)
+    # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
+    q_tail = 1 - q_once.sum(-1)
+    tail_free = q_tail >= TAIL_FLOOR
+    q_tail = q_tail.clamp(min=TAIL_FLOOR)
+    kl = ((p_once * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail)
+          - p_tail * q_tail.log())
+    return ce, torch.where(valid, kl, 0.0), lse1, lse_t, p, q, q_tail, tail_free
+
+
+def _dense_grad(x, lse1, lse_t, grad_ce, tail_coef, *, temperature):
+    """softmax(x) g_ce + q_T(x) c of rows x (n, V), with g_ce and c (n, 1) (no c: CE alone): each
+    column's gradient as if it were neither the label nor a head id."""
+    softmax = torch.sub(x, lse1.unsqueeze(-1)).exp_()
+    if tail_coef is None:
+        return softmax.mul_(grad_ce)
+    q_t = torch.add(-lse_t.unsqueeze(-1), x, alpha=1 / temperature).exp_()
+    return q_t.mul_(tail_coef).addcmul_(softmax, grad_ce)
+
+
+def _backward_rows(x, labels, grad_ce, grad_kl, head_ids, p_tail, lse1, lse_t=None, p=None,
+                   q=None, q_tail=None, tail_free=None, *, temperature, dense=_dense_grad):
+    """(d loss / d x,) of rows x (n, V) for the per-row gradients grad_ce and grad_kl.
+
+    The dense pass writes every column as if it were neither the label nor a head id; one
+    scatter then writes those columns' whole gradients, from (n, k + 1) values. Eagerly that is
+    the least memory (the softmax and the result); torch.compile makes it one kernel and one
+    (n, V) buffer, as for CE (a scatter into an intermediate, or a scatter_add after a scatter,
+    costs a second: tests/student/test_compiled_loss.py).
+    """
+    valid = labels != IGNORE_INDEX
+    grad_ce = torch.where(valid, grad_ce, 0.0).unsqueeze(-1)
+    labels = labels.clamp(min=0).unsqueeze(-1)
+    if head_ids is None:  # d CE / d x = softmax - one_hot(label)
+        grad = dense(x, lse1, None, grad_ce, None, temperature=temperature)
+        return grad.scatter_add_(-1, labels, -grad_ce),
+    grad_kl = torch.where(valid, grad_kl, 0.0) / temperature
+    # d KL / d s_j = (1/T) q_j c for tail tokens and (1/T) (q_j h - p_j) for head tokens, with
+    # c = (q_tail - p_tail) / q_tail and h = 1 while the student tail is above the floor,
+    # c = h = 1 - p_tail when it is clamped. Head and tail are written separately so that no
+    # large terms cancel when the tails are tiny.
+    tail_coef = (torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail)
+                 * grad_kl).unsqueeze(-1)
+    head_coef = torch.where(tail_free, 1.0, 1 - p_tail).unsqueeze(-1)
+    head_grad = (q * head_coef - p) * grad_kl.unsqueeze(-1)
+    grad = dense(x, lse1, lse_t, grad_ce, tail_coef, temperature=temperature)
+    # the head ids' whole gradients (CE's included), and the label's: its head id's where it is
+    # one (the same value: a repeated id has it at each of its slots, so the scatter is exact),
+    # else the dense pass's value minus g_ce
+    head_softmax = torch.exp(x.gather(-1, head_ids) - lse1.unsqueeze(-1))
+    is_label = head_ids == labels
+    head = torch.addcmul(head_grad, head_softmax - is_label.to(x.dtype), grad_ce)
+    x_label = x.gather(-1, labels)
+    label = torch.where(
+        is_label.any(-1, keepdim=True),
+        torch.where(is_label, head, -math.inf).amax(-1, keepdim=True),
+        torch.add(-lse_t.unsqueeze(-1), x_label, alpha=1 / temperature).exp() * tail_coef
+        + (torch.exp(x_label - lse1.unsqueeze(-1)) - 1) * grad_ce)
+    return grad.scatter_(-1, torch.cat([head_ids, labels], -1), torch.cat([head, label], -1)),
+
+
+def _direction(rows_function, dense_pass, x, *args, temperature):
+    """rows_function(x, *args, temperature=) for logits x (N, V), dense_pass its `dense`. On the
+    CPU the dense pass goes in blocks of CHUNK_ELEMENTS logits (cache-sized). Elsewhere the
+    whole function goes through torch.compile, unless BABYLM_KD_COMPILE=0 (then eagerly, all
+    rows at once: CPU-cache-sized blocks, 2 rows of a 50k vocabulary, made GPT-2 Small's step
+    40x slower on an H200)."""
+    if x.device.type == "cpu":
+        return rows_function(x, *args, temperature=temperature, dense=_in_blocks(dense_pass))
+    if os.environ.get("BABYLM_KD_COMPILE", "1") != "0":
+        rows_function = _compiled(rows_function)
+    return rows_function(x, *args, temperature=temperature)
+
+
+def _in_blocks(dense_pass):
+    """dense_pass over blocks of CHUNK_ELEMENTS logits of x (n, V) and of its arguments with
+    x's rows ((n, ...) tensors; others pass as they are), outputs put together: an (n, V) one
+    block by block while the block is in cache, (n,) ones by concatenation."""
+    def blocks(x, *args, temperature):
+        size = max(1, CHUNK_ELEMENTS // x.shape[-1])
+        if size >= len(x):
+            return dense_pass(x, *args, temperature=temperature)
+        outputs = []
+        for start in range(0, len(x), size):
+            rows = slice(start, start + size)
+            out = dense_pass(x[rows], *(a[rows] if isinstance(a, torch.Tensor)
+                                        and a.shape[:1] == x.shape[:1] else a for a in args),
+                             temperature=temperature)
+            if isinstance(out, torch.Tensor):  # (rows, V)
+                if not outputs:
+                    outputs.append(x.new_empty(x.shape))
+                outputs[0][rows] = out
+            else:
+                outputs.append(out)
+        if isinstance(outputs[0], torch.Tensor):
+            return outputs[0]
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
+    return blocks
+
+
+@functools.cache
+def _compiled(rows_function):
+    """rows_function through torch.compile; if compiling fails (no Triton, say), one stderr line
+    and the eager function from then on."""
+    compiled = torch.compile(rows_function, fullgraph=True)
+    failed = False
+
+    def call(*args, **kwargs):
+        nonlocal failed
+        if not failed:
+            try:
+                return compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise  # the eager ops need more memory, not less
+            except Exception as error:  # noqa: BLE001 -- the eager function is the same maths
+                failed = True
+                why = str(error).strip().splitlines()
+                print(f"babylm-kd: torch.compile of the loss failed ({type(error).__name__}"
+                      f"{': ' + why[0] if why else ''}); it runs as torch ops", file=sys.stderr)
+        return rows_function(*args, **kwargs)
+
+    return call
 
 
 class _NativeCEKL(torch.autograd.Function):
@@ -276,28 +359,11 @@ class _NativeCEKL(torch.autograd.Function):
         return None, grad, None, None, None, None, None, None
 
 
-def _square_roots(x: torch.Tensor, roots: int, *, out: torch.Tensor | None = None
-                  ) -> torch.Tensor:
-    """x ** (1 / 2**roots) by `roots` square roots, into `out` (default: in place; x itself
-    for 0 roots)."""
+def _square_roots(x: torch.Tensor, roots: int) -> torch.Tensor:
+    """x ** (1 / 2**roots) by `roots` square roots (x itself for 0 roots)."""
     for _ in range(roots):
-        x = torch.sqrt(x, out=x if out is None else out)
+        x = torch.sqrt(x)
     return x
-
-
-def _row_chunks(logits: torch.Tensor, scratches: int = 1):
-    """(row slice, logits rows, scratch buffers of their shape) over (N, V) in cache-sized chunks.
-
-    On an accelerator every row goes in one chunk: there a chunk costs a handful of kernel
-    launches, and CPU-cache-sized chunks (2 rows of a 50k vocabulary) made GPT-2 Small's step
-    40x slower on an H200 (measured).
-    """
-    n, vocab = logits.shape
-    rows = max(1, CHUNK_ELEMENTS // vocab) if logits.device.type == "cpu" else n
-    buffers = [logits.new_empty(min(rows, n), vocab) for _ in range(scratches)]
-    for start in range(0, n, rows):
-        x = logits[start:start + rows]
-        yield slice(start, start + rows), x, [b[: x.shape[0]] for b in buffers]
 
 
 def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,

@@ -143,10 +143,12 @@ def test_gradient_matches_finite_differences(temperature, k):
 
 
 def test_fused_gradient_equals_autograd_of_the_definition(batch):
-    """The fused backward against plain autograd of the same formula, float32, chunked rows."""
+    """The fused backward against plain autograd of the same formula, float32, chunked rows,
+    labels among the head ids (first, last) and outside them."""
     student, teacher, labels = batch
     labels[1, 2] = IGNORE_INDEX
     ids, z, lse = cache_of(teacher, K)
+    labels[0, :3], labels[1, 5] = ids[0, :3, 0], ids[1, 5, K - 1]
     log_p, p_tail = teacher_buckets(z, lse, temperature=2.0, temperatures=TEMPS, vocab_size=V)
     weights = torch.rand(2, 7)
     fused = student.clone().requires_grad_()
@@ -182,7 +184,8 @@ def test_sampled_targets_merge_repeats_and_reweight_for_another_temperature():
 
 def test_sampled_cache_kd_is_the_kl_to_the_sampled_distribution(batch):
     """Draws with repeats: the fused loss and its gradient equal KL(p_hat || q_T) over the full
-    vocabulary, p_hat the draws' (merged) probabilities, by plain autograd."""
+    vocabulary, p_hat the draws' (merged) probabilities, plus CE, by plain autograd; a label
+    that is a repeated id among them."""
     student, teacher, labels = batch
     labels[0, 3] = IGNORE_INDEX
     generator = torch.Generator().manual_seed(1)
@@ -191,15 +194,18 @@ def test_sampled_cache_kd_is_the_kl_to_the_sampled_distribution(batch):
     z = teacher.gather(-1, ids)
     log_p, p_tail, once = sampled_targets(ids, z, temperature=1.5, sample_temperature=2.0)
     assert torch.allclose((log_p.exp() * once).sum(-1), torch.ones(2, 7)) and (once == 0).any()
+    repeat = (once == 0).nonzero()[0].tolist()  # (row, position, slot) of a repeated id
+    labels[repeat[0], repeat[1]] = ids[tuple(repeat)]
     fused = student.clone().requires_grad_()
-    _, kl = ce_and_cached_kl(fused, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
-                             temperature=1.5, head_once=once)
-    kl.sum().backward()
+    ce, kl = ce_and_cached_kl(fused, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
+                              temperature=1.5, head_once=once)
+    (ce.sum() + kl.sum()).backward()
     plain = student.clone().requires_grad_()
     p_hat = torch.zeros_like(teacher).scatter_add_(-1, ids, log_p.exp() * once)
     log_q = F.log_softmax(plain / 1.5, -1)
     ref = torch.where(labels != IGNORE_INDEX, (torch.xlogy(p_hat, p_hat) - p_hat * log_q).sum(-1), 0)
-    ref.sum().backward()
+    ref_ce = F.cross_entropy(plain.flatten(0, 1), labels.flatten(), reduction="sum")
+    (ref.sum() + ref_ce).backward()
     assert torch.allclose(kl, ref, atol=1e-5)
     assert torch.allclose(fused.grad, plain.grad, atol=1e-6)
 

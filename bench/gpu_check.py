@@ -16,7 +16,8 @@ Sections, each reported as table rows (a failing one becomes a FAILED row and th
     the student issue asks for (cached over CE, cached over online).
 
     python -m bench.gpu_check            # on the GPU machine; table also to $OUT/gpu_check.md
-    python -m bench.gpu_check --quick    # only the fp16 jobs and the students
+    python -m bench.gpu_check --quick    # only the fp16 jobs, the fused loss and the students
+    python -m bench.gpu_check --loss     # only the fused loss
     python -m bench.gpu_check --tiny     # tiny shapes on the CPU, to check the script runs
 """
 
@@ -66,17 +67,24 @@ STUDENT_MODES = {  # name -> config overrides; the student's T is the sampled ca
     "cached KD, top-k": ("distill.alpha=0.5",),
     "cached KD, sampled": ("distill.alpha=0.5",),
     "online KD": ("distill.alpha=0.5", "distill.mode=online"),
+    "CE baseline, eager loss": ("distill.alpha=1",),
+    "cached KD, top-k, eager loss": ("distill.alpha=0.5",),
 }
+EAGER = ", eager loss"
+"""Modes named with it run the fused loss's torch ops eagerly (BABYLM_KD_COMPILE=0), the others
+through torch.compile; each is compared with the CE baseline that runs its loss the same way."""
 
 
-def run(*, tiny: bool = False, quick: bool = False) -> list[dict]:
+def run(*, tiny: bool = False, quick: bool = False, loss: bool = False) -> list[dict]:
     """Rows {check, value, unit, note}; a failing section becomes a row saying why. `quick`:
-    only the fp16 jobs and the students."""
+    only the fp16 jobs, the fused loss and the students; `loss`: only the fused loss."""
     shapes = TINY if tiny else FULL
     device = "cpu" if tiny else "cuda"
     rows = [{"check": "device", "value": _device_name(device), "unit": "",
              "note": f"torch {torch.__version__}, transformers {_version('transformers')}, "
                      f"bitsandbytes {_version('bitsandbytes')}, peft {_version('peft')}"}]
+    if loss:
+        return rows + _section("fused loss", lambda: loss_rows(shapes, device))
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -98,17 +106,21 @@ def run(*, tiny: bool = False, quick: bool = False) -> list[dict]:
                 root / method, teacher_dir, shapes, device, method=method) + teacher_rows(
                 root / method, teacher_dir, shapes, device, name=f"{method}-tuned",
                 dtype="fp16", quantization=quantization))
+        rows += _section("fused loss", lambda: loss_rows(shapes, device))
         rows += _section("students", lambda: student_rows(root, teacher_dir, shapes, device))
     return rows
 
 
 def _section(name: str, body) -> list[dict]:
+    """body()'s rows, printed as they come (a run cut short still shows them)."""
     try:
-        return body()
+        rows = body()
     except Exception as exc:  # noqa: BLE001 -- report and go on with the other sections
         traceback.print_exc()
-        return [{"check": f"{name}: FAILED", "value": "", "unit": "",
+        rows = [{"check": f"{name}: FAILED", "value": "", "unit": "",
                  "note": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]}]
+    print(markdown(rows), flush=True)
+    return rows
 
 
 def make_teacher(folder: Path, shapes: Shapes, device: str) -> Path:
@@ -293,6 +305,66 @@ def finetune_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *,
     ]
 
 
+def loss_rows(shapes: Shapes, device: str, repeats: int = 20) -> list[dict]:
+    """The fused loss alone (forward + backward) on a student batch's logits, CE and cached KD
+    from a top-k teacher, its torch ops compiled and eager: time (median of `repeats`) and how
+    far the two ways' values and gradients lie apart."""
+    from student.losses import ce_and_cached_kl, teacher_buckets
+
+    b, length, vocab, t = shapes.student_batch, shapes.seq_len, shapes.vocab, SAMPLE_TEMPERATURE
+    generator = torch.Generator(device).manual_seed(0)
+    student = torch.randn(b, length, vocab, device=device, generator=generator) * 3
+    teacher = torch.randn(b, length, vocab, device=device, generator=generator) * 2
+    labels = torch.randint(0, vocab, (b, length), device=device, generator=generator)
+    values, ids = teacher.topk(shapes.k, -1)
+    log_p, p_tail = teacher_buckets(values, torch.logsumexp(teacher / t, -1, keepdim=True),
+                                    temperature=t, temperatures=(t,), vocab_size=vocab)
+    teachers = {"CE": {}, "KD": dict(head_ids=ids, log_p_head=log_p, p_tail=p_tail,
+                                     temperature=t)}
+
+    def step(teacher_kwargs):
+        logits = student.clone().requires_grad_()
+        ce, kl = ce_and_cached_kl(logits, labels, **teacher_kwargs)
+        (ce.sum() + (0 if kl is None else kl.sum())).backward()
+        return ce, kl, logits.grad
+
+    times, results, peaks = {}, {}, {}
+    for compiled in (True, False):
+        os.environ["BABYLM_KD_COMPILE"] = "1" if compiled else "0"
+        for name, teacher_kwargs in teachers.items():
+            results[compiled, name] = step(teacher_kwargs)  # compiles on the first call
+            _sync(device)
+            _reset_peak(device)
+            held = torch.cuda.memory_allocated() if device == "cuda" else 0
+            step(teacher_kwargs)
+            peaks[compiled, name] = _peak_bytes(device) - held
+            seconds = []
+            for _ in range(repeats):
+                _sync(device)
+                began = time.perf_counter()
+                step(teacher_kwargs)
+                _sync(device)
+                seconds.append(time.perf_counter() - began)
+            times[compiled, name] = statistics.median(seconds)
+    os.environ.pop("BABYLM_KD_COMPILE")
+    gap = max(float((ours - theirs).abs().max())
+              for name in teachers for ours, theirs in zip(results[True, name],
+                                                           results[False, name])
+              if ours is not None)
+    shape = f"({b} x {length}, {vocab}) logits, k {shapes.k}, T {t:g}"
+    logits_bytes = student.numel() * student.element_size()
+    rows = [{"check": f"fused loss fwd+bwd, {name}, {'compiled' if compiled else 'eager'}",
+             "value": round(seconds * 1e3, 2), "unit": "ms",
+             "note": f"{times[compiled, 'CE'] / seconds:.3f} x CE's speed; " + (
+                 f"peak {_gib(peaks[compiled, name], device)} above the inputs "
+                 f"({peaks[compiled, name] / logits_bytes:.2f} x the logits); "
+                 if device == "cuda" else "") + shape}
+            for (compiled, name), seconds in times.items()]
+    rows.append({"check": "fused loss: compiled vs eager", "value": f"{gap:.1e}", "unit": "",
+                 "note": "largest |difference| of ce, kl and the logits' gradient"})
+    return rows
+
+
 def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> list[dict]:
     """The same student, steps and seed in each mode; cached modes read the fp16 jobs' caches.
 
@@ -320,6 +392,7 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                          "student.precision=bf16", f"student.device={device}",
                          "teacher.dtype=fp16", f"distill.temperature={SAMPLE_TEMPERATURE}",
                          f"distill.run={name}", *STUDENT_MODES[mode])
+            os.environ["BABYLM_KD_COMPILE"] = "0" if mode.endswith(EAGER) else "1"
             _reset_peak(device)
             started = time.perf_counter()
             out = train(cfg)
@@ -331,13 +404,17 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                            f"{metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}")
             shutil.rmtree(out)
             _free(device)
+    os.environ.pop("BABYLM_KD_COMPILE")
 
     def ratios(mode: str, over: str) -> list[float]:
         return sorted(a / b for a, b in zip(speeds[mode], speeds[over]))
 
+    def baseline(mode: str) -> str:
+        return "CE baseline" + (EAGER if mode.endswith(EAGER) else "")
+
     rows = []
     for mode in modes:
-        vs_ce = ratios(mode, "CE baseline")
+        vs_ce = ratios(mode, baseline(mode))
         rows.append({"check": f"student {mode}: tokens/s", "value": round(statistics.median(
                      speeds[mode])), "unit": "tok/s", "note": f"{statistics.median(vs_ce):.3f} x CE "
                      f"(rounds {vs_ce[0]:.3f}-{vs_ce[-1]:.3f}); "
@@ -346,8 +423,8 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                      f"median of {shapes.student_rounds} rounds"})
         rows.append({"check": f"student {mode}: max_memory_allocated",
                      "value": _gib(peaks[mode], device),
-                     "unit": "", "note": (f"{peaks[mode] / peaks['CE baseline']:.3f} x CE; "
-                                          if peaks["CE baseline"] else "") + notes[mode]})
+                     "unit": "", "note": (f"{peaks[mode] / peaks[baseline(mode)]:.3f} x CE; "
+                                          if peaks[baseline(mode)] else "") + notes[mode]})
     for mode in ("cached KD, top-k", "cached KD, sampled"):
         vs_online = ratios(mode, "online KD")
         rows.append({"check": f"student {mode}: speed-up over online KD",
@@ -409,10 +486,11 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (a dry run)")
     parser.add_argument("--quick", action="store_true",
-                        help="only the fp16 teacher's jobs and the students")
+                        help="only the fp16 teacher's jobs, the fused loss and the students")
+    parser.add_argument("--loss", action="store_true", help="only the fused loss")
     args = parser.parse_args()
     began = time.perf_counter()
-    result = run(tiny=args.tiny, quick=args.quick)
+    result = run(tiny=args.tiny, quick=args.quick, loss=args.loss)
     text = markdown(result) + f"\n\ntotal {time.perf_counter() - began:.0f} s\n"
     print(text)
     if os.environ.get("OUT"):

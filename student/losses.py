@@ -53,10 +53,11 @@ so below ~1e-6 it is rounding noise; smaller student tails are clamped (no gradi
 clamp), which also keeps k = V exact: both tails are then ~0 and contribute nothing."""
 SQUARE_ROOT_TEMPERATURES = {1.0: 0, 2.0: 1, 4.0: 2}
 """Temperatures T = 2**n whose tempered exponentials the fused loss's forward takes as n square
-roots of the plain ones, exp(y / T) = exp(y) ** (1 / 2**n), and rows.c (both directions) the other
-way round, the plain ones as n squares of the tempered: a square root (as one torch op) or a multiply (in rows.c's vector
-loops) costs a fraction of an exp, and on a small student the loss's exps are a visible part of
-the step (bench.student). Other temperatures take an exp of y / T."""
+roots of the plain ones, exp(y / T) = exp(y) ** (1 / 2**n), and rows.c (both directions) the
+other way round, the plain ones as n squares of the tempered: a square root (as one torch op) or
+a multiply (in rows.c's vector loops) costs a fraction of an exp, and on a small student the
+loss's exps are a visible part of the step (bench.student). Other temperatures take an exp of
+y / T."""
 CHUNK_ELEMENTS = 1 << 17
 """Logits a block of the fused loss's torch ops on the CPU: small enough to stay in its cache."""
 
@@ -287,9 +288,9 @@ def _direction(rows_function, dense_pass, x, *args, temperature):
 
 
 def _in_blocks(dense_pass):
-    """dense_pass over blocks of CHUNK_ELEMENTS logits of x (n, V) and of its arguments with
-    x's rows ((n, ...) tensors; others pass as they are), outputs put together: an (n, V) one
-    block by block while the block is in cache, (n,) ones by concatenation."""
+    """dense_pass over blocks of CHUNK_ELEMENTS logits of x (n, V) and the same rows of its
+    other tensors (None passes through), outputs put together: an (n, V) one block by block
+    while the block is in cache, (n,) ones by concatenation."""
     def blocks(x, *args, temperature):
         size = max(1, CHUNK_ELEMENTS // x.shape[-1])
         if size >= len(x):
@@ -297,8 +298,7 @@ def _in_blocks(dense_pass):
         outputs = []
         for start in range(0, len(x), size):
             rows = slice(start, start + size)
-            out = dense_pass(x[rows], *(a[rows] if isinstance(a, torch.Tensor)
-                                        and a.shape[:1] == x.shape[:1] else a for a in args),
+            out = dense_pass(x[rows], *(None if a is None else a[rows] for a in args),
                              temperature=temperature)
             if isinstance(out, torch.Tensor):  # (rows, V)
                 if not outputs:

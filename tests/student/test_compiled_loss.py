@@ -66,9 +66,9 @@ def test_compiled_rows_equal_the_eager_ones(kind, temperature, capfd):
 FALLBACK = """
 import torch
 from student import losses
-x, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, -100])
-compiled = losses._compiled(losses._forward_rows)(x, labels, None, None, None, None, temperature=1.0)
-eager = losses._forward_rows(x, labels, None, None, None, None, temperature=1.0)
+rows = (torch.randn(4, 10), torch.tensor([1, 2, 3, -100]), None, None, None, None)
+compiled = losses._compiled(losses._forward_rows)(*rows, temperature=1.0)
+eager = losses._forward_rows(*rows, temperature=1.0)
 print(all(torch.equal(a, b) for a, b in zip(compiled, eager)))
 """
 

@@ -326,7 +326,7 @@ def loss_rows(shapes: Shapes, device: str, repeats: int = 20) -> list[dict]:
         logits = student.clone().requires_grad_()
         ce, kl = ce_and_cached_kl(logits, labels, **teacher_kwargs)
         (ce.sum() + (0 if kl is None else kl.sum())).backward()
-        return ce, kl, logits.grad
+        return ce.detach(), None if kl is None else kl.detach(), logits.grad
 
     times, results, peaks = {}, {}, {}
     for compiled in (True, False):

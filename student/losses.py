@@ -209,7 +209,8 @@ def _forward_rows(x, labels, head_ids, log_p, p_tail, head_once, *, temperature,
                      0.0)
     if not distil:
         return ce, torch.zeros_like(ce), lse1
-    log_q = x.gather(-1, head_ids) / temperature - lse_t.unsqueeze(-1)
+    head_logits = x.gather(-1, head_ids)
+    log_q = head_logits / temperature - lse_t.unsqueeze(-1)
     q = log_q.exp()
     p = log_p.exp()
     # a repeated id counts once in the sums (multiplying by 0/1 is ~5x faster than where)
@@ -220,7 +221,7 @@ def _forward_rows(x, labels, head_ids, log_p, p_tail, head_once, *, temperature,
     q_tail = q_tail.clamp(min=TAIL_FLOOR)
     kl = ((p_once * (log_p - log_q)).sum(-1) + torch.xlogy(p_tail, p_tail)
           - p_tail * q_tail.log())
-    return ce, torch.where(valid, kl, 0.0), lse1, lse_t, p, q, q_tail, tail_free
+    return ce, torch.where(valid, kl, 0.0), lse1, lse_t, p, head_logits, q_tail, tail_free
 
 
 def _dense_grad(x, lse1, lse_t, grad_ce, tail_coef, *, temperature):
@@ -234,7 +235,8 @@ def _dense_grad(x, lse1, lse_t, grad_ce, tail_coef, *, temperature):
 
 
 def _backward_rows(x, labels, grad_ce, grad_kl, head_ids, p_tail, lse1, lse_t=None, p=None,
-                   q=None, q_tail=None, tail_free=None, *, temperature, dense=_dense_grad):
+                   head_logits=None, q_tail=None, tail_free=None, *, temperature,
+                   dense=_dense_grad):
     """(d loss / d x,) of rows x (n, V) for the per-row gradients grad_ce and grad_kl.
 
     The dense pass writes every column as if it were neither the label nor a head id; one
@@ -257,12 +259,13 @@ def _backward_rows(x, labels, grad_ce, grad_kl, head_ids, p_tail, lse1, lse_t=No
     tail_coef = (torch.where(tail_free, (q_tail - p_tail) / q_tail, 1 - p_tail)
                  * grad_kl).unsqueeze(-1)
     head_coef = torch.where(tail_free, 1.0, 1 - p_tail).unsqueeze(-1)
+    q = torch.exp(head_logits / temperature - lse_t.unsqueeze(-1))
     head_grad = (q * head_coef - p) * grad_kl.unsqueeze(-1)
     grad = dense(x, lse1, lse_t, grad_ce, tail_coef, temperature=temperature)
     # the head ids' whole gradients (CE's included), and the label's: its head id's where it is
     # one (the same value: a repeated id has it at each of its slots, so the scatter is exact),
     # else the dense pass's value minus g_ce
-    head_softmax = torch.exp(x.gather(-1, head_ids) - lse1.unsqueeze(-1))
+    head_softmax = torch.exp(head_logits - lse1.unsqueeze(-1))
     is_label = head_ids == labels
     head = torch.addcmul(head_grad, head_softmax - is_label.to(x.dtype), grad_ce)
     x_label = x.gather(-1, labels)

@@ -160,9 +160,9 @@ class _FusedCEKL(torch.autograd.Function):
     head around it. On the CPU the dense pass goes in blocks of rows small enough to stay in its
     cache while every read of them happens, and the head's ops once over all rows. On an
     accelerator the whole function goes through torch.compile (`_compiled`): each dense pass
-    becomes one kernel that reads the logits once, where the eager ops read them ~6 times a
-    direction and their launches leave the GPU idle (bench/gpu_results.md: 5.89 -> 1.63 ms for
-    KD on GPT-2 Small's batch).
+    becomes one kernel that reads the logits once, where the eager ops make several passes and
+    launches (bench/gpu_results.md, GPT-2 Small's batch on an H200: forward and backward 5.89 ->
+    1.63 ms for KD, 3.40 -> 1.25 for CE).
     """
 
     @staticmethod
@@ -298,20 +298,20 @@ def _in_blocks(dense_pass):
         size = max(1, CHUNK_ELEMENTS // x.shape[-1])
         if size >= len(x):
             return dense_pass(x, *args, temperature=temperature)
-        outputs = []
+        result, vectors = None, []
         for start in range(0, len(x), size):
             rows = slice(start, start + size)
             out = dense_pass(x[rows], *(None if a is None else a[rows] for a in args),
                              temperature=temperature)
-            if isinstance(out, torch.Tensor):  # (rows, V)
-                if not outputs:
-                    outputs.append(x.new_empty(x.shape))
-                outputs[0][rows] = out
+            if isinstance(out, torch.Tensor):  # the block's rows of an (n, V) result
+                if result is None:
+                    result = x.new_empty(x.shape)
+                result[rows] = out
             else:
-                outputs.append(out)
-        if isinstance(outputs[0], torch.Tensor):
-            return outputs[0]
-        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*outputs))
+                vectors.append(out)
+        if result is not None:
+            return result
+        return tuple(None if parts[0] is None else torch.cat(parts) for parts in zip(*vectors))
     return blocks
 
 
@@ -333,7 +333,7 @@ def _compiled(rows_function):
                 failed = True
                 why = str(error).strip().splitlines()
                 print(f"babylm-kd: torch.compile of the loss failed ({type(error).__name__}"
-                      f"{': ' + why[0] if why else ''}); it runs as torch ops", file=sys.stderr)
+                      f"{': ' + why[0] if why else ''}); it runs eagerly", file=sys.stderr)
         return rows_function(*args, **kwargs)
 
     return call

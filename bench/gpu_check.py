@@ -24,6 +24,7 @@ Sections, each reported as table rows (a failing one becomes a FAILED row and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -330,23 +331,22 @@ def loss_rows(shapes: Shapes, device: str, repeats: int = 20) -> list[dict]:
 
     times, results, peaks = {}, {}, {}
     for compiled in (True, False):
-        os.environ["BABYLM_KD_COMPILE"] = "1" if compiled else "0"
-        for name, teacher_kwargs in teachers.items():
-            results[compiled, name] = step(teacher_kwargs)  # compiles on the first call
-            _sync(device)
-            _reset_peak(device)
-            held = torch.cuda.memory_allocated() if device == "cuda" else 0
-            step(teacher_kwargs)
-            peaks[compiled, name] = _peak_bytes(device) - held
-            seconds = []
-            for _ in range(repeats):
+        with _loss_compiled(compiled):
+            for name, teacher_kwargs in teachers.items():
+                results[compiled, name] = step(teacher_kwargs)  # compiles on the first call
                 _sync(device)
-                began = time.perf_counter()
+                _reset_peak(device)
+                held = torch.cuda.memory_allocated() if device == "cuda" else 0
                 step(teacher_kwargs)
-                _sync(device)
-                seconds.append(time.perf_counter() - began)
-            times[compiled, name] = statistics.median(seconds)
-    os.environ.pop("BABYLM_KD_COMPILE")
+                peaks[compiled, name] = _peak_bytes(device) - held
+                seconds = []
+                for _ in range(repeats):
+                    _sync(device)
+                    began = time.perf_counter()
+                    step(teacher_kwargs)
+                    _sync(device)
+                    seconds.append(time.perf_counter() - began)
+                times[compiled, name] = statistics.median(seconds)
     gap = max(float((ours - theirs).abs().max())
               for name in teachers for ours, theirs in zip(results[True, name],
                                                            results[False, name])
@@ -392,10 +392,10 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                          "student.precision=bf16", f"student.device={device}",
                          "teacher.dtype=fp16", f"distill.temperature={SAMPLE_TEMPERATURE}",
                          f"distill.run={name}", *STUDENT_MODES[mode])
-            os.environ["BABYLM_KD_COMPILE"] = "0" if mode.endswith(EAGER) else "1"
             _reset_peak(device)
             started = time.perf_counter()
-            out = train(cfg)
+            with _loss_compiled(not mode.endswith(EAGER)):
+                out = train(cfg)
             seconds = time.perf_counter() - started
             metrics = read_metrics(out / "metrics.jsonl")
             speeds[mode].append(_steady_tokens_per_s(metrics))
@@ -404,7 +404,6 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                            f"{metrics[0]['loss']:.3f} -> {metrics[-1]['loss']:.3f}")
             shutil.rmtree(out)
             _free(device)
-    os.environ.pop("BABYLM_KD_COMPILE")
 
     def ratios(mode: str, over: str) -> list[float]:
         return sorted(a / b for a, b in zip(speeds[mode], speeds[over]))
@@ -432,6 +431,21 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                      "note": f"rounds {vs_online[0]:.2f}-{vs_online[-1]:.2f}; teacher "
                              f"{'x'.join(map(str, shapes.teacher[:2]))} resident in online KD"})
     return rows
+
+
+@contextlib.contextmanager
+def _loss_compiled(compiled: bool):
+    """Within it the fused loss's torch ops run compiled or eagerly (BABYLM_KD_COMPILE), as
+    asked; the variable is as before afterwards."""
+    before = os.environ.get("BABYLM_KD_COMPILE")
+    os.environ["BABYLM_KD_COMPILE"] = "1" if compiled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("BABYLM_KD_COMPILE")
+        else:
+            os.environ["BABYLM_KD_COMPILE"] = before
 
 
 def _device_name(device: str) -> str:

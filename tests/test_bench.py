@@ -150,8 +150,8 @@ def test_a_missing_teacher_elsewhere_is_refused_not_trained(tmp_path):
 
 def test_gpu_check_tiny_dry_run_passes_every_section():
     """bench.gpu_check needs a GPU for its numbers, but --tiny runs every section (fp16, sampled
-    and NF4 logits jobs, QLoRA and LoRA fine-tunes, students in four modes) on the CPU, so the
-    script cannot rot between the sessions that are lent one."""
+    and NF4 logits jobs, QLoRA and LoRA fine-tunes, the fused loss, students in six modes) on the
+    CPU, so the script cannot rot between the sessions that are lent one."""
     from bench import gpu_check
 
     rows = gpu_check.run(tiny=True)

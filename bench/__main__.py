@@ -293,28 +293,37 @@ def _job_figures(rows: list[dict], results) -> list[dict]:
 
 def _student_figures(rows: list[dict], _results) -> list[dict]:
     speed = {(r["student"], r["run"]): r for r in rows if r["section"] == "speed"}
-    loop = {(r["student"], r["run"]): r["vs_ce"] for r in rows if r["section"].startswith("loop")}
+    loop = {(r["student"], r["run"]): r for r in rows if r["section"].startswith("loop")}
     step = {r["run"]: r for r in rows if r["section"].startswith("step")}
     ppl = {r["run"]: r["val_ppl"] for r in rows if r["section"] == "quality"}
     tiny, small = student.shape_name(student.STUDENT), student.shape_name(student.SMALL_STUDENT)
     ce, cached, online = (speed[tiny, name] for name in
                           ("CE baseline", "cached KD (k=64, T=2)", "online KD (T=2)"))
     small_ce, small_cached = (speed[small, name] for name in ("CE baseline", "cached KD (k=64, T=2)"))
-    kd, drawn = "cached KD (k=64, T=2)", student.SAMPLED_KD
+    kd, drawn, more = "cached KD (k=64, T=2)", student.SAMPLED_KD, student.MORE_SAMPLED_KD
     sampled = speed[tiny, drawn]
+
+    def in_processes(shape: str, run: str) -> str:
+        row = loop[shape, run]
+        return (f"{row['vs_ce']:.3f} (median of {student.LOOP_PROCESSES} processes, "
+                f"{row['vs_ce_range']}")
+
     out = [
         _row(f"cached KD tokens/s / CE tokens/s (training step with reading, {small} student)",
-             f"{loop[small, kd]:.3f} (in one process; separate processes: "
-             f"{small_cached['vs_ce']:.3f}, {_n(small_cached['tokens_per_s'])} vs "
-             f"{_n(small_ce['tokens_per_s'])})", ">= 0.95", loop[small, kd] >= 0.95),
+             f"{in_processes(small, kd)}; separate runs: {small_cached['vs_ce']:.3f}, "
+             f"{_n(small_cached['tokens_per_s'])} vs {_n(small_ce['tokens_per_s'])})", ">= 0.95",
+             loop[small, kd]["vs_ce"] >= 0.95),
         _row(f"cached KD tokens/s / CE tokens/s (training step with reading, {tiny} student)",
-             f"{loop[tiny, kd]:.3f} (in one process; separate processes: {cached['vs_ce']:.3f}, "
+             f"{in_processes(tiny, kd)}; separate runs: {cached['vs_ce']:.3f}, "
              f"{_n(cached['tokens_per_s'])} vs {_n(ce['tokens_per_s'])}; without reading: "
-             f"{step[kd]['vs_ce']:.3f})", ">= 0.95", loop[tiny, kd] >= 0.95),
+             f"{step[kd]['vs_ce']:.3f})", ">= 0.95", loop[tiny, kd]["vs_ce"] >= 0.95),
         _row(f"KD from 64 draws tokens/s / CE tokens/s (training step with reading, {tiny} "
-             "student)", f"{loop[tiny, drawn]:.3f} (in one process; separate processes: "
-             f"{sampled['vs_ce']:.3f}, {_n(sampled['tokens_per_s'])} vs {_n(ce['tokens_per_s'])})",
-             ">= 0.95", loop[tiny, drawn] >= 0.95),
+             "student)", f"{in_processes(tiny, drawn)}; separate runs: {sampled['vs_ce']:.3f}, "
+             f"{_n(sampled['tokens_per_s'])} vs {_n(ce['tokens_per_s'])})",
+             ">= 0.95", loop[tiny, drawn]["vs_ce"] >= 0.95),
+        _row(f"KD from 128 draws tokens/s / CE tokens/s (training step with reading, {tiny} "
+             "student)", f"{in_processes(tiny, more)})", ">= 0.95",
+             loop[tiny, more]["vs_ce"] >= 0.95),
         _row(f"cached KD speed-up over online KD (training loop, {tiny} student)",
              f"{cached['tokens_per_s'] / online['tokens_per_s']:.2f} x "
              f"(online {_n(online['tokens_per_s'])} tokens/s)"),

@@ -88,11 +88,12 @@ VALUE_DTYPE = {"float16": np.float16, "gap8": np.uint8}
 
 @dataclass(frozen=True)
 class TeacherBlock:
-    """Decoded cache rows: ids int64 (n, L, k), logits float32 (n, L, k), lse float32 (n, L, n_T)."""
+    """Decoded cache rows: ids int64 (n, L, k), logits float32 (n, L, k), lse float32 (n, L, n_T);
+    logits and lse None when read with values=False."""
 
     ids: np.ndarray
-    logits: np.ndarray
-    lse: np.ndarray
+    logits: np.ndarray | None
+    lse: np.ndarray | None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,14 +589,16 @@ class LogitCache(_CacheBase):
         return (f"LogitCache({self.path}, n={self.n_sequences}, L={self.seq_len}, k={self.k}, "
                 f"code={self.value_code}, shards {int(self.done.sum())}/{self.n_shards})")
 
-    def read(self, start: int, stop: int, *, k: int | None = None,
-             decode: bool = True) -> TeacherBlock:
+    def read(self, start: int, stop: int, *, k: int | None = None, decode: bool = True,
+             values: bool = True) -> TeacherBlock:
         """Rows [start, stop), contiguous: ids int64 (n, L, k'), logits float32 (n, L, k'),
         lse float32 (n, L, n_T), with k' = k or the cached k. A failed checksum, missing file or
         unfinished shard is CorruptData naming the shard and file.
 
         decode=False leaves ids and logits as stored (`decode` converts them later): a quarter
-        of the memory, for readers that hold many rows and use few at a time."""
+        of the memory, for readers that hold many rows and use few at a time. values=False reads
+        the ids alone (logits and lse None): all that KD from draws at their own temperature
+        uses."""
         if not 0 <= start < stop <= self.n_sequences:
             raise IndexError(f"rows [{start}, {stop}) outside the cache's {self.n_sequences}")
         k = self.k if k is None else k
@@ -604,25 +607,28 @@ class LogitCache(_CacheBase):
         shards = range(self.shard_of(start), self.shard_of(stop - 1) + 1)
         for shard in shards:
             self._check_present(shard)
+        names = DATA_ARRAYS if values else ("ids",)
         try:
-            ids, values, lse = (self._rows[name].read(start, stop) for name in DATA_ARRAYS)
+            arrays = {name: self._rows[name].read(start, stop) for name in names}
         except Exception:  # locate the damage and say it as `verify` does
             for shard in shards:
-                for name in DATA_ARRAYS:
+                for name in names:
                     problem = self._read_problem(shard, name)
                     if problem:
                         raise CorruptData(f"logit cache {self.path}: {problem}") from None
             raise
+        ids, stored, lse = (arrays.get(name) for name in DATA_ARRAYS)
         if k < self.k:  # a copy: a view would keep every row's full k alive
-            ids, values = (np.ascontiguousarray(a[..., :k]) for a in (ids, values))
-        block = TeacherBlock(ids=ids, logits=values, lse=lse)
+            ids, stored = (None if a is None else np.ascontiguousarray(a[..., :k])
+                           for a in (ids, stored))
+        block = TeacherBlock(ids=ids, logits=stored, lse=lse)
         return self.decode(block) if decode else block
 
     def decode(self, block: TeacherBlock) -> TeacherBlock:
         """A block read with decode=False, decoded as `read` returns it."""
-        return TeacherBlock(ids=block.ids.astype(np.int64),
-                            logits=decode_values(block.logits, value_code=self.value_code),
-                            lse=block.lse)
+        logits = (None if block.logits is None
+                  else decode_values(block.logits, value_code=self.value_code))
+        return TeacherBlock(ids=block.ids.astype(np.int64), logits=logits, lse=block.lse)
 
     def _check_present(self, shard: int) -> None:
         if not self.done[shard]:

@@ -37,7 +37,8 @@ DEFAULT_BLOCK_ROWS = 32
 @dataclass
 class Batch:
     """indices int64 (B,): sequence rows; tokens int64 (B, L); ids int64 (B, L, k),
-    logits float32 (B, L, k), lse float32 (B, L, n_T) from the cache, or None without one."""
+    logits float32 (B, L, k), lse float32 (B, L, n_T) from the cache, or None without one (or,
+    logits and lse, when streamed with values=False)."""
 
     indices: np.ndarray
     tokens: np.ndarray
@@ -97,7 +98,7 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
-                k: int | None) -> dict[str, np.ndarray]:
+                k: int | None, values: bool) -> dict[str, np.ndarray]:
     """Fields of `rows` (contiguous runs), read one run at a time, concatenated. Cache fields
     stay as stored (small integer ids, encoded values): a shuffle window of them takes a
     quarter of its decoded size, and `_assemble` decodes only the rows a batch uses."""
@@ -105,8 +106,10 @@ def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
     for start, stop in _runs(rows):
         part = {"tokens": tokens.read(start, stop).astype(np.int64)}
         if cache is not None:
-            block = cache.read(start, stop, k=k, decode=False)
-            part.update(ids=block.ids, logits=block.logits, lse=block.lse)
+            block = cache.read(start, stop, k=k, decode=False, values=values)
+            part.update(ids=block.ids)
+            if values:
+                part.update(logits=block.logits, lse=block.lse)
         parts.append(part)
     if len(parts) == 1:
         return parts[0]
@@ -116,11 +119,13 @@ def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
 def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch_size: int,
                    seed: int, epoch: int, start_batch: int = 0, rank: int = 0,
                    world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 256,
-                   prefetch: int = 4, k: int | None = None, skip_shards: Collection[int] = (),
+                   prefetch: int = 4, k: int | None = None, values: bool = True,
+                   skip_shards: Collection[int] = (),
                    block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[Batch]:
     """Yield this rank's batches of one epoch, from batch `start_batch` on (see module docstring).
 
-    shuffle=False gives rows in order (validation). k limits the teacher entries read.
+    shuffle=False gives rows in order (validation). k limits the teacher entries read;
+    values=False reads the cache's ids alone (the batches' logits and lse None).
     skip_shards: cache shards whose rows are left out. The same arguments always give the same
     batches; `block_rows` must stay the same for a resumed run and its CE baseline. A background
     thread reads, decodes and assembles up to `prefetch` batches ahead of the consumer; with
@@ -142,13 +147,13 @@ def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch
         return
     batches = _assemble(stream, order, first=first, batch_size=batch_size,
                         window=shuffle_buffer if shuffle else 1, block_rows=block_rows,
-                        tokens=tokens, cache=cache, k=k)
+                        tokens=tokens, cache=cache, k=k, values=values)
     yield from _in_background(batches, depth=prefetch) if prefetch > 0 else batches
 
 
 def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: int,
               window: int, block_rows: int, tokens: TokenStore, cache: LogitCache | None,
-              k: int | None) -> Iterator[Batch]:
+              k: int | None, values: bool) -> Iterator[Batch]:
     """The batches of `order` from position `first` on, reading `stream` piece by piece as they
     need it and forgetting pieces wholly behind the current shuffle window."""
     # Every slot from `first` on holds a position >= the start of its window, so reading starts
@@ -163,11 +168,11 @@ def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: 
             loaded.popleft()
         while not loaded or loaded[-1][0] + len(loaded[-1][1]["tokens"]) <= positions.max():
             start, stop = next(pieces)
-            loaded.append((start, _read_block(stream[start:stop], tokens, cache, k)))
+            loaded.append((start, _read_block(stream[start:stop], tokens, cache, k, values)))
         fields = _gather(loaded, positions)
         if cache is not None:
-            decoded = cache.decode(TeacherBlock(ids=fields["ids"], logits=fields["logits"],
-                                                lse=fields["lse"]))
+            decoded = cache.decode(TeacherBlock(ids=fields["ids"], logits=fields.get("logits"),
+                                                lse=fields.get("lse")))
             fields.update(ids=decoded.ids, logits=decoded.logits, lse=decoded.lse)
         yield Batch(indices=stream[positions], **fields)
 

@@ -123,7 +123,7 @@ def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: flo
     return log_p, p_tail
 
 
-def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: float,
+def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperature: float,
                     sample_temperature: float
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The teacher's tempered distribution estimated from a cache of sampled entries.
@@ -131,20 +131,27 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor, *, temperature: flo
     ids: (B, L, m) draws from the teacher's softmax at `sample_temperature` (any scheme whose
     expected count of an id is m times its probability: precompute draws systematically),
     repeats of an id adjacent (as the logits job stores them, sorted by logit); logits: (B, L, m)
-    their cached logits (possibly shifted per position). Each draw weighs w = exp(z (1/T - 1/T_s)),
-    normalised over the position's draws (self-normalised importance sampling: equal weights, the
-    draws' frequencies, when T = T_s). Returns (log_p (B, L, m), p_tail (B, L) zeros: the draws
+    their cached logits (possibly shifted per position), or None when T = T_s. Each draw weighs
+    w = exp(z (1/T - 1/T_s)), normalised over the position's draws (self-normalised importance
+    sampling: equal weights, the draws' frequencies, when T = T_s). Returns (log_p (B, L, m), p_tail (B, L) zeros: the draws
     stand for the whole distribution, once (B, L, m) float32): an id drawn several times has its
     summed probability at each of its slots, and `once` is 1 at its first slot and 0 at the
     others, so that sums over slots weighted by it count each id once.
     """
     scale = 1 / temperature - 1 / sample_temperature
-    logits = logits.float()
+    if logits is None:
+        if not math.isclose(temperature, sample_temperature, rel_tol=1e-6):
+            raise ValueError(f"draws made at T = {sample_temperature:g} need their logits to "
+                             f"stand for T = {temperature:g}")
+        scale = 0.0
+    else:
+        logits = logits.float()
     kernel = rows_kernel() if fits_kernel(ids, logits) and ids.shape[-1] else None
     if kernel is not None:  # ~10 small ops: 1.4 ms a step of bench.student's loop, 0.4 in C
         log_p, once = kernel.sampled_targets(ids, logits, scale=scale)
         return log_p, log_p.new_zeros(log_p.shape[:-1]), once
-    weights = torch.softmax(logits * scale, -1)
+    weights = (torch.full(ids.shape, 1 / ids.shape[-1], device=ids.device) if logits is None
+               else torch.softmax(logits * scale, -1))
     first = torch.ones_like(ids, dtype=torch.bool)
     first[..., 1:] = ids[..., 1:] != ids[..., :-1]
     run = first.cumsum(-1) - 1  # which run of repeats each slot is in

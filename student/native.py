@@ -127,13 +127,13 @@ class RowsKernel:
                       logits.numel() // k, k, 1.0 / temperature, log_p.data_ptr(), p_tail.data_ptr())
         return log_p, p_tail
 
-    def sampled_targets(self, ids: torch.Tensor, logits: torch.Tensor, *, scale: float
+    def sampled_targets(self, ids: torch.Tensor, logits: torch.Tensor | None, *, scale: float
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """(log_p, once), each shaped as ids (..., m), m >= 1: see losses.sampled_targets, with
-        scale = 1/T - 1/T_s."""
-        log_p, once = torch.empty_like(logits), torch.empty_like(logits)
+        scale = 1/T - 1/T_s (logits None: scale 0, where rows.c does not read them)."""
+        log_p, once = (torch.empty(ids.shape) for _ in range(2))
         m = ids.shape[-1]
-        self._sampled(ids.data_ptr(), logits.data_ptr(), ids.numel() // m, m, scale,
+        self._sampled(ids.data_ptr(), _address(logits), ids.numel() // m, m, scale,
                       log_p.data_ptr(), once.data_ptr())
         return log_p, once
 

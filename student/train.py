@@ -67,6 +67,13 @@ class Distillation:
     teacher: torch.nn.Module | None = None
     skip_shards: tuple[int, ...] = ()
 
+    @property
+    def reads_values(self) -> bool:
+        """Whether the loss needs the cache's logits and lse: not for draws at their own
+        temperature, whose frequencies are the targets (`sampled_targets`)."""
+        drawn_at = self.cache.sample_temperature
+        return drawn_at is None or not math.isclose(drawn_at, self.temperature, rel_tol=1e-6)
+
 
 @dataclass
 class Cursor:
@@ -332,7 +339,8 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
     if distil is not None and distil.cache is not None:
         # Copied before the forward and without blocking: a blocking copy after it waits for the
         # forward's kernels, and the GPU then idles while the loss and backward are launched.
-        ids, cached_logits, lse = (torch.from_numpy(array).to(device, non_blocking=True)
+        ids, cached_logits, lse = (None if array is None
+                                   else torch.from_numpy(array).to(device, non_blocking=True)
                                    for array in (batch.ids, batch.logits, batch.lse))
     # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
     # (without one transformers warns on every run).
@@ -410,6 +418,7 @@ def micro_batches(tokens: TokenStore, distil: Distillation | None, *, hp: Hyper,
             batches = stream_batches(tokens=tokens, cache=cache, batch_size=micro, seed=hp.seed,
                                      epoch=epoch, start_batch=start, rank=rank,
                                      world_size=world_size, k=distil.k if cache else None,
+                                     values=distil.reads_values if cache else True,
                                      shuffle_buffer=getattr(hp, "shuffle_buffer", 256),
                                      skip_shards=skip, prefetch=prefetch)
             with contextlib.closing(batches):

@@ -95,6 +95,8 @@ def test_read_fewer_k_and_rows_across_shards(tmp_path, store, outputs):
     block = cache.read(5, 19, k=3)
     assert block.ids.shape == (14, 16, 3) and block.lse.shape == (14, 16, 3)
     assert np.array_equal(block.ids, outputs[0][5:19, :, :3])
+    ids_only = cache.read(5, 19, k=3, values=False)
+    assert np.array_equal(ids_only.ids, block.ids) and ids_only.logits is ids_only.lse is None
     with pytest.raises(ValueError, match="k = 9"):
         cache.read(0, 1, k=K + 1)
 
@@ -197,6 +199,7 @@ def test_damaged_shard_named_by_verify_and_read(tmp_path, store, outputs, kind):
     with pytest.raises(CorruptData, match="shard 2: file logits/c/2/0/0"):
         cache.read(17, 20)
     assert np.array_equal(cache.read(8, 16).ids, outputs[0][8:16])  # other shards still read
+    assert np.array_equal(cache.read(17, 20, values=False).ids, outputs[0][17:20])  # no logits
 
 
 def test_edited_manifest_detected(tmp_path, store, outputs):

@@ -36,6 +36,16 @@ def test_batches_carry_the_rows_they_name(stores):
         assert np.array_equal(batch.lse, expected.lse[batch.indices])
 
 
+def test_batches_without_values_carry_the_same_rows_and_ids(stores):
+    tokens, cache = stores
+    options = dict(tokens=tokens, cache=cache, batch_size=5, seed=0, epoch=1, k=3, prefetch=0)
+    for full, ids_only in zip(stream_batches(**options), stream_batches(**options, values=False),
+                              strict=True):
+        assert np.array_equal(ids_only.indices, full.indices)
+        assert np.array_equal(ids_only.ids, full.ids) and ids_only.ids.dtype == np.int64
+        assert ids_only.logits is None and ids_only.lse is None
+
+
 def test_epoch_order_is_a_function_of_seed_and_epoch(stores):
     tokens, cache = stores
     first = indices(tokens, cache)

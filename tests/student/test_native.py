@@ -103,6 +103,15 @@ def test_kernel_merges_draws_as_the_torch_ops(temperature, m):
     assert torch.equal(kernel[1], reference[1]) and torch.equal(kernel[2], reference[2])
     assert kernel[2][0, 0].tolist() == [1.0] + [0.0] * (m - 1)
     assert kernel[0][0, 0].abs().max() < 1e-6
+    if temperature == 2.0:  # the draws' own temperature: their frequencies, logits not needed
+        without = sampled_targets(ids, None, temperature=2.0, sample_temperature=2.0)
+        with torch_ops_only():
+            without_ops = sampled_targets(ids, None, temperature=2.0, sample_temperature=2.0)
+        for got in (without, without_ops):
+            assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, reference))
+    else:
+        with pytest.raises(ValueError, match="need their logits"):
+            sampled_targets(ids, None, temperature=temperature, sample_temperature=2.0)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])

@@ -132,8 +132,12 @@ def test_cached_kd_follows_online_kd_with_k_equal_vocabulary(tmp_path):
 def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
     root = make_run(tmp_path, k=32, n_train=64, sampling=Sampling(temperature=2.0, seed=0))
     for temperature in (2.0, 1.0):  # the draws' own temperature, and reweighted
-        out = trainer.train(config(root, "cache.k=32", f"distill.temperature={temperature}",
-                                   "student.max_steps=12"))
+        cfg = config(root, "cache.k=32", f"distill.temperature={temperature}",
+                     "student.max_steps=12")
+        tokens, _ = trainer.open_tokens(cfg)
+        distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
+        assert distil.reads_values == (temperature != 2.0)  # at T_s the ids alone are read
+        out = trainer.train(cfg)
         rows = metrics(out)
         assert all(r["kl"] > 0 for r in rows)
         assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])

@@ -619,8 +619,8 @@ class LogitCache(_CacheBase):
             raise
         ids, stored, lse = (arrays.get(name) for name in DATA_ARRAYS)
         if k < self.k:  # a copy: a view would keep every row's full k alive
-            ids, stored = (None if a is None else np.ascontiguousarray(a[..., :k])
-                           for a in (ids, stored))
+            ids = np.ascontiguousarray(ids[..., :k])
+            stored = None if stored is None else np.ascontiguousarray(stored[..., :k])
         block = TeacherBlock(ids=ids, logits=stored, lse=lse)
         return self.decode(block) if decode else block
 

@@ -71,6 +71,12 @@ class LossTerms(NamedTuple):
     n_tokens: int
 
 
+def same_temperature(a: float, b: float) -> bool:
+    """Whether two temperatures are one (to float rounding): a stored or drawn-at temperature
+    matches the distillation's, so the cache's values at it serve as they are."""
+    return math.isclose(a, b, rel_tol=1e-6)
+
+
 def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Next-token labels (B, L) for input tokens (B, L): tokens shifted left, last position ignored."""
     labels = torch.full_like(tokens, ignore_index)
@@ -102,7 +108,7 @@ def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: flo
     logits = logits.float()
     nearest = min(range(len(temperatures)), key=lambda i: abs(temperatures[i] - temperature))
     t0 = temperatures[nearest]
-    if math.isclose(t0, temperature, rel_tol=1e-6):
+    if same_temperature(t0, temperature):
         kernel = rows_kernel() if fits_kernel(logits, lse) and logits.shape[-1] else None
         if kernel is not None:  # ~7 small ops: 0.64 ms a step of bench.student's loop, 0.36 in C
             return kernel.teacher_buckets(logits, lse, column=nearest, temperature=temperature)
@@ -140,7 +146,7 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperatu
     """
     scale = 1 / temperature - 1 / sample_temperature
     if logits is None:
-        if not math.isclose(temperature, sample_temperature, rel_tol=1e-6):
+        if not same_temperature(temperature, sample_temperature):
             raise ValueError(f"draws made at T = {sample_temperature:g} need their logits to "
                              f"stand for T = {temperature:g}")
         scale = 0.0

@@ -42,8 +42,8 @@ from storage.cache import LogitCache, open_cache
 from storage.errors import CorruptData
 from storage.reader import Batch, batches_per_epoch, stream_batches
 from storage.tokens import TokenStore, open_token_store
-from student.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, sampled_targets,
-                            shift_labels, teacher_buckets)
+from student.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, same_temperature,
+                            sampled_targets, shift_labels, teacher_buckets)
 from student.model import new_gpt2, resolve_device
 
 Hyper = StudentConfig | TeacherConfig
@@ -72,7 +72,7 @@ class Distillation:
         """Whether the loss needs the cache's logits and lse: not for draws at their own
         temperature, whose frequencies are the targets (`sampled_targets`)."""
         drawn_at = self.cache.sample_temperature
-        return drawn_at is None or not math.isclose(drawn_at, self.temperature, rel_tol=1e-6)
+        return drawn_at is None or not same_temperature(drawn_at, self.temperature)
 
 
 @dataclass
@@ -152,7 +152,7 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
         if k != cache.k:  # the first k of draws sorted by logit are not a sample
             raise UserError(f"distill.k = {k}: {cache.path} holds {cache.k} sampled entries per "
                             f"position, which are used together (distill.k=0 or {cache.k})")
-    elif not any(math.isclose(t, d.temperature, rel_tol=1e-6) for t in cache.temperatures):
+    elif not any(same_temperature(t, d.temperature) for t in cache.temperatures):
         near = min(cache.temperatures, key=lambda t: abs(t - d.temperature))
         print(f"note: distill.temperature = {d.temperature:g} is not stored in the cache "
               f"(stored: {', '.join(f'{t:g}' for t in cache.temperatures)}); approximating the "

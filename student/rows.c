@@ -137,6 +137,16 @@ static inline __attribute__((always_inline)) void tempered_sums(
     *s_tempered = tempered;
 }
 
+/* head[i] = the gradient of head id i (see backward_rows) from its student probability at T,
+   q[i], whose softmax(x) is q[i]^(2^roots) softmax_scale / w_ce; roots a constant at each call
+   (see mix_rooted). */
+static inline __attribute__((always_inline)) void head_rooted(
+        const float *q, const float *log_p, int64_t n, float softmax_scale, float head_coef,
+        float w_kl, int roots, float *head) {
+    for (int64_t i = 0; i < n; i++)
+        head[i] = squared(q[i], roots) * softmax_scale + (q[i] * head_coef - fast_exp(log_p[i])) * w_kl;
+}
+
 /* On entry q_row holds the head ids' logits, on return their probabilities at T; q_sum and cross
    are sum' q_i and sum' p_i (log p_i - log q_i). once is NULL or not at each call, so that the
    loop compiles without the branch (it keeps it from vectorising). */
@@ -274,12 +284,21 @@ static int backward_rows(const Call *c, int64_t first, int64_t last) {
         /* the head's terms replace the tail's (a repeated id writes the same value each time),
            HEAD_BLOCK at a time: gathered, computed in vector lanes, scattered */
         float head[HEAD_BLOCK];
+        /* at T = 2^roots the head ids' softmax(x) is q^T exp(T lse_T - lse): no gather, no exp */
+        float softmax_scale = roots >= 0 ? w_ce * expf((float)(1 << roots) * c->lse_tempered[r] - a)
+                                         : 0.0f;
         for (int64_t start = 0; start < k; start += HEAD_BLOCK) {
             int64_t n = k - start < HEAD_BLOCK ? k - start : HEAD_BLOCK;
-            for (int64_t i = 0; i < n; i++) head[i] = row[ids[start + i]];
-            for (int64_t i = 0; i < n; i++)
-                head[i] = fast_exp(head[i] - a) * w_ce
-                          + (q_row[start + i] * head_coef - fast_exp(log_p[start + i])) * w_kl;
+            const float *q = q_row + start, *lp = log_p + start;
+            if (roots == 0) head_rooted(q, lp, n, softmax_scale, head_coef, w_kl, 0, head);
+            else if (roots == 1) head_rooted(q, lp, n, softmax_scale, head_coef, w_kl, 1, head);
+            else if (roots == 2) head_rooted(q, lp, n, softmax_scale, head_coef, w_kl, 2, head);
+            else {
+                for (int64_t i = 0; i < n; i++) head[i] = row[ids[start + i]];
+                for (int64_t i = 0; i < n; i++)
+                    head[i] = fast_exp(head[i] - a) * w_ce
+                              + (q[i] * head_coef - fast_exp(lp[i])) * w_kl;
+            }
             for (int64_t i = 0; i < n; i++) g[ids[start + i]] = head[i];
         }
         if (y >= 0) g[y] -= w_ce;

@@ -4,15 +4,17 @@ Everything is built in a temporary run directory in a few minutes on a CPU: a sy
 (first-order Markov chain, V = 512, seq 64), a teacher (4 x 128, ~6x the student's parameters)
 trained with the same loop, its top-64 logit caches (float16 and gap8, T = 1, 2, 4) and caches of
 64 and 128 draws from its softmax at T = 2 (gap8), then the same 2 x 64 student trained by
-`student.train.train` in every mode:
+`student.train.train` in every mode. The speed and memory rows' top-64 cache is the gap8 one
+(the configs' value code: what `make teacher-logits` writes); the speed rows time the float16
+one too.
 
   step     forward + backward + AdamW on one batch, the modes interleaved in one process
            (fastest of 30): the cost of the loss itself, without reading the cache.
   loop     the training loop's own step (`student.train.train_step`: reading the batch, forward,
            loss, backward, clipping, AdamW), CE and KD from the top-64, the 64-draw and the
-           128-draw caches alternating step by step in one process (median step), in five fresh
-           processes (the median of their ratios): the speed ratio that the machine's noise
-           leaves alone.
+           128-draw caches alternating step by step in one process (median step), in seven
+           fresh processes (the median of their ratios): the speed ratio that the machine's
+           noise leaves alone.
   speed    tokens/s of the real training loop (median step, one thread, each mode in its own
            subprocess, run three times interleaved; the best), CE = 1; that subprocess's peak
            RSS (VmHWM, /proc; the median of the three), whole and as growth from just before
@@ -54,12 +56,16 @@ TEMPERATURES = (1.0, 2.0, 4.0)
 CACHE_K = 64
 SAMPLES = (CACHE_K, 2 * CACHE_K)
 """Draws per position of the sampled caches: the second shows what twice the entries buy."""
+CACHED_KD, FLOAT16_KD = "cached KD (k=64, T=2)", "cached KD (k=64, T=2), float16"
+"""The speed rows' names for KD from the top-64 caches: gap8 (the configs' value code, what
+`make teacher-logits` writes) and float16."""
 SAMPLED_KD, MORE_SAMPLED_KD = (f"KD from {m} draws (T=2)" for m in SAMPLES)
 """The speed rows' names for KD from the sampled caches."""
-LOOP_PROCESSES = 5
+LOOP_PROCESSES = 7
 """Fresh processes the loop rows run in, each row's ratio the median of theirs: one process's
 ratios stray up to 3% from the next's (the 2 x 64 student's KD from 64 draws over CE: 0.930-0.964
-in three processes of one scratch run), and the target's margin is 5%."""
+in three processes of one scratch run), and the target's margin is 5%; the median of seven
+strays less than one process."""
 
 
 def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> np.ndarray:
@@ -213,12 +219,13 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
 
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
     tokens, _ = open_tokens(cfg)
-    cached = distillation(cfg, tokens, vocab_size=VOCAB)
+    gap8 = load_config(CONFIG_DIR / "demo.yaml", overrides(sibling(root, "gap8")))
+    cached = distillation(gap8, tokens, vocab_size=VOCAB)
     online = distillation(cfg.replace(**{"distill.mode": "online"}), tokens, vocab_size=VOCAB)
     batch = next(stream_batches(tokens=tokens, cache=cached.cache, batch_size=16, seed=0, epoch=0))
     model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, **STUDENT)
     optimizer = make_optimizer(model, cfg.student)
-    modes = {"CE baseline": None, "cached KD (k=64, T=2)": cached, "online KD (T=2)": online}
+    modes = {"CE baseline": None, CACHED_KD: cached, "online KD (T=2)": online}
     seconds = {mode: [] for mode in modes}
     order = list(modes)
     for repeat in range(repeats):
@@ -314,35 +321,38 @@ def loop_rows_in_processes(root: Path, student: dict, *, steps: int, sampled: bo
 
 def loop_runs(root: Path, student: dict, *, sampled: bool = False,
               torch_ops: bool = False) -> dict[str, tuple[Config, bool]]:
-    """loop_rows's runs for `student`: CE and KD from the top-64 cache of `root`; sampled: KD from
-    the draws of its siblings; torch_ops: CE and top-k KD again with the loss as torch ops."""
+    """loop_rows's runs for `student`: CE and KD from the top-64 gap8 cache beside `root`;
+    sampled: KD from the draws of its siblings; torch_ops: CE and top-k KD again with the loss as
+    torch ops."""
     shape = [f"student.{key}={value}" for key, value in student.items()]
 
     def config(run_dir: Path, *extra: str) -> Config:
         return load_config(CONFIG_DIR / "demo.yaml", overrides(run_dir, *shape, *extra))
 
     runs = {"CE baseline": (config(root, "distill.alpha=1"), False),
-            "cached KD (k=64, T=2)": (config(root), False)}
+            CACHED_KD: (config(sibling(root, "gap8")), False)}
     if sampled:
         runs[SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[0]}")), False)
         runs[MORE_SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[1]}"),
                                         f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}"), False)
     if torch_ops:
         runs.update({"CE baseline, loss as torch ops": (config(root, "distill.alpha=1"), True),
-                     "cached KD (k=64, T=2), loss as torch ops": (config(root), True)})
+                     f"{CACHED_KD}, loss as torch ops": (config(sibling(root, "gap8")), True)})
     return runs
 
 
 def speed_rows(root: Path, steps: int) -> list[dict]:
-    """The training loop's speed and memory, for the tiny student (from the sampled cache and
-    against online KD too: the teacher is ~6x its size) and for a small one, where the step
-    outweighs reading the cache."""
+    """The training loop's speed and memory, for the tiny student (from every cache and against
+    online KD too: the teacher is ~6x its size) and for a small one, where the step outweighs
+    reading the cache."""
     students = {shape_name(STUDENT): STUDENT, shape_name(SMALL_STUDENT): SMALL_STUDENT}
-    modes = {"CE baseline": (root, ["distill.alpha=1"]), "cached KD (k=64, T=2)": (root, []),
-             SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[0]}"), []),
+    modes = {"CE baseline": (root, ["distill.alpha=1"]), CACHED_KD: (sibling(root, "gap8"), []),
+             FLOAT16_KD: (root, []), SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[0]}"), []),
+             MORE_SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[1]}"),
+                               [f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}"]),
              "online KD (T=2)": (root, ["distill.mode=online"])}
     runs = [(shape, mode) for shape in students for mode in modes
-            if shape == shape_name(STUDENT) or mode in ("CE baseline", "cached KD (k=64, T=2)")]
+            if shape == shape_name(STUDENT) or mode in ("CE baseline", CACHED_KD)]
     results: dict[tuple[str, str], list[dict]] = {run: [] for run in runs}
     for repeat in range(3):  # interleaved, so a load spike on the shared CPU hits all modes
         for i, (shape, mode) in enumerate(runs):
@@ -367,7 +377,7 @@ def speed_rows(root: Path, steps: int) -> list[dict]:
                      "peak_rss_mb": round(result["peak_rss_mb"], 1),
                      "rss_vs_ce": round(result["peak_rss_mb"] / max(ce["peak_rss_mb"], 1e-9), 2)})
     tiny = shape_name(STUDENT)
-    rows[1]["speedup_vs_online"] = round(summary[tiny, "cached KD (k=64, T=2)"]["tokens_per_s"]
+    rows[1]["speedup_vs_online"] = round(summary[tiny, CACHED_KD]["tokens_per_s"]
                                          / summary[tiny, "online KD (T=2)"]["tokens_per_s"], 2)
     return rows
 

@@ -137,9 +137,9 @@ static inline __attribute__((always_inline)) void tempered_sums(
     *s_tempered = tempered;
 }
 
-/* head[i] = the gradient of head id i (see backward_rows) from its student probability at T,
-   q[i], whose softmax(x) is q[i]^(2^roots) softmax_scale / w_ce; roots a constant at each call
-   (see mix_rooted). */
+/* head[i] = the gradient of head id i (see backward_rows) from q[i], its student probability at
+   T = 2^roots: softmax(x) w_ce there is q[i]^T softmax_scale, with softmax_scale =
+   w_ce exp(T lse_T - lse). roots a constant at each call (see mix_rooted). */
 static inline __attribute__((always_inline)) void head_rooted(
         const float *q, const float *log_p, int64_t n, float softmax_scale, float head_coef,
         float w_kl, int roots, float *head) {
@@ -282,9 +282,9 @@ static int backward_rows(const Call *c, int64_t first, int64_t last) {
                 g[j] = fast_exp(row[j] - a) * w_ce + fast_exp(row[j] * inv_t - b) * tail_coef;
         }
         /* the head's terms replace the tail's (a repeated id writes the same value each time),
-           HEAD_BLOCK at a time: gathered, computed in vector lanes, scattered */
+           HEAD_BLOCK at a time: computed in vector lanes, scattered. At T = 2^roots from the
+           forward's q alone (head_rooted); at other T from the gathered logits, an exp each. */
         float head[HEAD_BLOCK];
-        /* at T = 2^roots the head ids' softmax(x) is q^T exp(T lse_T - lse): no gather, no exp */
         float softmax_scale = roots >= 0 ? w_ce * expf((float)(1 << roots) * c->lse_tempered[r] - a)
                                          : 0.0f;
         for (int64_t start = 0; start < k; start += HEAD_BLOCK) {

@@ -313,6 +313,13 @@ def _student_figures(rows: list[dict], _results) -> list[dict]:
                     f"{_n(separate['tokens_per_s'])} vs {_n(base['tokens_per_s'])}{extra})",
                     ">= 0.95", row["vs_ce"] >= 0.95)
 
+    def of_draws(what: str, ratio: str, megabytes: str, *, digits: int) -> dict:
+        """One memory figure of KD from 64 and from 128 draws, met when both are."""
+        return _row(f"{what}, KD from 64 / 128 draws / CE ({tiny} student)",
+                    " / ".join(f"{row[ratio]:.{digits}f}" for row in draws)
+                    + " (" + " / ".join(f"{row[megabytes]:.1f}" for row in draws) + " MB)",
+                    "<= 1.1", all(row[ratio] <= 1.1 for row in draws))
+
     out = [
         faster(small, kd, "cached KD", small_ce),
         faster(tiny, kd, "cached KD", ce, f"; without reading: {step[kd]['vs_ce']:.3f}"),
@@ -326,10 +333,8 @@ def _student_figures(rows: list[dict], _results) -> list[dict]:
              f"{ce['process_peak_rss_mb']:.1f} MB; float16 cache {float16['process_rss_vs_ce']:.3f};"
              f" online KD {online['process_rss_vs_ce']:.3f})",
              "<= 1.1", cached["process_rss_vs_ce"] <= 1.1),
-        _row(f"peak RSS of the training process, KD from 64 / 128 draws / CE ({tiny} student)",
-             " / ".join(f"{row['process_rss_vs_ce']:.3f}" for row in draws)
-             + " (" + " / ".join(f"{row['process_peak_rss_mb']:.1f}" for row in draws) + " MB)",
-             "<= 1.1", all(row["process_rss_vs_ce"] <= 1.1 for row in draws)),
+        of_draws("peak RSS of the training process", "process_rss_vs_ce", "process_peak_rss_mb",
+                 digits=3),
         _row(f"peak RSS growth, cached KD / CE ({small} student)",
              f"{small_cached['rss_vs_ce']:.2f} ({small_cached['peak_rss_mb']:.1f} vs "
              f"{small_ce['peak_rss_mb']:.1f} MB)", "<= 1.1", small_cached["rss_vs_ce"] <= 1.1),
@@ -337,10 +342,7 @@ def _student_figures(rows: list[dict], _results) -> list[dict]:
              f"{cached['rss_vs_ce']:.2f} ({cached['peak_rss_mb']:.1f} vs {ce['peak_rss_mb']:.1f} MB;"
              f" float16 cache {float16['rss_vs_ce']:.2f}; online KD {online['rss_vs_ce']:.2f})",
              "<= 1.1", cached["rss_vs_ce"] <= 1.1),
-        _row(f"peak RSS growth, KD from 64 / 128 draws / CE ({tiny} student)",
-             " / ".join(f"{row['rss_vs_ce']:.2f}" for row in draws)
-             + " (" + " / ".join(f"{row['peak_rss_mb']:.1f}" for row in draws) + " MB)",
-             "<= 1.1", all(row["rss_vs_ce"] <= 1.1 for row in draws)),
+        of_draws("peak RSS growth", "rss_vs_ce", "peak_rss_mb", digits=2),
     ]
     for run, label in (("cached KD k=64", "cached KD (k=64, T={t})"),
                        ("sampled KD m=64", "KD from 64 sampled entries (T={t})")):

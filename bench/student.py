@@ -61,6 +61,8 @@ CACHED_KD, FLOAT16_KD = "cached KD (k=64, T=2)", "cached KD (k=64, T=2), float16
 `make teacher-logits` writes) and float16."""
 SAMPLED_KD, MORE_SAMPLED_KD = (f"KD from {m} draws (T=2)" for m in SAMPLES)
 """The speed rows' names for KD from the sampled caches."""
+MORE_DRAWS = (f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}")
+"""Overrides that read all the draws of the larger sampled cache (the configs' k is 64)."""
 LOOP_PROCESSES = 7
 """Fresh processes the loop rows run in, each row's ratio the median of theirs: one process's
 ratios stray up to 3% from the next's (the 2 x 64 student's KD from 64 draws over CE: 0.930-0.964
@@ -333,8 +335,8 @@ def loop_runs(root: Path, student: dict, *, sampled: bool = False,
             CACHED_KD: (config(sibling(root, "gap8")), False)}
     if sampled:
         runs[SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[0]}")), False)
-        runs[MORE_SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[1]}"),
-                                        f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}"), False)
+        runs[MORE_SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[1]}"), *MORE_DRAWS),
+                                 False)
     if torch_ops:
         runs.update({"CE baseline, loss as torch ops": (config(root, "distill.alpha=1"), True),
                      f"{CACHED_KD}, loss as torch ops": (config(sibling(root, "gap8")), True)})
@@ -348,8 +350,7 @@ def speed_rows(root: Path, steps: int) -> list[dict]:
     students = {shape_name(STUDENT): STUDENT, shape_name(SMALL_STUDENT): SMALL_STUDENT}
     modes = {"CE baseline": (root, ["distill.alpha=1"]), CACHED_KD: (sibling(root, "gap8"), []),
              FLOAT16_KD: (root, []), SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[0]}"), []),
-             MORE_SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[1]}"),
-                               [f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}"]),
+             MORE_SAMPLED_KD: (sibling(root, f"sampled-{SAMPLES[1]}"), list(MORE_DRAWS)),
              "online KD (T=2)": (root, ["distill.mode=online"])}
     runs = [(shape, mode) for shape in students for mode in modes
             if shape == shape_name(STUDENT) or mode in ("CE baseline", CACHED_KD)]
@@ -400,8 +401,7 @@ def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     sampled, more = (sibling(root, f"sampled-{m}") for m in SAMPLES)
     runs += [(f"sampled KD m={SAMPLES[0]} T={t:g}", sampled, [f"distill.temperature={t}"])
              for t in (1.0, 2.0)]
-    runs += [(f"sampled KD m={SAMPLES[1]} T=2", more,
-              [f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}"])]
+    runs += [(f"sampled KD m={SAMPLES[1]} T=2", more, list(MORE_DRAWS))]
     ppl = {}
     for name, run_dir, extra in runs:
         alpha = 1 if name == "CE baseline" else 0.5

@@ -130,8 +130,7 @@ def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: flo
 
 
 def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperature: float,
-                    sample_temperature: float
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    sample_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's tempered distribution estimated from a cache of sampled entries.
 
     ids: (B, L, m) draws from the teacher's softmax at `sample_temperature` (any scheme whose
@@ -139,10 +138,10 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperatu
     repeats of an id adjacent (as the logits job stores them, sorted by logit); logits: (B, L, m)
     their cached logits (possibly shifted per position), or None when T = T_s. Each draw weighs
     w = exp(z (1/T - 1/T_s)), normalised over the position's draws (self-normalised importance
-    sampling: equal weights, the draws' frequencies, when T = T_s). Returns (log_p (B, L, m), p_tail (B, L) zeros: the draws
-    stand for the whole distribution, once (B, L, m) float32): an id drawn several times has its
-    summed probability at each of its slots, and `once` is 1 at its first slot and 0 at the
-    others, so that sums over slots weighted by it count each id once.
+    sampling: equal weights, the draws' frequencies, when T = T_s). Returns (log_p (B, L, m),
+    p_tail (B, L) zeros: the draws stand for the whole distribution), as `teacher_buckets` does:
+    an id drawn several times has its summed probability at each of its slots, and
+    `ce_and_cached_kl` counts it once.
     """
     scale = 1 / temperature - 1 / sample_temperature
     if logits is None:
@@ -154,15 +153,20 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperatu
         logits = logits.float()
     kernel = rows_kernel() if fits_kernel(ids, logits) and ids.shape[-1] else None
     if kernel is not None:  # ~10 small ops: 1.4 ms a step of bench.student's loop, 0.4 in C
-        log_p, once = kernel.sampled_targets(ids, logits, scale=scale)
-        return log_p, log_p.new_zeros(log_p.shape[:-1]), once
+        log_p = kernel.sampled_targets(ids, logits, scale=scale)
+        return log_p, log_p.new_zeros(log_p.shape[:-1])
     weights = (torch.full(ids.shape, 1 / ids.shape[-1], device=ids.device) if logits is None
                else torch.softmax(logits * scale, -1))
-    first = torch.ones_like(ids, dtype=torch.bool)
-    first[..., 1:] = ids[..., 1:] != ids[..., :-1]
-    run = first.cumsum(-1) - 1  # which run of repeats each slot is in
+    run = first_slots(ids).cumsum(-1) - 1  # which run of repeats each slot is in
     log_p = torch.zeros_like(weights).scatter_add_(-1, run, weights).gather(-1, run).log_()
-    return log_p, log_p.new_zeros(log_p.shape[:-1]), first.to(log_p.dtype)
+    return log_p, log_p.new_zeros(log_p.shape[:-1])
+
+
+def first_slots(ids: torch.Tensor) -> torch.Tensor:
+    """bool, shaped as ids (..., k): True where a slot's id differs from the slot before it (an
+    id's first slot, when its repeats are adjacent)."""
+    return torch.cat([torch.ones_like(ids[..., :1], dtype=torch.bool),
+                      ids[..., 1:] != ids[..., :-1]], -1)
 
 
 class _FusedCEKL(torch.autograd.Function):
@@ -179,10 +183,10 @@ class _FusedCEKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature, head_once):
+    def forward(ctx, logits, labels, head_ids, log_p, p_tail, temperature):
         with torch.no_grad():
             ce, kl, *saved = _direction(_forward_rows, _logsumexps, logits, labels, head_ids,
-                                        log_p, p_tail, head_once, temperature=temperature)
+                                        log_p, p_tail, temperature=temperature)
         ctx.save_for_backward(logits, labels, head_ids, p_tail, *saved)
         ctx.temperature = temperature
         return ce, kl
@@ -193,7 +197,7 @@ class _FusedCEKL(torch.autograd.Function):
         with torch.no_grad():
             grad, = _direction(_backward_rows, _dense_grad, logits, labels, grad_ce, grad_kl,
                                head_ids, p_tail, *saved, temperature=ctx.temperature)
-        return grad, None, None, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def _logsumexps(x, *, temperature=None):
@@ -211,8 +215,7 @@ def _logsumexps(x, *, temperature=None):
     return lse1, tempered.sum(-1).log() + row_max.squeeze(-1) / temperature
 
 
-def _forward_rows(x, labels, head_ids, log_p, p_tail, head_once, *, temperature,
-                  dense=_logsumexps):
+def _forward_rows(x, labels, head_ids, log_p, p_tail, *, temperature, dense=_logsumexps):
     """(ce, kl, *what `_backward_rows` reads) of rows x (n, V); without a teacher (head_ids
     None) kl is 0 and only lse_1 is kept."""
     distil = head_ids is not None
@@ -227,7 +230,8 @@ def _forward_rows(x, labels, head_ids, log_p, p_tail, head_once, *, temperature,
     q = log_q.exp()
     p = log_p.exp()
     # a repeated id counts once in the sums (multiplying by 0/1 is ~5x faster than where)
-    q_once, p_once = (q, p) if head_once is None else (q * head_once, p * head_once)
+    once = first_slots(head_ids).to(x.dtype)
+    q_once, p_once = q * once, p * once
     # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
     q_tail = 1 - q_once.sum(-1)
     tail_free = q_tail >= TAIL_FLOOR
@@ -356,10 +360,10 @@ class _NativeCEKL(torch.autograd.Function):
     """`_FusedCEKL` as rows.c computes it, a row at a time on the CPU (same inputs and outputs)."""
 
     @staticmethod
-    def forward(ctx, kernel, logits, labels, head_ids, log_p, p_tail, temperature, head_once):
+    def forward(ctx, kernel, logits, labels, head_ids, log_p, p_tail, temperature):
         teacher = None if head_ids is None else TeacherRows(
-            head_ids, log_p, p_tail, head_once, temperature,
-            SQUARE_ROOT_TEMPERATURES.get(temperature, -1), TAIL_FLOOR)
+            head_ids, log_p, p_tail, temperature, SQUARE_ROOT_TEMPERATURES.get(temperature, -1),
+            TAIL_FLOOR)
         out = kernel.forward(logits, labels, teacher)
         ce, kl = out.pop("ce"), out.pop("kl", None)  # the rest is what the backward reads
         ctx.kernel, ctx.teacher, ctx.names = kernel, teacher, list(out)
@@ -372,7 +376,7 @@ class _NativeCEKL(torch.autograd.Function):
         grad = ctx.kernel.backward(logits, labels, ctx.teacher, dict(zip(ctx.names, values)),
                                    grad_ce.contiguous(),
                                    None if ctx.teacher is None else grad_kl.contiguous())
-        return None, grad, None, None, None, None, None, None
+        return None, grad, None, None, None, None, None
 
 
 def _square_roots(x: torch.Tensor, roots: int) -> torch.Tensor:
@@ -384,16 +388,15 @@ def _square_roots(x: torch.Tensor, roots: int) -> torch.Tensor:
 
 def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
                      head_ids: torch.Tensor | None = None, log_p_head: torch.Tensor | None = None,
-                     p_tail: torch.Tensor | None = None, temperature: float = 1.0,
-                     head_once: torch.Tensor | None = None
+                     p_tail: torch.Tensor | None = None, temperature: float = 1.0
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token CE and cached-KD KL, fused into one pass over the logits.
 
     logits: (B, L, V) student logits; labels: (B, L) with IGNORE_INDEX where ignored.
     head_ids: (B, L, k) teacher top-k ids; log_p_head: (B, L, k) and p_tail: (B, L) from
     `teacher_buckets` at `temperature`; all None for plain CE (the baseline), when kl is None.
-    head_once: (B, L, k) 1 at an id's first slot and 0 at its repeats, which hold the same log_p
-    (`sampled_targets`); None when the ids are distinct.
+    An id may repeat in adjacent slots that hold the same log_p (`sampled_targets`'s draws): the
+    sums count it once.
     Returns (ce, kl), each (B, L), 0 where ignored. With q_i = softmax(logits / T)_i over the head
     ids and q_tail = 1 - sum q_i (floored at TAIL_FLOOR):
     kl = sum_i p_i log(p_i / q_i) + p_tail log(p_tail / q_tail).
@@ -402,12 +405,12 @@ def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # autocast hands over half-precision logits; softmax needs more
     rows = [None if t is None else t.flatten(0, 1)
-            for t in (logits, labels, head_ids, log_p_head, p_tail, head_once)]
+            for t in (logits, labels, head_ids, log_p_head, p_tail)]
     kernel = rows_kernel() if fits_kernel(*rows) else None
     if kernel is None:
-        ce, kl = _FusedCEKL.apply(*rows[:5], float(temperature), rows[5])
+        ce, kl = _FusedCEKL.apply(*rows, float(temperature))
     else:
-        ce, kl = _NativeCEKL.apply(kernel, *rows[:5], float(temperature), rows[5])
+        ce, kl = _NativeCEKL.apply(kernel, *rows, float(temperature))
     return ce.view(shape), None if head_ids is None else kl.view(shape)
 
 

@@ -40,26 +40,25 @@ class _Teacher(ctypes.Structure):
     """rows.c's Teacher: pointers into the tensors of one call."""
 
     _fields_ = [("k", ctypes.c_int64), ("ids", ctypes.c_void_p), ("log_p", ctypes.c_void_p),
-                ("p_tail", ctypes.c_void_p), ("once", ctypes.c_void_p),
+                ("p_tail", ctypes.c_void_p),
                 ("inv_temperature", ctypes.c_float), ("roots", ctypes.c_int),
                 ("tail_floor", ctypes.c_float)]
 
 
 class TeacherRows(NamedTuple):
-    """The teacher side of a cached-KD call: head_ids (N, k) int64, log_p (N, k), p_tail (N,),
-    once (N, k) or None (see losses.ce_and_cached_kl), and the constants."""
+    """The teacher side of a cached-KD call: head_ids (N, k) int64, log_p (N, k), p_tail (N,)
+    (see losses.ce_and_cached_kl), and the constants."""
 
     head_ids: torch.Tensor
     log_p: torch.Tensor
     p_tail: torch.Tensor
-    once: torch.Tensor | None
     temperature: float
     roots: int
     tail_floor: float
 
     def struct(self) -> _Teacher:
         return _Teacher(self.head_ids.shape[1], self.head_ids.data_ptr(), self.log_p.data_ptr(),
-                        self.p_tail.data_ptr(), _address(self.once), 1.0 / self.temperature,
+                        self.p_tail.data_ptr(), 1.0 / self.temperature,
                         self.roots, self.tail_floor)
 
 
@@ -92,7 +91,7 @@ class RowsKernel:
                                   ctypes.c_void_p, ctypes.c_void_p]
         self._sampled = library.sampled_targets
         self._sampled.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                  ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p]
+                                  ctypes.c_float, ctypes.c_void_p]
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 teacher: TeacherRows | None) -> dict[str, torch.Tensor]:
@@ -128,14 +127,13 @@ class RowsKernel:
         return log_p, p_tail
 
     def sampled_targets(self, ids: torch.Tensor, logits: torch.Tensor | None, *, scale: float
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log_p, once), each shaped as ids (..., m), m >= 1: see losses.sampled_targets, with
-        scale = 1/T - 1/T_s (logits None: scale 0, where rows.c does not read them)."""
-        log_p, once = (torch.empty(ids.shape) for _ in range(2))
-        m = ids.shape[-1]
+                        ) -> torch.Tensor:
+        """log_p shaped as ids (..., m), m >= 1: see losses.sampled_targets, with scale =
+        1/T - 1/T_s (logits None: scale 0, where rows.c does not read them)."""
+        log_p, m = torch.empty(ids.shape), ids.shape[-1]
         self._sampled(ids.data_ptr(), _address(logits), ids.numel() // m, m, scale,
-                      log_p.data_ptr(), once.data_ptr())
-        return log_p, once
+                      log_p.data_ptr())
+        return log_p
 
 
 def _call(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherRows | None,

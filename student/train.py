@@ -358,17 +358,15 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
         ce, _ = ce_and_cached_kl(logits, labels)
         kl = full_kl(logits, teacher_logits, temperature=t, labels=labels)
     else:
-        once = None
         if distil.cache.sample_temperature is not None:
-            log_p, p_tail, once = sampled_targets(
-                ids, cached_logits, temperature=t,
-                sample_temperature=distil.cache.sample_temperature)
+            log_p, p_tail = sampled_targets(ids, cached_logits, temperature=t,
+                                            sample_temperature=distil.cache.sample_temperature)
         else:
             log_p, p_tail = teacher_buckets(
                 cached_logits, lse, temperature=t, temperatures=distil.cache.temperatures,
                 vocab_size=distil.vocab_size)
         ce, kl = ce_and_cached_kl(logits, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
-                                  temperature=t, head_once=once)
+                                  temperature=t)
     return combine(ce, kl, labels, alpha=distil.alpha, temperature=t)
 
 

@@ -17,33 +17,33 @@ from student.losses import IGNORE_INDEX, sampled_targets, teacher_buckets
 
 def rows_of_a_batch(kind: str, temperature: float):
     """Student logits (n, V), labels with ignored rows and some among the head ids, and the
-    teacher's rows as the forward takes them: (head_ids, log_p, p_tail, head_once)."""
+    teacher's rows as the forward takes them: (head_ids, log_p, p_tail)."""
     torch.manual_seed(0)
     n, vocab, k = 24, 97, 8
     student, teacher = torch.randn(n, vocab) * 3, torch.randn(n, vocab) * 2
     labels = torch.randint(0, vocab, (n,))
     labels[::5] = IGNORE_INDEX
     if kind == "CE":
-        return student, labels, (None, None, None, None)
+        return student, labels, (None, None, None)
     if kind == "top-k":
         values, ids = teacher.topk(k, -1)
         lse = torch.stack([torch.logsumexp(teacher / t, -1) for t in (1.0, 2.0, 3.0)], -1)
         log_p, p_tail = teacher_buckets(values, lse, temperature=temperature,
                                         temperatures=(1.0, 2.0, 3.0), vocab_size=vocab)
         labels[1::4] = ids[1::4, 0]  # labels among the head ids
-        return student, labels, (ids, log_p, p_tail, None)
+        return student, labels, (ids, log_p, p_tail)
     ids = torch.multinomial(torch.softmax(teacher / 2, -1), k, replacement=True).sort(-1).values
     labels[1::4] = ids[1::4, 0]
-    log_p, p_tail, once = sampled_targets(ids, teacher.gather(-1, ids), temperature=temperature,
-                                          sample_temperature=2.0)
-    return student, labels, (ids, log_p, p_tail, once)
+    log_p, p_tail = sampled_targets(ids, teacher.gather(-1, ids), temperature=temperature,
+                                    sample_temperature=2.0)
+    return student, labels, (ids, log_p, p_tail)
 
 
 @pytest.mark.parametrize("kind,temperature", [("CE", 1.0), ("top-k", 2.0), ("sampled", 3.0)])
 def test_compiled_rows_equal_the_eager_ones(kind, temperature, capfd):
     """CE alone, a top-k head at T = 2 (square roots) and repeated draws at T = 3 (exps)."""
-    x, labels, (ids, log_p, p_tail, once) = rows_of_a_batch(kind, temperature)
-    forward = (x, labels, ids, log_p, p_tail, once)
+    x, labels, (ids, log_p, p_tail) = rows_of_a_batch(kind, temperature)
+    forward = (x, labels, ids, log_p, p_tail)
     eager = losses._forward_rows(*forward, temperature=temperature)
     compiled = losses._compiled(losses._forward_rows)(*forward, temperature=temperature)
     assert len(compiled) == len(eager)
@@ -66,7 +66,7 @@ def test_compiled_rows_equal_the_eager_ones(kind, temperature, capfd):
 FALLBACK = """
 import torch
 from student import losses
-rows = (torch.randn(4, 10), torch.tensor([1, 2, 3, -100]), None, None, None, None)
+rows = (torch.randn(4, 10), torch.tensor([1, 2, 3, -100]), None, None, None)
 compiled = losses._compiled(losses._forward_rows)(*rows, temperature=1.0)
 eager = losses._forward_rows(*rows, temperature=1.0)
 print(all(torch.equal(a, b) for a, b in zip(compiled, eager)))

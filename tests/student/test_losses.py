@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from student import losses
 from student.native import rows_kernel, torch_ops_only
-from student.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, full_kl, log1mexp,
-                            sampled_targets, shift_labels, teacher_buckets)
+from student.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, first_slots, full_kl,
+                            log1mexp, sampled_targets, shift_labels, teacher_buckets)
 
 V, K = 50, 6
 TEMPS = (1.0, 2.0)
@@ -173,11 +173,12 @@ def test_fused_gradient_equals_autograd_of_the_definition(batch):
 def test_sampled_targets_merge_repeats_and_reweight_for_another_temperature():
     ids = torch.tensor([[[3, 3, 3, 5]]])  # as cached: sorted by logit, repeats adjacent
     z = torch.tensor([[[-0.5, -0.5, -0.5, -1.0]]])
-    log_p, p_tail, once = sampled_targets(ids, z, temperature=2.0, sample_temperature=2.0)
-    assert once.tolist() == [[[1.0, 0.0, 0.0, 1.0]]] and p_tail.tolist() == [[0.0]]
+    log_p, p_tail = sampled_targets(ids, z, temperature=2.0, sample_temperature=2.0)
+    assert first_slots(ids).tolist() == [[[True, False, False, True]]]
+    assert p_tail.tolist() == [[0.0]]
     assert torch.allclose(log_p.exp(), torch.tensor([[[0.75, 0.75, 0.75, 0.25]]]))
     # drawn at T_s = 2, read at T = 1: each draw weighs exp(z (1/1 - 1/2)), normalised
-    log_p, _, _ = sampled_targets(ids, z, temperature=1.0, sample_temperature=2.0)
+    log_p, _ = sampled_targets(ids, z, temperature=1.0, sample_temperature=2.0)
     w = torch.exp(z[0, 0] / 2)
     assert torch.allclose(log_p.exp()[0, 0, [0, 3]], torch.stack([w[:3].sum(), w[3]]) / w.sum())
 
@@ -192,13 +193,14 @@ def test_sampled_cache_kd_is_the_kl_to_the_sampled_distribution(batch):
     ids = torch.multinomial(torch.softmax(teacher.flatten(0, 1) / 2, -1), 12, replacement=True,
                             generator=generator).view(2, 7, 12).sort(-1).values  # repeats adjacent
     z = teacher.gather(-1, ids)
-    log_p, p_tail, once = sampled_targets(ids, z, temperature=1.5, sample_temperature=2.0)
-    assert torch.allclose((log_p.exp() * once).sum(-1), torch.ones(2, 7)) and (once == 0).any()
-    repeat = (once == 0).nonzero()[0].tolist()  # (row, position, slot) of a repeated id
+    log_p, p_tail = sampled_targets(ids, z, temperature=1.5, sample_temperature=2.0)
+    once = first_slots(ids)
+    assert torch.allclose((log_p.exp() * once).sum(-1), torch.ones(2, 7)) and (~once).any()
+    repeat = (~once).nonzero()[0].tolist()  # (row, position, slot) of a repeated id
     labels[repeat[0], repeat[1]] = ids[tuple(repeat)]
     fused = student.clone().requires_grad_()
     ce, kl = ce_and_cached_kl(fused, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
-                              temperature=1.5, head_once=once)
+                              temperature=1.5)
     (ce.sum() + kl.sum()).backward()
     plain = student.clone().requires_grad_()
     p_hat = torch.zeros_like(teacher).scatter_add_(-1, ids, log_p.exp() * once)

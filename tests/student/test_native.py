@@ -39,6 +39,7 @@ def sampled_teacher(teacher_logits, m, temperature):
     draws = torch.multinomial(torch.softmax(teacher_logits.flatten(0, 1) / 2, -1), m,
                               replacement=True, generator=generator)
     ids = draws.view(b, length, m).sort(-1).values  # repeats adjacent, as cached
+    ids[0, 1, 60:70] = ids[0, 1, 60]  # a run across the kernel's HEAD_BLOCK edge (slot 64)
     log_p, p_tail = sampled_targets(ids, teacher_logits.gather(-1, ids),
                                     temperature=temperature, sample_temperature=2.0)
     return dict(head_ids=ids, log_p_head=log_p, p_tail=p_tail, temperature=temperature)
@@ -50,15 +51,16 @@ CASES = [("CE", 1.0)] + [(kind, t) for kind in ("top-k", "sampled") for t in (1.
 @pytest.mark.parametrize("kind,temperature", CASES)
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_equals_the_torch_ops(kind, temperature, threads):
-    """Values and gradients, ignored positions, repeated ids, a head longer than the kernel's
-    HEAD_BLOCK (100 > 64), T = 2^n (square roots) and 3 (exps), and 2 threads with rows enough
-    to split (2 x 2^18 elements)."""
+    """Values and gradients, ignored positions, repeated ids (a run across the kernel's
+    HEAD_BLOCK edge, one id filling a row), a head longer than HEAD_BLOCK (100 > 64), T = 2^n
+    (square roots) and 3 (exps), and 2 threads with rows enough to split (2 x 2^18 elements)."""
     torch.manual_seed(0)
     b, length, vocab = (4, 64, 2048) if threads == 2 else (3, 20, 300)
     student = torch.randn(b, length, vocab) * 3
     teacher_logits = torch.randn(b, length, vocab) * 2
     labels = torch.randint(0, vocab, (b, length))
     labels[:, -1] = IGNORE_INDEX
+    teacher_logits[0, 0, 7] = 50.0  # drawn: one id in all 100 slots, to count once
     teacher = {"CE": lambda: {}, "top-k": lambda: top_k_teacher(teacher_logits, 100, temperature),
                "sampled": lambda: sampled_teacher(teacher_logits, 100, temperature)}[kind]()
     weights = torch.rand(2, b, length)

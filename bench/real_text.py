@@ -9,18 +9,18 @@ on pinned here:
             the repo): 1.47M words, a 2048-entry BPE, ~2.1M training tokens of 128
   teacher   4 x 128 GPT-2 trained from scratch for one epoch (~150 s here)
   caches    its top-256 logits at T = 1 and 2 over the training split (~2 min, ~0.9 GB), and
-            caches of 64 and of 16 draws per position from its softmax at T = 2
+            caches of 64, 16 and 128 draws per position from its softmax at T = 2
             (cache.selection=sample, ~80 s each)
   students  the demo's 2 x 64 student, one epoch each, same seed: CE, online KD, top-k cached
             KD (k = 64, the figure judged) and KD from 64 draws at T = 1 and T = 2, then top-k
-            cached KD at other k (reading the first k of the cached 256) and from 16 draws
-            (~13 min for all)
+            cached KD at other k (reading the first k of the cached 256) and from 16 and 128
+            draws at T = 2 (~15 min for all)
 
 and reports each student's validation perplexity against online KD at its temperature and against
 CE, with the teacher's head mass (share of its tempered probability in the top k) that bounds
 what a top-k cache can carry; then the students' training step (bench.student's loop rows: CE and
-KD at T = 2 from the top-64 and from the 64 draws, alternating in one process, 60 steps each).
-`python -m bench.real_text` prints the tables (~17 min here).
+KD at T = 2 from the top-64, the 64 and the 128 draws, alternating in one process, 60 steps each,
+in seven fresh processes). `python -m bench.real_text` prints the tables (~30 min here).
 """
 
 from __future__ import annotations
@@ -31,15 +31,18 @@ import tempfile
 from pathlib import Path
 
 from bench import SHARED_DATA, sibling_run
+from bench.student import LOOP_PROCESSES, loop_rows_in_processes
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
 
 DATA_DIR = SHARED_DATA / "babylm" / "2023" / "train_10M"
 CACHE_K, K = 256, 64
-SAMPLES, FEWER_SAMPLES, SAMPLE_TEMPERATURE = 64, 16, 2.0
+SAMPLES, FEWER_SAMPLES, MORE_SAMPLES, SAMPLE_TEMPERATURE = 64, 16, 128, 2.0
 TEMPERATURES = (1.0, 2.0)
 VOCAB = 2048
-SAMPLED_KD = f"KD from {SAMPLES} draws (T=2)"
+CACHED_KD = f"cached KD (k={K}, T=2)"
+SAMPLED_KD, MORE_SAMPLED_KD = (f"KD from {m} draws (T=2)" for m in (SAMPLES, MORE_SAMPLES))
+"""The loop rows' names for KD from the top-K and from the sampled caches."""
 LOOP_STEPS = 60
 CURVE = ((16, 2.0), (256, 2.0), (256, 1.0))
 """(k, T) of the cached runs beside k = K: how far a larger cache closes the gap to online KD."""
@@ -61,7 +64,7 @@ def settings(root: Path, data_dir: Path, *, teacher_epochs: float, student_epoch
 
 def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epochs: float = 1.0,
         curve: tuple[tuple[int, float], ...] = CURVE, extra: tuple[str, ...] = (),
-        root: Path | None = None) -> list[dict]:
+        loop_processes: int = LOOP_PROCESSES, root: Path | None = None) -> list[dict]:
     """Build and train everything in a temporary directory (or `root`); rows of the tables.
     `extra` overrides go last (the tests shrink the models with them)."""
     from precompute.corpus import prepare
@@ -82,7 +85,7 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
         fill_caches(cfg)
         # draws per position -> a run sharing the tokens and teacher, and its settings
         sampled_dirs = {m: sibling_run(cfg.run_path, tmp / f"run-sampled-{m}")
-                        for m in (SAMPLES, FEWER_SAMPLES)}
+                        for m in (SAMPLES, FEWER_SAMPLES, MORE_SAMPLES)}
         sampled = {m: [*base, f"run_dir={run_dir}", "cache.selection=sample", f"cache.k={m}",
                        f"cache.sample_temperature={SAMPLE_TEMPERATURE}"]
                    for m, run_dir in sampled_dirs.items()}
@@ -98,14 +101,14 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
                      (f"sampled KD m={SAMPLES} T={t:g}", sampled[SAMPLES], [at_t])]
         runs += [(f"cached KD k={k} T={t:g}", base, [f"distill.k={k}", f"distill.temperature={t}"])
                  for k, t in curve]
-        runs += [(f"sampled KD m={FEWER_SAMPLES} T=2", sampled[FEWER_SAMPLES],
-                  ["distill.temperature=2.0"])]
+        runs += [(f"sampled KD m={m} T=2", sampled[m], ["distill.temperature=2.0"])
+                 for m in (FEWER_SAMPLES, MORE_SAMPLES)]
         ppl = {}
         for name, run_settings, overrides in runs:
             run_cfg = load_config(CONFIG_DIR / "demo.yaml", run_settings + overrides + [
                 f"distill.run=bench-{name.replace(' ', '_').replace('=', '')}"])
             ppl[name] = read_metrics(train(run_cfg) / "metrics.jsonl")[-1]["val_ppl"]
-        speed = loop_speed(base, sampled[SAMPLES])
+        speed = loop_speed(base, sampled, processes=loop_processes)
         info = json.loads((cfg.run_path / "teacher" / "teacher.json").read_text())
         train_tokens = open_token_store(stores["train"])
         tokens = train_tokens.n_sequences * train_tokens.seq_len
@@ -133,26 +136,17 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def loop_speed(top_k: list[str], sampled: list[str]) -> list[dict]:
+def loop_speed(top_k: list[str], sampled: dict[int, list[str]], *, processes: int) -> list[dict]:
     """bench.student's loop rows on this text: the students' training step, CE and KD at T = 2
-    from the top-K of the top-256 cache and from the 64 draws alternating in one process, on one
-    torch thread as there."""
-    import torch
-
-    from bench.student import loop_rows
-
-    def config(run_settings: list[str], *extra: str):
-        return load_config(CONFIG_DIR / "demo.yaml", [*run_settings, "distill.temperature=2.0",
-                                                      *extra]), False
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return loop_rows({"CE baseline": config(top_k, "distill.alpha=1"),
-                          f"cached KD (k={K}, T=2)": config(top_k, f"distill.k={K}"),
-                          SAMPLED_KD: config(sampled)}, steps=LOOP_STEPS)
-    finally:
-        torch.set_num_threads(threads)
+    from the top-K of the top-256 cache and from the 64 and the 128 draws, alternating in one
+    process on one torch thread as there, in `processes` fresh processes (the median of their
+    ratios)."""
+    at_2 = "distill.temperature=2.0"
+    return loop_rows_in_processes({"CE baseline": ([*top_k, at_2, "distill.alpha=1"], False),
+                                   CACHED_KD: ([*top_k, at_2, f"distill.k={K}"], False),
+                                   SAMPLED_KD: ([*sampled[SAMPLES], at_2], False),
+                                   MORE_SAMPLED_KD: ([*sampled[MORE_SAMPLES], at_2], False)},
+                                  steps=LOOP_STEPS, processes=processes)
 
 
 def markdown(rows: list[dict]) -> str:

@@ -169,11 +169,13 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
-def loop_worker(root: str, student: dict, steps: int, sampled: bool, torch_ops: bool) -> None:
-    """loop_rows for `student` in this process, on one torch thread; prints them as JSON."""
+def loop_worker(runs: dict[str, tuple[list[str], bool]], steps: int) -> None:
+    """loop_rows of `runs` (name -> (demo.yaml overrides, torch_ops)) in this process, on one
+    torch thread; prints them as JSON."""
     torch.set_num_threads(1)
-    runs = loop_runs(Path(root), student, sampled=sampled, torch_ops=torch_ops)
-    print(json.dumps(loop_rows(runs, steps=steps)))
+    resolved = {name: (load_config(CONFIG_DIR / "demo.yaml", settings), torch_ops)
+                for name, (settings, torch_ops) in runs.items()}
+    print(json.dumps(loop_rows(resolved, steps=steps)))
 
 
 def _subprocess_call(function: str, *args):
@@ -199,8 +201,9 @@ def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
         facts = build(base, teacher_steps=teacher_steps)
         torch.set_num_threads(1)
         rows = step_rows(base)
-        rows += loop_rows_in_processes(base, STUDENT, steps=120, sampled=True, torch_ops=True)
-        rows += loop_rows_in_processes(base, SMALL_STUDENT, steps=30)
+        rows += loop_rows_in_processes(loop_runs(base, STUDENT, sampled=True, torch_ops=True),
+                                       steps=120)
+        rows += loop_rows_in_processes(loop_runs(base, SMALL_STUDENT), steps=30)
         rows += speed_rows(base, speed_steps)
         rows += quality_rows(base, steps, facts)
         return rows
@@ -303,13 +306,12 @@ def loop_rows(runs: dict[str, tuple[Config, bool]], *, steps: int, warmup: int =
             for name, value in median.items()]
 
 
-def loop_rows_in_processes(root: Path, student: dict, *, steps: int, sampled: bool = False,
-                           torch_ops: bool = False, processes: int = LOOP_PROCESSES
-                           ) -> list[dict]:
-    """loop_rows of loop_runs(root, student, ...) in `processes` fresh processes one after
-    another: each row's tokens/s and ratio to CE the median of theirs, with the ratios' range."""
-    results = [_subprocess_call("loop_worker", str(root), student, steps, sampled, torch_ops)
-               for _ in range(processes)]
+def loop_rows_in_processes(runs: dict[str, tuple[list[str], bool]], *, steps: int,
+                           processes: int = LOOP_PROCESSES) -> list[dict]:
+    """loop_rows of `runs` (name -> (demo.yaml overrides, torch_ops)) in `processes` fresh
+    processes one after another: each row's tokens/s and ratio to CE the median of theirs, with
+    the ratios' range."""
+    results = [_subprocess_call("loop_worker", runs, steps) for _ in range(processes)]
     rows = []
     for same_run in zip(*results):
         ratios = [row["vs_ce"] for row in same_run]
@@ -317,29 +319,30 @@ def loop_rows_in_processes(root: Path, student: dict, *, steps: int, sampled: bo
                                                f"one process; median of {processes} processes)",
                      "tokens_per_s": round(statistics.median(r["tokens_per_s"] for r in same_run)),
                      "vs_ce": statistics.median(ratios),
-                     "vs_ce_range": f"{min(ratios):.3f}-{max(ratios):.3f}"})
+                     "vs_ce_range": f"{min(ratios):.3f}-{max(ratios):.3f}",
+                     "processes": processes})
     return rows
 
 
 def loop_runs(root: Path, student: dict, *, sampled: bool = False,
-              torch_ops: bool = False) -> dict[str, tuple[Config, bool]]:
-    """loop_rows's runs for `student`: CE and KD from the top-64 gap8 cache beside `root`;
-    sampled: KD from the draws of its siblings; torch_ops: CE and top-k KD again with the loss as
-    torch ops."""
+              torch_ops: bool = False) -> dict[str, tuple[list[str], bool]]:
+    """loop_rows_in_processes's runs for `student`: CE and KD from the top-64 gap8 cache beside
+    `root`; sampled: KD from the draws of its siblings; torch_ops: CE and top-k KD again with the
+    loss as torch ops."""
     shape = [f"student.{key}={value}" for key, value in student.items()]
 
-    def config(run_dir: Path, *extra: str) -> Config:
-        return load_config(CONFIG_DIR / "demo.yaml", overrides(run_dir, *shape, *extra))
+    def settings(run_dir: Path, *extra: str) -> list[str]:
+        return overrides(run_dir, *shape, *extra)
 
-    runs = {"CE baseline": (config(root, "distill.alpha=1"), False),
-            CACHED_KD: (config(sibling(root, "gap8")), False)}
+    runs = {"CE baseline": (settings(root, "distill.alpha=1"), False),
+            CACHED_KD: (settings(sibling(root, "gap8")), False)}
     if sampled:
-        runs[SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[0]}")), False)
-        runs[MORE_SAMPLED_KD] = (config(sibling(root, f"sampled-{SAMPLES[1]}"), *MORE_DRAWS),
+        runs[SAMPLED_KD] = (settings(sibling(root, f"sampled-{SAMPLES[0]}")), False)
+        runs[MORE_SAMPLED_KD] = (settings(sibling(root, f"sampled-{SAMPLES[1]}"), *MORE_DRAWS),
                                  False)
     if torch_ops:
-        runs.update({"CE baseline, loss as torch ops": (config(root, "distill.alpha=1"), True),
-                     f"{CACHED_KD}, loss as torch ops": (config(sibling(root, "gap8")), True)})
+        runs.update({"CE baseline, loss as torch ops": (settings(root, "distill.alpha=1"), True),
+                     f"{CACHED_KD}, loss as torch ops": (settings(sibling(root, "gap8")), True)})
     return runs
 
 

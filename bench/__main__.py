@@ -367,28 +367,28 @@ def _real_text_figures(rows: list[dict], _results) -> list[dict]:
     out = [_row(f"BabyLM text: teacher head mass at k = {k}, T = 1 / T = 2",
                 f"{teacher['head_mass_T=1']:.3f} / {teacher['head_mass_T=2']:.3f} (teacher val ppl "
                 f"{teacher['val_ppl']:.2f}, {_n(teacher['train_tokens'])} training tokens)")]
-    for prefix, label in ((f"cached KD k={k}", f"top-{k} cache"),
-                          (f"sampled KD m={m}", f"{m} sampled entries")):
+    more, at_2 = real_text.MORE_SAMPLES, (real_text.SAMPLE_TEMPERATURE,)
+    for prefix, label, temperatures in (
+            (f"cached KD k={k}", f"top-{k} cache", real_text.TEMPERATURES),
+            (f"sampled KD m={m}", f"{m} sampled entries", real_text.TEMPERATURES),
+            (f"sampled KD m={more}", f"{more} sampled entries", at_2)):
         out += [_vs_online(f"BabyLM text: val perplexity, KD from {label} vs online KD (T={t:g})",
                            ppl[f"{prefix} T={t:g}"], ppl[f"online KD T={t:g}"])
-                for t in real_text.TEMPERATURES]
+                for t in temperatures]
     ce_ppl = ppl["CE baseline"]
 
-    def vs_ce(prefix: str) -> str:
+    def vs_ce(prefix: str, temperatures: tuple[float, ...] = real_text.TEMPERATURES) -> str:
         return " / ".join(f"{100 * (ppl[f'{prefix} T={t:g}'] / ce_ppl - 1):+.2f}"
-                          for t in real_text.TEMPERATURES)
+                          for t in temperatures)
 
-    more = f"sampled KD m={real_text.MORE_SAMPLES} T=2"
-    out.append(_vs_online(f"BabyLM text: val perplexity, KD from {real_text.MORE_SAMPLES} sampled "
-                          "entries vs online KD (T=2)", ppl[more], ppl["online KD T=2"]))
     out.append(_row("BabyLM text: val perplexity vs CE baseline (T=1 / T=2)",
                     f"top-{k} {vs_ce(f'cached KD k={k}')} %; sampled {vs_ce(f'sampled KD m={m}')} %"
-                    f" (T=2 from {real_text.MORE_SAMPLES}: {100 * (ppl[more] / ce_ppl - 1):+.2f} %);"
+                    f" (T=2 from {more}: {vs_ce(f'sampled KD m={more}', at_2)} %);"
                     f" online {vs_ce('online KD')} % (CE {ce_ppl:.3f})"))
     loop = {r["run"]: r for r in rows if r["section"].startswith("loop")}
     for name, label in ((real_text.CACHED_KD, f"top-{k} cache"),
                         (real_text.SAMPLED_KD, f"{m} sampled entries"),
-                        (real_text.MORE_SAMPLED_KD, f"{real_text.MORE_SAMPLES} sampled entries")):
+                        (real_text.MORE_SAMPLED_KD, f"{more} sampled entries")):
         row = loop[name]
         out.append(_row(f"BabyLM text: KD from {label} tokens/s / CE tokens/s (training step with "
                         f"reading, {row['student']} student, vocab {real_text.VOCAB})",

@@ -23,7 +23,7 @@ test:
 	$(PY) -m pytest
 
 demo:
-	$(PY) -m student.pipeline --config $(CONFIG) \
+	$(PY) -m pipeline --config $(CONFIG) \
 		$(if $(BABYLM_DIR),data.dir=$(BABYLM_DIR),) $(if $(BLIMP_DIR),eval.minimal_pairs=$(BLIMP_DIR),) $(ARGS)
 
 data:

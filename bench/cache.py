@@ -64,9 +64,11 @@ def _write(path: Path, outputs, *, k: int, vocab: int, value_code: str) -> float
                           manifest={"teacher": {"name": "bench"}, "tokenizer_fingerprint": "",
                                     "token_store_fingerprint": ""})
     started = time.perf_counter()
-    for shard in writer.claimed_shards():
-        a, b = writer.shard_rows(shard)
-        writer.write_shard(shard, ids=ids[a:b, :, :k], logits=logits[a:b, :, :k], lse=lse[a:b])
+    for claim in writer.claimed_shards():
+        with claim:
+            a, b = writer.shard_rows(claim.shard)
+            writer.write_shard(claim.shard, ids=ids[a:b, :, :k], logits=logits[a:b, :, :k],
+                               lse=lse[a:b])
     writer.finish()
     return time.perf_counter() - started
 

@@ -21,9 +21,9 @@ import torch
 
 from bench import SHARED_DATA
 from bench.tables import markdown_table
-from precompute.tokenizer import train_bpe
 from student.evaluate import read_pair_dir, score_pairs
-from student.model import new_gpt2
+from training.models import new_gpt2
+from training.tokenizer import train_bpe
 
 
 DEFAULT_SETTINGS = ((1, 16), (1, 64), (1, 256), (torch.get_num_threads(), 64))

@@ -168,9 +168,9 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, n
     """The logits job with the teacher `resolve_teacher` finds for `run` (a fine-tuned one when
     `run` has it), timed against the forward alone, and its cache checked."""
     from precompute.logits import Sampling, cache_split, teacher_topk
-    from precompute.models import load_teacher, resolve_teacher, teacher_manifest
     from storage.cache import open_cache
     from storage.tokens import open_token_store
+    from training.models import load_teacher, resolve_teacher, teacher_manifest
 
     make_run(run, shapes)
     cfg = config(run, teacher_dir, shapes, f"teacher.dtype={dtype}",
@@ -282,7 +282,7 @@ def finetune_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *,
                   method: str) -> list[dict]:
     """A few steps of `make teacher` with QLoRA or LoRA under bf16 autocast."""
     from precompute.teacher import train_teacher
-    from student.train import read_metrics
+    from training.metrics import read_metrics
 
     make_run(run, shapes)
     cfg = config(run, teacher_dir, shapes, f"teacher.use_{method}=true",
@@ -310,7 +310,7 @@ def loss_rows(shapes: Shapes, device: str, repeats: int = 20) -> list[dict]:
     """The fused loss alone (forward + backward) on a student batch's logits, CE and cached KD
     from a top-k teacher, its torch ops compiled and eager: time (median of `repeats`) and how
     far the two ways' values and gradients lie apart."""
-    from student.losses import ce_and_cached_kl, teacher_buckets
+    from training.losses import ce_and_cached_kl, teacher_buckets
 
     b, length, vocab, t = shapes.student_batch, shapes.seq_len, shapes.vocab, SAMPLE_TEMPERATURE
     generator = torch.Generator(device).manual_seed(0)
@@ -373,7 +373,8 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
     round: on an H200 the same run's tokens/s moved by up to 30% from one round to the next
     (its step is partly bound by launching kernels from Python).
     """
-    from student.train import read_metrics, train
+    from student.train import train
+    from training.metrics import read_metrics
 
     layers, width, heads = shapes.student
     modes = list(STUDENT_MODES)

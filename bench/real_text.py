@@ -73,7 +73,8 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
     from storage.__main__ import teacher_stats
     from storage.cache import cache_bytes, open_cache
     from storage.tokens import open_token_store
-    from student.train import read_metrics, train
+    from student.train import train
+    from training.metrics import read_metrics
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-real-text-")) if root is None else Path(root)
     try:

@@ -10,7 +10,7 @@ one too.
 
   step     forward + backward + AdamW on one batch, the modes interleaved in one process
            (fastest of 30): the cost of the loss itself, without reading the cache.
-  loop     the training loop's own step (`student.train.train_step`: reading the batch, forward,
+  loop     the training loop's own step (`training.loop.train_step`: reading the batch, forward,
            loss, backward, clipping, AdamW), CE and KD from the top-64, the 64-draw and the
            128-draw caches alternating step by step in one process (median step), in seven
            fresh processes (the median of their ratios): the speed ratio that the machine's
@@ -118,8 +118,9 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from precompute.logits import Sampling, write_cache
-    from student.model import new_gpt2
-    from student.train import fit, open_tokens, read_metrics
+    from training.loop import fit, open_tokens
+    from training.metrics import read_metrics
+    from training.models import new_gpt2
 
     manifest = {"tokenizer": {"fingerprint": "markov-512", "vocab_size": VOCAB, "eos_id": 0}}
     for split, n, seed in (("train", 2048, 1), ("val", 128, 2)):
@@ -148,7 +149,8 @@ def worker(root: str, extra: list[str]) -> None:
     """One training run in this process; prints a JSON line: tokens/s (median step), the peak
     RSS and its growth from just before training."""
     torch.set_num_threads(1)
-    from student.train import read_metrics, train
+    from student.train import train
+    from training.metrics import read_metrics
 
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(Path(root), *extra))
     before = _proc_status("VmRSS")
@@ -219,8 +221,9 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     import time
 
     from storage.reader import stream_batches
-    from student.model import new_gpt2
-    from student.train import batch_losses, distillation, make_optimizer, open_tokens
+    from student.train import distillation
+    from training.loop import batch_losses, make_optimizer, open_tokens
+    from training.models import new_gpt2
 
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
     tokens, _ = open_tokens(cfg)
@@ -258,14 +261,14 @@ def loop_rows(runs: dict[str, tuple[Config, bool]], *, steps: int, warmup: int =
     copies of the same model ran up to 3.6% apart (their memory's placement: three scratch
     runs), about what the loss costs.
     runs: name -> (its resolved config, whether the loss runs as torch ops instead of the C
-    kernel: student.native); the first is the CE baseline every ratio is against."""
+    kernel: training.native); the first is the CE baseline every ratio is against."""
     import contextlib
     import time
 
-    from student.model import new_gpt2
-    from student.native import torch_ops_only
-    from student.train import (Cursor, distillation, make_optimizer, micro_batches, open_tokens,
-                               train_step)
+    from student.train import distillation
+    from training.loop import Cursor, make_optimizer, micro_batches, open_tokens, train_step
+    from training.models import new_gpt2
+    from training.native import torch_ops_only
 
     cpu = torch.device("cpu")
     first = next(iter(runs.values()))[0]
@@ -393,7 +396,8 @@ def shape_name(model: dict) -> str:
 
 def quality_rows(root: Path, steps: int, facts: dict) -> list[dict]:
     """Final val perplexity of the same student (same steps and seed) in every mode."""
-    from student.train import read_metrics, train
+    from student.train import train
+    from training.metrics import read_metrics
 
     runs = [("CE baseline", root, [])]
     runs += [(f"online KD T={t:g}", root, ["distill.mode=online", f"distill.temperature={t}"])

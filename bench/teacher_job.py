@@ -39,7 +39,7 @@ def run(*, n_layer: int = 6, n_embd: int = 384, n_head: int = 6, vocab_size: int
         shard_chunks: int = 2, repeats: int = 2, device: str = "cpu") -> list[dict]:
     """Rows {measurement, tokens_per_s, vs_topk_lse, vs_forward, peak_rss_mb, ...}."""
     from storage.tokens import write_token_store
-    from student.model import new_gpt2
+    from training.models import new_gpt2
 
     with tempfile.TemporaryDirectory(prefix="bench-teacher-job-") as tmp:
         root = Path(tmp)
@@ -143,8 +143,8 @@ def _measure_alternating(*, root: str, batch_size: int, k: int, temperatures,
 def _load(root: str, *, batch_size: int, k: int, temperatures, chunk_sequences: int,
           shard_chunks: int, device: str):
     """(teacher, token store, its rows (n, L) on `device`, write_cache's keyword arguments)."""
-    from precompute.models import load_teacher
     from storage.tokens import open_token_store
+    from training.models import load_teacher
 
     model = load_teacher(str(Path(root) / "teacher"), device=device)
     store = open_token_store(Path(root) / "tokens.zarr")

@@ -107,10 +107,10 @@ class CacheConfig:
     k: int = 64
     """Teacher entries kept per position: the top k (selection 'topk'), or k draws."""
     selection: str = "topk"
-    """Which k entries: 'topk', the k largest logits plus the exact tail mass (DESIGN.md's tail
-    bucket), or 'sample', k ids drawn systematically from the teacher's softmax at
-    sample_temperature (random-sampling KD, Anshumann et al., ACL 2025): an unbiased estimate of
-    the whole distribution, tail included (README, "Top-k or sampled")."""
+    """Which k entries: 'topk', the k largest logits plus the exact tail mass (the tail bucket:
+    docs/architecture.md, "Logit cache"), or 'sample', k ids drawn systematically from the
+    teacher's softmax at sample_temperature (random-sampling KD, Anshumann et al., ACL 2025): an
+    unbiased estimate of the whole distribution, tail included (docs/topk-vs-sampled.md)."""
     sample_temperature: float = 2.0
     """Temperature of the distribution the 'sample' selection draws from; students distilled at
     another temperature reweight the same draws."""
@@ -120,7 +120,8 @@ class CacheConfig:
     """Temperatures at which the exact full-vocabulary logsumexp is stored."""
     value_code: str = "gap8"
     """How top-k logits are stored (storage/cache.py): 'gap8' (uint8 steps of 1/32 nat, <= 1.6 %
-    probability error, ~56 B/token at k = 32) or 'float16' (~83 B/token at k = 32)."""
+    probability error, the smaller on disk) or 'float16' (bytes per token of each:
+    docs/log.md)."""
     chunk_sequences: int = 32
     """Sequences per chunk (the unit of compression, checksum and contiguous read)."""
     shard_chunks: int = 16

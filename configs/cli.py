@@ -51,10 +51,9 @@ def reproducible_cpu_math() -> None:
     user set MKL_CBWR: without it a matmul may round differently with its operands' memory
     alignment or the threads MKL picks, so a resumed or two-rank logits job (or a resumed student)
     could differ in last bits from an uninterrupted one. MKL reads the setting at its first call,
-    so this must run before any computation. On this project's CPU it changed no bit of a logit
-    cache and no speed (a 4096 x 384 x 16000 matmul: 200 ms either way; a 2x64 student's training
-    steps: 0.99 x, medians of five interleaved runs), but it does round some training matmuls
-    differently (a teacher trained with it differs in its last bits). On a GPU it does nothing."""
+    so this must run before any computation. It changes no bit of a logit cache and costs no
+    speed, but it does round some training matmuls differently (a teacher trained with it
+    differs in its last bits; docs/log.md). On a GPU it does nothing."""
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 

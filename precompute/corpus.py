@@ -23,8 +23,8 @@ import numpy as np
 
 from configs import Config, UserError
 from configs.cli import run
-from precompute.tokenizer import build_tokenizer, tokenizer_dir, tokenizer_facts
 from storage.tokens import write_token_store
+from training.tokenizer import build_tokenizer, tokenizer_dir, tokenizer_facts
 
 SPLITS = ("train", "val")
 

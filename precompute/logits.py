@@ -1,6 +1,6 @@
 """The teacher-logits job (`make teacher-logits`, `python -m precompute.logits`).
 
-Runs the teacher (see `precompute.models.resolve_teacher` for which one) in inference mode over
+Runs the teacher (see `training.models.resolve_teacher` for which one) in inference mode over
 every sequence of `tokens/train.zarr` (and `tokens/val.zarr` when "val" is in cache.splits) and
 writes its top-k logits (descending; or, with cache.selection = 'sample', k draws from its
 softmax at cache.sample_temperature) plus the full-vocabulary logsumexp at each of
@@ -10,7 +10,8 @@ cache.temperatures to `cache/<split>.zarr`, shard by shard.
   writes finished shards, so compute and I/O overlap.
 * Batches start at shard boundaries, so a shard's values do not depend on which shards ran
   before it: an interrupted job rerun resumes from the cache's done-map and ends byte-identical
-  to an uninterrupted run (CPU; README, Reliability, says what is still open there).
+  to an uninterrupted run (CPU; docs/architecture.md, "Reliability", says how, and docs/log.md
+  what is still open).
 * Under `torchrun --nproc_per_node=N` each rank computes its own disjoint set of shards; every
   shard is also claimed through the cache's inter-process lock, so two jobs started on one cache
   share the work instead of corrupting it.
@@ -20,11 +21,10 @@ cache.temperatures to `cache/<split>.zarr`, shard by shard.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -33,11 +33,11 @@ import torch
 from tqdm.auto import tqdm
 
 from configs import Config, UserError
-from precompute.models import (TeacherSource, check_vocabulary, load_teacher, resolve_teacher,
-                               teacher_manifest)
 from storage.cache import cache_bytes, create_cache
 from storage.tokens import TokenStore, open_token_store
-from student.model import resolve_device
+from training.device import barrier, setup_distributed
+from training.models import (TeacherSource, check_vocabulary, load_teacher, resolve_teacher,
+                             teacher_manifest)
 
 CACHE_DIR = "cache"
 WRITE_QUEUE_SHARDS = 2
@@ -45,7 +45,8 @@ WRITE_QUEUE_SHARDS = 2
 DRAW_BLOCK_ELEMENTS = 1 << 26
 """Probabilities the sampled job draws from at once (256 MB in float32): the tempered softmax and
 its cumulative sums are as large as the logits they draw from, so drawing a whole
-GPT-2-vocabulary batch at once doubled the job's peak GPU memory (bench/gpu_results.md)."""
+GPT-2-vocabulary batch at once would add two tensors of the logits' size to the job's peak GPU
+memory (docs/log.md)."""
 
 
 class Sampling(NamedTuple):
@@ -91,8 +92,8 @@ def _draw(logits: torch.Tensor, *, k: int, sampling: Sampling, first_row: int
     j = 0..k-1, on p's cumulative sum; an id is drawn once for each point in its interval, so
     exactly floor(k p) or ceil(k p) times, k p on average. Independent draws (multinomial) give
     each id the same mean count with a binomial spread around it, and that noise in the student's
-    target cost it quality at no saving (README, "Top-k or sampled"). Drawn DRAW_BLOCK_ELEMENTS at
-    a time; the offsets are drawn first, for the whole batch, so the block size never changes a
+    target cost it quality at no saving (docs/topk-vs-sampled.md). Drawn DRAW_BLOCK_ELEMENTS at a
+    time; the offsets are drawn first, for the whole batch, so the block size never changes a
     cache."""
     generator = torch.Generator(device=logits.device)
     generator.manual_seed(sampling.seed * 1_000_003 + first_row)
@@ -218,7 +219,8 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
     try:
         with torch.inference_mode(), tqdm(total=total, desc=desc, unit="tok", unit_scale=True,
                                           disable=not show) as bar:
-            for shard, claim in _claimed(writer, rank=rank, world_size=world_size):
+            for claim in writer.claimed_shards(rank=rank, world_size=world_size):
+                shard = claim.shard
                 start, stop = writer.shard_rows(shard)
                 try:
                     tokens = torch.from_numpy(store.read(start, stop).astype(np.int64))
@@ -235,7 +237,7 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
                     copied = _copy_done_event(device)
                     _put(finished, (shard, claim, outputs, copied), thread, failure)
                 except BaseException:  # not handed to the writer: release the shard here
-                    claim.close()
+                    claim.release()
                     raise
                 computed += stop - start
     finally:
@@ -251,40 +253,15 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
 
 def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, temperatures,
              sampling: Sampling | None, device: torch.device) -> None:
-    """One forward of a shard's first batch, thrown away. Of the two cache differences between
-    runs seen since the writer thread went numpy-only, one (a last bit of lse in one row) was in
-    a process's first batch and the other (a near-tied top-k id) most likely was, as if a
-    kernel's first call in a process could round differently; after this, every stored batch
-    is a later call. Costs one batch per job."""
+    """One forward of a shard's first batch, thrown away, so that every stored batch comes from
+    a later call of the teacher's kernels: a kernel's first call in a process may round
+    differently, and the cache differences between runs traced so far point to a first batch
+    (docs/log.md). Costs one batch per job."""
     start, stop = writer.shard_rows(shard)
     rows = torch.from_numpy(store.read(start, min(stop, start + batch_size)).astype(np.int64))
     with torch.inference_mode():
         teacher_topk(model, rows.to(device), k=k, temperatures=temperatures, sampling=sampling,
                      first_row=start)
-
-
-def _claimed(writer, *, rank: int, world_size: int):
-    """Yield (shard, claim) for each pending shard of this rank that this process wins; the
-    claim (an ExitStack holding the shard's lock) is released by whoever writes the shard.
-
-    Shards another process holds are skipped and revisited later, waiting for one only when
-    nothing else is left, so jobs started together on one cache share the work.
-    """
-    while pending := writer.pending_shards(rank=rank, world_size=world_size):
-        claimed_any = False
-        for shard in pending:
-            claim = contextlib.ExitStack()
-            if claim.enter_context(writer.claim(shard, wait=False)):
-                claimed_any = True
-                yield shard, claim
-            else:
-                claim.close()
-        if not claimed_any:  # all held (possibly by our own writer thread): wait for one
-            claim = contextlib.ExitStack()
-            if claim.enter_context(writer.claim(pending[0])):
-                yield pending[0], claim
-            else:
-                claim.close()
 
 
 def _put(pending: queue.Queue, item, thread: threading.Thread, failure: list) -> None:
@@ -308,7 +285,7 @@ def _release_unwritten(finished: queue.Queue) -> None:
         except queue.Empty:
             return
         if item is not None:
-            item[1].close()
+            item[1].release()
 
 
 def _copy_done_event(device: torch.device):
@@ -342,12 +319,6 @@ def _write_shards(pending: queue.Queue, writer, failure: list) -> None:
                 return
 
 
-def _distributed() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) without it."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
-
-
 def _reduce(value: float, op: str) -> float:
     import torch.distributed as dist
 
@@ -359,17 +330,7 @@ def _reduce(value: float, op: str) -> float:
 def fill_caches(cfg: Config) -> list[dict]:
     """Cache every configured split, print a summary line per split (rank 0) and return the
     summaries (tokens computed by all ranks, seconds, bytes on disk, total tokens, path)."""
-    rank, world_size, local_rank = _distributed()
-    device = resolve_device(cfg.teacher.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    barrier = lambda: None  # noqa: E731
-    if world_size > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        barrier = dist.barrier
+    rank, world_size, device = setup_distributed(cfg.teacher.device)
     run = cfg.run_path
     token_paths = {split: run / "tokens" / f"{split}.zarr" for split in cfg.cache.splits}
     for path in token_paths.values():
@@ -387,7 +348,7 @@ def fill_caches(cfg: Config) -> list[dict]:
         cache_path = run / CACHE_DIR / f"{split}.zarr"
         summary = cache_split(model, source=source, teacher=teacher, tokens_path=tokens_path,
                               cache_path=cache_path, cfg=cfg, device=device, rank=rank,
-                              world_size=world_size, barrier=barrier)
+                              world_size=world_size, barrier=partial(barrier, world_size))
         if world_size > 1:  # the summary speaks for all ranks: tokens add up, time is the slowest
             summary["tokens"] = int(_reduce(summary["tokens"], "sum"))
             summary["seconds"] = _reduce(summary["seconds"], "max")

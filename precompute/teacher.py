@@ -1,7 +1,7 @@
 """Teacher fine-tuning (`make teacher`, `python -m precompute.teacher`) and teacher evaluation.
 
-Trains on `tokens/train.zarr` with the student's loop (`student.train.fit`, cross-entropy only,
-i.e. alpha = 1) and the settings of the `teacher` section: warmup + decay, gradient
+Trains on `tokens/train.zarr` with the loop every model trains with (`training.loop.fit`,
+cross-entropy only, i.e. alpha = 1) and the settings of the `teacher` section: warmup + decay, gradient
 accumulation, fp16/bf16 autocast on a GPU, validation every `eval_every` steps, checkpoints
 every `checkpoint_every` steps, resume after an interruption (rerun the same command).
 
@@ -15,7 +15,7 @@ What is trained, chosen by the config:
 Output, `<run>/teacher/`: the loop's config.yaml, metrics.jsonl and checkpoint/, the model, and
 `teacher.json` (method, base model, tokenizer fingerprint, validation metrics), written last:
 its presence marks the teacher finished, and from then on the logits job uses it
-(`precompute.models.resolve_teacher`). The model is
+(`training.models.resolve_teacher`). The model is
   * a full save_pretrained model after full fine-tuning, from scratch, and after LoRA: the
     adapter is merged into the full-precision weights (the logits job then runs a plain model at
     full speed; the adapter itself is kept in `teacher/adapter/`);
@@ -26,7 +26,7 @@ its presence marks the teacher finished, and from then on the logits job uses it
 
 Teacher evaluation (`evaluate_teacher`, also `python -m precompute.teacher --evaluate`, which
 evaluates the teacher the logits job would use, fine-tuned or not): loss, perplexity and bits
-per byte on `tokens/val.zarr` from `student.evaluate.lm_metrics`, the numbers `make eval`
+per byte on `tokens/val.zarr` from `training.scoring.lm_metrics`, the numbers `make eval`
 reports for every model.
 """
 
@@ -34,17 +34,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 
 from configs import Config, UserError
-from precompute.models import (ADAPTER_CONFIG, TEACHER_DIR, TEACHER_INFO, load_teacher,
-                               resolve_teacher)
 from storage.tokens import TokenStore, open_token_store
-from student.model import new_gpt2, resolve_device
+from training.device import is_writer, local_device, resolve_device
+from training.loop import fit, open_tokens
+from training.models import (ADAPTER_CONFIG, TEACHER_DIR, TEACHER_INFO, load_teacher, new_gpt2,
+                             resolve_teacher)
+from training.scoring import lm_metrics
 
 ADAPTER_DIR = "adapter"
 
@@ -63,8 +64,6 @@ def training_method(cfg: Config) -> str:
 def train_teacher(cfg: Config) -> Path:
     """Fine-tune (or train from scratch) the teacher of `cfg` into `<run>/teacher/`; resumes an
     interrupted run and returns at once when the teacher is already finished."""
-    from student.train import fit, open_tokens
-
     out = cfg.run_path / TEACHER_DIR
     if (out / TEACHER_INFO).is_file():
         print(f"{out} is already trained (delete it to train again)")
@@ -76,7 +75,7 @@ def train_teacher(cfg: Config) -> Path:
     print(f"teacher: {method} training of {_base_name(cfg, method)}, "
           f"{trainable:,} trainable parameters")
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=out, tokens=tokens, val_tokens=val_tokens)
-    if _is_writer():
+    if is_writer():
         if method == "lora":
             merge_adapter(model, out)
         info = {"method": method, "base": _base_name(cfg, method),
@@ -98,7 +97,7 @@ def build_model(cfg: Config, *, method: str, tokens: TokenStore) -> torch.nn.Mod
     if method == "qlora" and t.adapter:
         raise UserError("teacher.adapter with teacher.use_qlora: merge that adapter into a "
                         "full-precision copy of the base model first, and name it in teacher.model")
-    device = _training_device(t.device)
+    device = local_device(t.device)
     # Full-precision training keeps fp32 master weights (autocast does fp16/bf16 on the GPU);
     # QLoRA computes in the autocast dtype on top of the 4-bit weights.
     compute = {"fp16": "fp16", "bf16": "bf16"}.get(t.precision, "fp32") \
@@ -136,9 +135,7 @@ def merge_adapter(model, out: Path) -> None:
 
 def evaluate_teacher(cfg: Config) -> dict:
     """Validation metrics of the teacher the logits job uses, loaded as it loads it
-    (student.evaluate.lm_metrics: loss, perplexity, bits_per_byte, tokens, bytes, sequences)."""
-    from student.evaluate import lm_metrics
-
+    (training.scoring.lm_metrics: loss, perplexity, bits_per_byte, tokens, bytes, sequences)."""
     source = resolve_teacher(cfg)
     device = resolve_device(cfg.teacher.device)
     model = load_teacher(source.model, adapter=source.adapter, device=device,
@@ -160,17 +157,6 @@ def metrics_line(metrics: dict) -> str:
 
 def _base_name(cfg: Config, method: str) -> str:
     return "new GPT-2" if method == "scratch" else cfg.teacher.model
-
-
-def _training_device(name: str) -> torch.device:
-    device = resolve_device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
-def _is_writer() -> bool:
-    return int(os.environ.get("RANK", 0)) == 0
 
 
 def _write_json(path: Path, data: dict) -> None:

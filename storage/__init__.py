@@ -1,4 +1,4 @@
-"""On-disk formats: the token store and the teacher-logit cache (see DESIGN.md)."""
+"""On-disk formats: the token store and the teacher-logit cache (see docs/architecture.md)."""
 
 from storage.cache import (CacheWriter, LogitCache, TeacherBlock, create_cache,
                            decode_values, encode_values, open_cache)

@@ -20,7 +20,7 @@ import zarr
 
 from configs.cli import exit_on_user_error
 from storage.cache import FORMAT, LogitCache, cache_bytes, open_cache
-from storage.errors import CorruptData, StoreNotFound
+from storage.errors import CorruptData, Problem, StoreNotFound
 from storage.tokens import KIND as TOKEN_KIND
 from storage.tokens import open_token_store
 
@@ -121,7 +121,7 @@ def _print_summary(info: dict) -> None:
                       f"head mass {value['head_mass']:.4f}")
 
 
-def verify_path(path: Path) -> list[str]:
+def verify_path(path: Path) -> list[Problem]:
     """Every problem of the cache or token store at `path`."""
     if _format_of(path) == TOKEN_KIND:
         store = open_token_store(path)
@@ -130,12 +130,12 @@ def verify_path(path: Path) -> list[str]:
             try:
                 store.read(start, min(start + store.chunk_rows, store.n_sequences))
             except CorruptData as exc:
-                problems.append(str(exc))
+                problems.append(exc.problem or Problem(str(exc), kind="manifest"))
         return problems
     try:
         cache = open_cache(path, allow_incomplete=True)
     except CorruptData as exc:
-        return [str(exc)]
+        return [exc.problem or Problem(str(exc), kind="manifest")]
     return cache.verify(progress=sys.stderr.isatty())
 
 

@@ -29,11 +29,10 @@ head entries carry the code's rounding:
              probability ratio of 3.5e-4) below its predecessor, and every entry after it, decodes
              to GAP8_FLOOR (p = 0), so its tiny mass is counted in the tail instead.
 
-Measured (bench/cache.py, a 4-layer GPT-2 trained on BabyLM-2023 train_10M, BPE vocab 2048,
-512 x 128 tokens), bytes on disk per token at k = 16 / 32 / 64:
-float16 45 / 83 / 162, gap8 32 / 56 / 108 (at k = 32: ids 33, gap8 values 14, float16 values
-41, lse 9.5). Shuffle per array (Blosc-zstd level 3): ids unshuffled, float16 byte-shuffled, gap8
-bit-shuffled, lse byte-shuffled: the smallest of the three choices for each.
+gap8 is the smaller on disk (one byte a value against two; bench/cache.py measures both on a
+trained teacher, docs/log.md has the figures). Shuffle per array (Blosc-zstd level 3): ids
+unshuffled, float16 byte-shuffled, gap8 bit-shuffled, lse byte-shuffled: the smallest of the three
+choices for each (bench/cache.py).
 
 Because rounding can make the decoded head sum exceed 1 by up to the relative error above,
 consumers clamp the tail mass at 0 (or a small floor).
@@ -65,7 +64,7 @@ import numpy as np
 import zarr
 
 from storage.chunks import ChunkError, RowReader
-from storage.errors import CorruptData, ManifestMismatch, StorageError, StoreNotFound
+from storage.errors import CorruptData, ManifestMismatch, Problem, StorageError, StoreNotFound
 from storage.tokens import TokenStore, token_dtype
 from storage.zarr_codecs import checked_compressors
 
@@ -130,8 +129,8 @@ def decode_values(values: np.ndarray, *, value_code: str) -> np.ndarray:
     if value_code == "float16":
         return values.astype(np.float32)
     if value_code == "gap8":
-        # summed as int32 (numpy's float32 and uint16 cumsums run 2-3x slower: ~0.3 ms of a
-        # 16 x 64 x 64 batch) and converted: integers < 2^24 are exact in float32
+        # summed as int32 (numpy's float32 and uint16 cumsums run slower: docs/log.md) and
+        # converted: integers < 2^24 are exact in float32
         decoded = np.cumsum(values, axis=-1, dtype=np.int32).astype(np.float32)
         decoded *= -GAP8_STEP  # a power of two: exact
         escaped = values == GAP8_ESCAPE
@@ -427,6 +426,26 @@ def _resume(path: Path, wanted: dict) -> "CacheWriter":
     return CacheWriter(path=path, manifest=found, group=zarr.open_group(path, mode="r+"))
 
 
+class ShardClaim:
+    """The right to write one shard: holds the shard's lock until `release` (or the end of a
+    `with` block). Any thread may release it; releasing twice is harmless."""
+
+    def __init__(self, *, shard: int, lock, held: set[int]):
+        self.shard, self._lock, self._held = shard, lock, held
+
+    def release(self) -> None:
+        if not self._lock.closed:
+            self._held.discard(self.shard)
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+
+    def __enter__(self) -> "ShardClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class CacheWriter(_CacheBase):
     """Writes whole shards of one cache. Any number of processes may hold a writer on the same
     cache: `claim` makes each shard's writer exclusive."""
@@ -441,47 +460,51 @@ class CacheWriter(_CacheBase):
         done = self.done_shards()
         return [s for s in range(rank, self.n_shards, world_size) if not done[s]]
 
-    @contextlib.contextmanager
-    def claim(self, shard: int, *, wait: bool = True) -> Iterator[bool]:
-        """Hold the exclusive inter-process lock of `shard` (fcntl.flock on done/locks/<shard>).
+    def try_claim(self, shard: int, *, wait: bool = True) -> "ShardClaim | None":
+        """Take the exclusive inter-process lock of `shard` (fcntl.flock on done/locks/<shard>).
 
-        Yields True when the caller owns the shard and must write it, False when it is already
-        done (re-checked after locking) or, with wait=False, when another process holds it.
+        Returns the claim when the caller owns the shard and must write it; None when the shard
+        is already done (re-checked after locking) or, with wait=False, when another process
+        holds it. The claim is a handle, not a `with` block, so the thread that writes the shard
+        may release it: the logits job claims in its compute thread and writes in another.
         """
         lock_path = self.path / "done" / "locks" / f"{shard}.lock"
         lock_path.parent.mkdir(exist_ok=True)
-        with open(lock_path, "a") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                mine = not self._is_done(shard)
-                if mine:
-                    self._held.add(shard)
-                yield mine
-            finally:
-                self._held.discard(shard)
-                fcntl.flock(lock, fcntl.LOCK_UN)
+        lock = open(lock_path, "a")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            lock.close()
+            return None
+        if self._is_done(shard):
+            lock.close()  # closing the file releases its flock
+            return None
+        self._held.add(shard)
+        return ShardClaim(shard=shard, lock=lock, held=self._held)
 
-    def claimed_shards(self, *, rank: int = 0, world_size: int = 1) -> Iterator[int]:
-        """Claim and yield this rank's pending shards one at a time (the lock is held while the
-        caller writes). Shards other processes hold are skipped and revisited, waiting for them
-        only when nothing else is left, so processes started together share the work."""
+    @contextlib.contextmanager
+    def claim(self, shard: int, *, wait: bool = True) -> Iterator[bool]:
+        """`try_claim` as a `with` block: yields whether the caller owns the shard."""
+        claim = self.try_claim(shard, wait=wait)
+        try:
+            yield claim is not None
+        finally:
+            if claim is not None:
+                claim.release()
+
+    def claimed_shards(self, *, rank: int = 0, world_size: int = 1) -> Iterator["ShardClaim"]:
+        """Claim this rank's pending shards one at a time; the caller writes each and releases
+        its claim. Shards other processes hold are skipped and revisited, waiting for one only
+        when nothing else is left, so processes started together share the work."""
         while pending := self.pending_shards(rank=rank, world_size=world_size):
             claimed_any = False
             for shard in pending:
-                with self.claim(shard, wait=False) as mine:
-                    if mine:
-                        claimed_any = True
-                        yield shard
-                        if not self._is_done(shard):
-                            raise RuntimeError(f"shard {shard} was claimed but not written")
-            if not claimed_any:  # all held elsewhere: wait for the first, then look again
-                with self.claim(pending[0]) as mine:
-                    if mine:  # its holder died without finishing it
-                        yield pending[0]
+                if claim := self.try_claim(shard, wait=False):
+                    claimed_any = True
+                    yield claim
+            if not claimed_any:  # all held, perhaps by our own writer thread: wait for one
+                if claim := self.try_claim(pending[0]):  # its holder died without finishing it
+                    yield claim
 
     def write_shard(self, shard: int, *, ids: np.ndarray, logits: np.ndarray,
                     lse: np.ndarray) -> None:
@@ -610,12 +633,13 @@ class LogitCache(_CacheBase):
         names = DATA_ARRAYS if values else ("ids",)
         try:
             arrays = {name: self._rows[name].read(start, stop) for name in names}
-        except Exception:  # locate the damage and say it as `verify` does
+        except ChunkError:  # locate the damage and say it as `verify` does
             for shard in shards:
                 for name in names:
                     problem = self._read_problem(shard, name)
                     if problem:
-                        raise CorruptData(f"logit cache {self.path}: {problem}") from None
+                        raise CorruptData(f"logit cache {self.path}: {problem}",
+                                          problem=problem) from None
             raise
         ids, stored, lse = (arrays.get(name) for name in DATA_ARRAYS)
         if k < self.k:  # a copy: a view would keep every row's full k alive
@@ -635,34 +659,36 @@ class LogitCache(_CacheBase):
             raise CorruptData(f"logit cache {self.path}: shard {shard} is not written "
                               "(rerun `make teacher-logits`)")
 
-    def _read_problem(self, shard: int, name: str) -> str | None:
-        """Why shard `shard` of array `name` cannot be read, or None if it reads cleanly."""
+    def _read_problem(self, shard: int, name: str) -> Problem | None:
+        """Why shard `shard` of array `name` cannot be read, or None if it reads cleanly: the
+        shard is read whole as training reads it (chunks.RowReader: every chunk's checksum)."""
         file = _shard_file(self.path, name, shard)
         where = f"shard {shard}: file {file.relative_to(self.path)}"
         if not file.is_file():
-            return f"{where} is missing"
+            return Problem(f"{where} is missing", kind="missing", shard=shard,
+                           file=str(file.relative_to(self.path)))
         start, stop = self.shard_rows(shard)
         try:
-            self._arrays[name][start:stop]
-        except Exception as exc:
-            why = "checksum mismatch" if "checksum" in str(exc) else type(exc).__name__
-            return f"{where} is corrupt or truncated ({why})"
+            RowReader(self.path / name).read(start, stop)  # a fresh reader: no cached index
+        except ChunkError as exc:
+            return Problem(f"{where} {exc.problem}", kind=exc.kind, shard=shard,
+                           file=str(file.relative_to(self.path)))
         return None
 
-    def verify(self, *, progress: bool = False) -> list[str]:
-        """Every problem found, one line each naming the shard: manifest unreadable or edited,
-        shard not done, shard file missing, truncated or failing its checksum."""
+    def verify(self, *, progress: bool = False) -> list[Problem]:
+        """Every problem found, one each naming the shard: manifest unreadable or edited, shard
+        not done, shard file missing, truncated or failing its checksum."""
         try:
             _, manifest = _read_manifest(self.path)
         except StorageError as exc:
-            return [str(exc)]
+            return [Problem(str(exc), kind="manifest")]
         problems = []
         for name in DATA_ARRAYS:
             array = self._arrays[name]
             last = self.k if name != "lse" else len(self.temperatures)
             if array.shape != (self.n_sequences, self.seq_len, last):
-                problems.append(f"array {name} has shape {array.shape}, manifest says "
-                                f"{(self.n_sequences, self.seq_len, last)}")
+                problems.append(Problem(f"array {name} has shape {array.shape}, manifest says "
+                                        f"{(self.n_sequences, self.seq_len, last)}", kind="shape"))
         done, corrupt_marks = self._done_marks()
         shards = range(self.n_shards)
         if progress:
@@ -670,11 +696,13 @@ class LogitCache(_CacheBase):
             shards = tqdm(shards, desc="verify", unit="shard")
         for shard in shards:
             if shard in corrupt_marks:
-                problems.append(f"shard {shard}: done mark is corrupt (rerun `make "
-                                "teacher-logits` to rewrite the shard)")
+                problems.append(Problem(f"shard {shard}: done mark is corrupt (rerun `make "
+                                        "teacher-logits` to rewrite the shard)",
+                                        kind="done_mark", shard=shard))
                 continue
             if not done[shard]:
-                problems.append(f"shard {shard}: not done (rerun `make teacher-logits`)")
+                problems.append(Problem(f"shard {shard}: not done (rerun `make teacher-logits`)",
+                                        kind="not_done", shard=shard))
                 continue
             for name in DATA_ARRAYS:
                 problem = self._read_problem(shard, name)

@@ -1,9 +1,8 @@
 """Row reads of this project's Zarr arrays straight from their chunk files.
 
-zarr-python sends every read through an asyncio event loop in a thread of its own: about a
-millisecond of Python per call, several times what decompressing a cache chunk costs, spent
-holding the GIL that the training step needs too (bench/student.py measures the trainer with
-both). Every array this project writes has one layout: chunks encoded by bytes (little-endian),
+zarr-python sends every read through an asyncio event loop in a thread of its own: its Python
+costs more per call than decompressing a cache chunk does, and it holds the GIL that the training
+step needs too (docs/log.md). Every array this project writes has one layout: chunks encoded by bytes (little-endian),
 Blosc and CRC-32C (storage.zarr_codecs), and for the logit cache those chunks packed into shard
 files (Zarr's sharding codec) whose index, at the file's end, carries a CRC-32C of its own. So a
 read here is: the chunk's byte range, its checksum, Blosc. Writing and `verify` stay with zarr,
@@ -24,11 +23,12 @@ _EMPTY = 2**64 - 1
 
 
 class ChunkError(ValueError):
-    """A chunk or shard index file that is missing, cut short, or fails its checksum."""
+    """A chunk or shard index file that is missing, cut short, fails its checksum, or has a
+    layout this project does not write. kind: 'missing', 'truncated', 'checksum' or 'layout'."""
 
-    def __init__(self, file: Path, problem: str):
+    def __init__(self, file: Path, problem: str, *, kind: str):
         super().__init__(f"{file} {problem}")
-        self.file, self.problem = file, problem
+        self.file, self.problem, self.kind = file, problem, kind
 
 
 class RowReader:
@@ -47,16 +47,19 @@ class RowReader:
             _check_codecs(sharding["codecs"], ["bytes", "blosc", "crc32c"], self.path)
             _check_codecs(sharding["index_codecs"], ["bytes", "crc32c"], self.path)
             if sharding.get("index_location", "end") != "end":
-                raise ChunkError(self.path, "has its shard index at the start of its files")
+                raise ChunkError(self.path, "has its shard index at the start of its files",
+                                 kind="layout")
             self.chunk_shape = tuple(sharding["chunk_shape"])
             if outer[1:] != self.shape[1:] or self.chunk_shape[1:] != self.shape[1:]:
-                raise ChunkError(self.path, "has chunks that split more than the first axis")
+                raise ChunkError(self.path, "has chunks that split more than the first axis",
+                                 kind="layout")
             self.per_shard = outer[0] // self.chunk_shape[0]
         else:
             _check_codecs(codecs, ["bytes", "blosc", "crc32c"], self.path)
             self.chunk_shape, self.per_shard = outer, 0
             if outer[1:] != self.shape[1:]:
-                raise ChunkError(self.path, "has chunks that split more than the first axis")
+                raise ChunkError(self.path, "has chunks that split more than the first axis",
+                                 kind="layout")
         self._indexes: dict[int, np.ndarray] = {}
         self._files: dict[int, Path] = {}
 
@@ -100,9 +103,10 @@ class RowReader:
             try:
                 file_size = file.stat().st_size
             except FileNotFoundError:
-                raise ChunkError(file, "is missing") from None
+                raise ChunkError(file, "is missing", kind="missing") from None
             if file_size < size:
-                raise ChunkError(file, "is corrupt or truncated (shorter than its index)")
+                raise ChunkError(file, "is corrupt or truncated (shorter than its index)",
+                                 kind="truncated")
             entries = _checked(_read_bytes(file, file_size - size, size), file)
             self._indexes[shard] = np.frombuffer(entries, "<u8").reshape(self.per_shard, 2)
         return self._indexes[shard]
@@ -119,7 +123,8 @@ def _check_codecs(codecs: list[dict], names: list[str], path: Path) -> None:
     found = [codec["name"] for codec in codecs]
     endian = codecs[0].get("configuration", {}).get("endian", "little") if codecs else None
     if found != names or endian != "little":
-        raise ChunkError(path, f"has codecs {found}, not the {names} this project writes")
+        raise ChunkError(path, f"has codecs {found}, not the {names} this project writes",
+                         kind="layout")
 
 
 def _read_bytes(file: Path, offset: int = 0, length: int = -1) -> bytes:
@@ -128,10 +133,10 @@ def _read_bytes(file: Path, offset: int = 0, length: int = -1) -> bytes:
             stream.seek(offset)
             data = stream.read(length)
     except FileNotFoundError:
-        raise ChunkError(file, "is missing") from None
+        raise ChunkError(file, "is missing", kind="missing") from None
     if length >= 0 and len(data) != length:
         raise ChunkError(file, f"is corrupt or truncated ({len(data)} of {length} bytes at "
-                               f"{offset})")
+                               f"{offset})", kind="truncated")
     return data
 
 
@@ -139,5 +144,5 @@ def _checked(data: bytes, file: Path) -> bytes:
     """`data` without its trailing CRC-32C, which must match."""
     body, stored = data[:-4], int.from_bytes(data[-4:], "little")
     if len(data) < 4 or google_crc32c.value(body) != stored:
-        raise ChunkError(file, "is corrupt or truncated (checksum mismatch)")
+        raise ChunkError(file, "is corrupt or truncated (checksum mismatch)", kind="checksum")
     return body

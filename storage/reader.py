@@ -9,8 +9,8 @@ does not fill a batch is dropped, so every rank yields the same number of batche
 skips batches without reading them, so a resumed epoch continues exactly. With cache=None the
 same order streams tokens only (the CE baseline sees the rows the distilled student sees).
 
-Reads are always contiguous runs of rows (a block, or less at a slice edge): random
-single-sequence reads are 5-20x slower. A background thread reads blocks, keeps them encoded as
+Reads are always contiguous runs of rows (a block, or less at a slice edge): a random
+single-sequence read costs many times more per row (docs/log.md). A background thread reads blocks, keeps them encoded as
 stored, and decodes and assembles whole batches ahead of the consumer into a bounded queue: the
 training step only wraps ready arrays (or, with prefetch=0, the consumer's thread reads each
 batch when it asks for it). It stops when the consumer stops.
@@ -222,8 +222,8 @@ _END = object()
 
 def _gather(loaded: deque, positions: np.ndarray) -> dict[str, np.ndarray]:
     """Rows at stream `positions` (B,) from the loaded pieces (in stream order), in that order:
-    a row copy each (per piece, masks and fancy indexing made ~16 numpy calls, 0.43 ms for a
-    16-row batch from a shuffle window's 8 pieces; the row copies take 0.16)."""
+    a row copy each, which takes less time than masks and fancy indexing per piece
+    (docs/log.md)."""
     starts = np.fromiter((start for start, _ in loaded), np.int64, len(loaded))
     pieces = np.searchsorted(starts, positions, side="right") - 1
     out = {name: np.empty((len(positions), *a.shape[1:]), a.dtype)

@@ -18,7 +18,7 @@ import numpy as np
 import zarr
 
 from storage.chunks import ChunkError, RowReader
-from storage.errors import CorruptData, StoreNotFound
+from storage.errors import CorruptData, Problem, StoreNotFound
 from storage.zarr_codecs import checked_compressors
 
 FORMAT_VERSION = 1
@@ -79,8 +79,9 @@ class TokenStore:
         try:
             return self.rows.read(start, stop)
         except ChunkError as exc:
-            raise CorruptData(f"token store {self.path}: rows {start}-{stop}: file "
-                              f"{exc.file.relative_to(self.path)} {exc.problem}") from None
+            file = str(exc.file.relative_to(self.path))
+            message = f"token store {self.path}: rows {start}-{stop}: file {file} {exc.problem}"
+            raise CorruptData(message, problem=Problem(message, kind=exc.kind, file=file)) from None
 
 
 def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict,

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 from configs import Config, UserError  # noqa: E402
+from training.metrics import read_metrics  # noqa: E402
 
 COLUMNS = ("model", "params", "val loss", "perplexity", "bits/byte", "pairs acc", "ppl vs CE")
 
@@ -84,19 +85,6 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 # ----------------------------------------------------------------------------- curves
-
-def read_metrics(path: Path) -> list[dict]:
-    """JSONL rows of a metrics file; unreadable lines (a crash mid-write) are skipped."""
-    rows = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict) and "tokens" in row:
-            rows.append(row)
-    return rows
-
 
 def _series(rows: list[dict], key: str) -> tuple[list, list]:
     points = [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]

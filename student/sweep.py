@@ -16,8 +16,10 @@ from pathlib import Path
 from configs import Config
 from configs.cli import run
 from storage.cache import LogitCache, open_cache
-from student.train import (METRICS_FILE, is_finished, open_tokens, read_metrics, student_dir,
-                           train)
+from student.train import student_dir, train
+from training.checkpoint import is_finished
+from training.loop import open_tokens
+from training.metrics import METRICS_FILE, read_metrics
 
 
 def grid(cfg: Config) -> list[Config]:

@@ -10,7 +10,7 @@ from transformers import GPT2TokenizerFast
 
 from configs import load_config
 from precompute.corpus import prepare, read_source
-from precompute.tokenizer import fingerprint, load_tokenizer
+from training.tokenizer import fingerprint, load_tokenizer
 from storage.errors import StoreNotFound
 from storage.tokens import open_token_store, write_token_store
 from tests.conftest import REPO

@@ -10,11 +10,11 @@ from safetensors.torch import load_file
 
 from configs import UserError
 from precompute.logits import fill_caches
-from precompute.models import TeacherSource, load_teacher, resolve_teacher, weights_fingerprint
+from training.models import TeacherSource, load_teacher, resolve_teacher, weights_fingerprint
 from precompute.teacher import evaluate_teacher, train_teacher, training_method
 from storage.cache import open_cache
 from storage.tokens import open_token_store
-from student.evaluate import lm_metrics
+from training.scoring import lm_metrics
 from tests.precompute.tiny_teacher import learnable_tokens, save_teacher, tiny_config, tiny_run
 
 TRAINING = ("teacher.batch_size=8", "teacher.grad_accum=2", "teacher.max_steps=3",

@@ -9,7 +9,7 @@ import numpy as np
 
 from configs import CONFIG_DIR, Config, load_config
 from storage.tokens import write_token_store
-from student.model import new_gpt2
+from training.models import new_gpt2
 
 VOCAB = 300
 SEQ_LEN = 32

@@ -3,14 +3,17 @@ code 2, exactly one message line on stderr (progress bars aside), no traceback, 
 words, and every file that was there before byte-identical afterwards.
 
 The cases run as real processes, two at a time, in one session fixture; each parametrised test
-then checks its own case. The same run writes docs/bad-inputs.md (mistake | command | message),
-so the user-facing table is always the tested one.
+then checks its own case. The same run renders the catalogue (mistake | command | message), and
+a test checks that the committed docs/bad-inputs.md is exactly that, so the user-facing table is
+always the tested one. After changing a case or a message, regenerate it with
+`BABYLM_KD_WRITE_DOCS=1 python -m pytest tests/reliability/test_bad_inputs.py`.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -283,8 +286,13 @@ def command_of(case: Case, *, case_dir: Path, world: World) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def catalogue(world, tmp_path_factory) -> dict[str, Outcome]:
-    root = tmp_path_factory.mktemp("bad-inputs")
+def catalogue_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bad-inputs")
+
+
+@pytest.fixture(scope="session")
+def catalogue(world, catalogue_dir) -> dict[str, Outcome]:
+    root = catalogue_dir
     for case in CASES:
         (root / case.id).mkdir()
         case.setup(root / case.id, world)
@@ -299,7 +307,6 @@ def catalogue(world, tmp_path_factory) -> dict[str, Outcome]:
 
     with ThreadPoolExecutor(max_workers=2) as pool:  # start-up (imports) dominates each case
         outcomes = dict(zip((c.id for c in CASES), pool.map(attempt, CASES)))
-    write_doc(outcomes, root=root, world=world)
     return outcomes
 
 
@@ -310,7 +317,8 @@ def shown(text: str, *, case_dir: Path, world: World) -> str:
             .replace(str(world.root), "WORLD").replace(PYTHON, "python").replace("|", "\\|"))
 
 
-def write_doc(outcomes: dict[str, Outcome], *, root: Path, world: World) -> None:
+def render_doc(outcomes: dict[str, Outcome], *, root: Path, world: World) -> str:
+    """docs/bad-inputs.md as this run's outcomes make it."""
     rows = []
     for number, case in enumerate(CASES, 1):
         outcome = outcomes[case.id]
@@ -339,9 +347,16 @@ def write_doc(outcomes: dict[str, Outcome], *, root: Path, world: World) -> None
         "cache is named shard by shard by `python -m storage verify` (test_corruption.py).",
         "",
     ])
-    if not DOC.is_file() or DOC.read_text() != text:
-        DOC.parent.mkdir(exist_ok=True)
+    return text
+
+
+def test_committed_catalogue_is_this_run(catalogue, catalogue_dir, world):
+    text = render_doc(catalogue, root=catalogue_dir, world=world)
+    if os.environ.get("BABYLM_KD_WRITE_DOCS") == "1":
         DOC.write_text(text)
+    assert DOC.is_file() and DOC.read_text() == text, (
+        f"{DOC} differs from the tested catalogue: regenerate it with "
+        "BABYLM_KD_WRITE_DOCS=1 python -m pytest tests/reliability/test_bad_inputs.py")
 
 
 @pytest.mark.parametrize("case", [

@@ -145,7 +145,7 @@ def student_result(folder) -> tuple[dict, list[dict]]:
     """(weights name -> tensor, metrics rows without the timing keys) of a finished student."""
     from safetensors.torch import load_file
 
-    from student.train import read_metrics
+    from training.metrics import read_metrics
 
     rows = [{k: v for k, v in row.items() if k not in TIMING}
             for row in read_metrics(folder / "metrics.jsonl")]

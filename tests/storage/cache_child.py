@@ -23,10 +23,11 @@ def main() -> None:
     outputs = teacher_outputs()
     if mode == "all":
         written = []
-        for shard in writer.claimed_shards():
-            write_one(writer, shard, outputs)
-            written.append(shard)
-            time.sleep(float(args[0]))
+        for claim in writer.claimed_shards():
+            with claim:
+                write_one(writer, claim.shard, outputs)
+                written.append(claim.shard)
+                time.sleep(float(args[0]))
         print(json.dumps(written))
     elif mode == "rank":
         print(json.dumps(write_all(writer, outputs, rank=int(args[0]), world_size=int(args[1]))))

@@ -61,9 +61,10 @@ def write_one(writer, shard: int, outputs) -> None:
 def write_all(writer, outputs, *, rank: int = 0, world_size: int = 1) -> list[int]:
     """Write every pending shard of this rank the way precompute does; returns those written."""
     written = []
-    for shard in writer.claimed_shards(rank=rank, world_size=world_size):
-        write_one(writer, shard, outputs)
-        written.append(shard)
+    for claim in writer.claimed_shards(rank=rank, world_size=world_size):
+        with claim:
+            write_one(writer, claim.shard, outputs)
+        written.append(claim.shard)
     return written
 
 

@@ -4,7 +4,7 @@ import pytest
 
 from bench import cache as bench_cache
 from storage import StoreNotFound
-from student.model import new_gpt2
+from training.models import new_gpt2
 from tests.storage.cachedata import token_store
 
 

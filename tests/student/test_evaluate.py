@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from precompute.tokenizer import train_bpe
+from training.tokenizer import train_bpe
 from storage.tokens import write_token_store
-from student.evaluate import (lm_metrics, read_pair_dir, read_pair_file, score_pairs,
-                              sentence_logprobs)
-from student.model import new_gpt2
+from student.evaluate import read_pair_dir, read_pair_file, score_pairs, sentence_logprobs
+from training.models import new_gpt2
+from training.scoring import lm_metrics
 
 TEXT = ("the cat sat on the mat . the dog ran to the park . a bird sang in the tree . "
         "we like to play with the ball . she gave him a red apple . ") * 20

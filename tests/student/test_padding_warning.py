@@ -12,9 +12,9 @@ from transformers.utils import logging as hf_logging
 from precompute.logits import teacher_topk
 from storage.reader import Batch
 from storage.tokens import write_token_store
-from student.evaluate import lm_metrics
-from student.model import new_gpt2
-from student.train import Distillation, batch_losses
+from training.scoring import lm_metrics
+from training.models import new_gpt2
+from training.loop import Distillation, batch_losses
 
 WARNING = "recommend passing in an `attention_mask`"
 

@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from configs import CONFIG_DIR, load_config
-from precompute.tokenizer import tokenizer_facts, train_bpe
+from training.tokenizer import tokenizer_facts, train_bpe
 from storage.tokens import write_token_store
 from student.evaluate import evaluate_run
-from student.model import new_gpt2
+from training.models import new_gpt2
 from student.report import write_report
 
 REPO = CONFIG_DIR.parent

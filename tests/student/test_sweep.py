@@ -4,6 +4,8 @@ import json
 
 from student import sweep as sweeper
 from student import train as trainer
+from training import checkpoint as checkpoints
+from training import metrics as metrics_log
 from tests.student.test_train import config, make_run, one_thread  # noqa: F401 (autouse)
 
 
@@ -19,7 +21,7 @@ def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path, capsys, monke
     assert {r["run"] for r in rows} == names and len(opened) == 1
     for name in names:
         folder = root / "students" / name
-        assert trainer.is_finished(folder) and len(trainer.read_metrics(folder / "metrics.jsonl")) == 3
+        assert checkpoints.is_finished(folder) and len(metrics_log.read_metrics(folder / "metrics.jsonl")) == 3
         assert (folder / "config.yaml").read_text().count("alpha: 0.") == 1
     out = capsys.readouterr().out
     assert "approximating" in out  # T = 3 is not stored (1 and 2 are)

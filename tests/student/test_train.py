@@ -20,6 +20,9 @@ from configs.cli import run
 from precompute.logits import Sampling, write_cache
 from storage.tokens import open_token_store
 from student import train as trainer
+from training import checkpoint as checkpoints
+from training import loop
+from training import metrics as metrics_log
 from tests.precompute.tiny_teacher import save_teacher, tiny_overrides, tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -68,11 +71,11 @@ def run_dir(tmp_path_factory) -> Path:
 
 
 def metrics(folder: Path) -> list[dict]:
-    return trainer.read_metrics(folder / trainer.METRICS_FILE)
+    return metrics_log.read_metrics(folder / metrics_log.METRICS_FILE)
 
 
 def without_timing(rows: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in trainer.TIMING_KEYS} for row in rows]
+    return [{k: v for k, v in row.items() if k not in metrics_log.TIMING_KEYS} for row in rows]
 
 
 def weights(folder: Path) -> dict:
@@ -92,7 +95,7 @@ def test_cached_kd_loss_falls_and_the_student_loads(run_dir):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == 300 and model.config.n_layer == 2
-    assert (out / "config.yaml").is_file() and (out / "checkpoint" / trainer.STATE_FILE).is_file()
+    assert (out / "config.yaml").is_file() and (out / "checkpoint" / checkpoints.STATE_FILE).is_file()
     assert load_config(out / "config.yaml").distill.alpha == 0.5
     assert "already trained" in _rerun_output(out, run_dir)
 
@@ -134,7 +137,7 @@ def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
     for temperature in (2.0, 1.0):  # the draws' own temperature, and reweighted
         cfg = config(root, "cache.k=32", f"distill.temperature={temperature}",
                      "student.max_steps=12")
-        tokens, _ = trainer.open_tokens(cfg)
+        tokens, _ = loop.open_tokens(cfg)
         distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
         assert distil.reads_values == (temperature != 2.0)  # at T_s the ids alone are read
         out = trainer.train(cfg)
@@ -161,8 +164,8 @@ def test_fit_trains_a_lora_wrapped_model_with_ce(tmp_path):
     model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"]))
     cfg = config(root, "teacher.max_steps=4", "teacher.batch_size=8", "teacher.grad_accum=2",
                  "teacher.device=cpu", "teacher.eval_every=0", "teacher.checkpoint_every=2")
-    tokens, val = trainer.open_tokens(cfg)
-    out = trainer.fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens,
+    tokens, val = loop.open_tokens(cfg)
+    out = loop.fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens,
                       val_tokens=val)
     assert (out / "adapter_model.safetensors").is_file() and len(metrics(out)) == 4
     for name, p in model.base_model.model.named_parameters():
@@ -186,7 +189,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(run_dir):
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == code, err[-2000:]
-        state = torch.load(broken / "checkpoint" / trainer.STATE_FILE, weights_only=False)
+        state = torch.load(broken / "checkpoint" / checkpoints.STATE_FILE, weights_only=False)
         assert 0 < state["cursor"]["step"] < 240
         if sig == signal.SIGINT:
             assert "interrupted" in err
@@ -200,7 +203,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(run_dir):
 
 def _wait_for_new_checkpoint(folder: Path, proc: subprocess.Popen) -> None:
     """Until the process has written a checkpoint beyond the one it started from."""
-    state = folder / "checkpoint" / trainer.STATE_FILE
+    state = folder / "checkpoint" / checkpoints.STATE_FILE
     before = state.stat().st_mtime_ns if state.is_file() else 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -215,13 +218,14 @@ DDP_CHILD = """
 import hashlib, sys, torch, torch.distributed as dist
 from configs import CONFIG_DIR, load_config
 from student import train as trainer
-from student.model import new_gpt2
+from training import loop
+from training.models import new_gpt2
 cfg = load_config(CONFIG_DIR / "demo.yaml", sys.argv[2:])
-tokens, val = trainer.open_tokens(cfg)
+tokens, val = loop.open_tokens(cfg)
 model = new_gpt2(vocab_size=tokens.vocab_size, seq_len=tokens.seq_len, n_layer=2, n_embd=32, n_head=2)
 distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
-trainer.fit(model, cfg=cfg, hp=cfg.student, out_dir=cfg.run_path / "students" / "ddp",
-            tokens=tokens, val_tokens=val, distil=distil)
+loop.fit(model, cfg=cfg, hp=cfg.student, out_dir=cfg.run_path / "students" / "ddp",
+         tokens=tokens, val_tokens=val, distil=distil)
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w").write(digest)
 dist.destroy_process_group()
@@ -295,19 +299,19 @@ def test_cache_for_other_inputs_or_missing_cache_exit_2(tmp_path):
 
 
 def test_lr_schedule():
-    factor = lambda step, schedule: trainer.lr_factor(step, warmup=10, total=110, schedule=schedule)
+    factor = lambda step, schedule: loop.lr_factor(step, warmup=10, total=110, schedule=schedule)
     assert factor(0, "cosine") == pytest.approx(0.1) and factor(9, "cosine") == 1.0
     assert factor(60, "cosine") == pytest.approx(0.5) and factor(110, "cosine") == pytest.approx(0)
     assert factor(60, "linear") == pytest.approx(0.5) and factor(100, "constant") == 1.0
 
 
 def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
-    path = tmp_path / trainer.METRICS_FILE
+    path = tmp_path / metrics_log.METRICS_FILE
     for step in (1, 2, 3):
-        trainer.append_metrics(path, {"step": step, "loss": 1.0 / step})
+        metrics_log.append_metrics(path, {"step": step, "loss": 1.0 / step})
     with path.open("a") as f:
         f.write('{"step": 4, "loss": 0.2')  # SIGKILL mid-write: no closing brace, no newline
-    trainer.truncate_metrics(path, after_step=3)
-    assert [row["step"] for row in trainer.read_metrics(path)] == [1, 2, 3]
-    trainer.truncate_metrics(path, after_step=2)
-    assert [row["step"] for row in trainer.read_metrics(path)] == [1, 2]
+    metrics_log.truncate_metrics(path, after_step=3)
+    assert [row["step"] for row in metrics_log.read_metrics(path)] == [1, 2, 3]
+    metrics_log.truncate_metrics(path, after_step=2)
+    assert [row["step"] for row in metrics_log.read_metrics(path)] == [1, 2]

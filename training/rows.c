@@ -1,13 +1,12 @@
-/* The fused CE + cached-KD loss (student/losses.py, ce_and_cached_kl) on the CPU, a row at a time.
+/* The fused CE + cached-KD loss (training/losses.py, ce_and_cached_kl) on the CPU, a row at a time.
 
-   Compiled on first use by student/native.py. Each row of V logits is read while it sits in the
+   Compiled on first use by training/native.py. Each row of V logits is read while it sits in the
    L1 cache (its max, then its exponentials), and the row's k head entries and label are handled
    in the same visit. The torch ops of losses._FusedCEKL compute the same thing in ~40 ops over
-   chunks of rows, each op a few microseconds of dispatch: on 1,008 x 512 logits (bench.student's
-   student, one thread) forward and backward took them 2.05 ms for cached KD and 1.21 for CE, and
-   this kernel 0.91 and 0.71. teacher_buckets and sampled_targets, at the end, do the same for
-   the losses functions of those names (a top-k cache's head and tail; a sampled cache's draws,
-   reweighted, repeats merged).
+   chunks of rows, each op a few microseconds of dispatch, which on a small student's logits
+   outweighs the arithmetic (docs/log.md). teacher_buckets and sampled_targets, at the end, do the
+   same for the losses functions of those names (a top-k cache's head and tail; a sampled cache's
+   draws, reweighted, repeats merged).
 
    The maths, per row r with label y (negative: ignored, CE and KL 0):
      lse = logsumexp(x), ce = lse - x[y]
@@ -32,7 +31,8 @@
 
 #define HEAD_BLOCK 64
 #define MAX_THREADS 64
-/* the fewest logits a thread gets: splitting bench.student's ~2^19 in two gained nothing here */
+/* the fewest logits a thread gets: a call with fewer than twice this runs on one thread, since
+   splitting bench.student's ~2^19 logits in two gained nothing (docs/log.md) */
 #define ELEMENTS_PER_THREAD (1 << 18)
 
 /* exp(x) for x <= 88 in a form the compiler vectorises (libm's expf is a call): 2^n p(r) with
@@ -152,8 +152,8 @@ static inline __attribute__((always_inline)) void head_rooted(
    are sum' q_i and sum' p_i (log p_i - log q_i), a slot that repeats the id before it weighing 0.
    weight is NULL (no repeats in the row: every top-k row) or a HEAD_BLOCK buffer at each call,
    so that the loops compile without the branch (it keeps them from vectorising). The weights
-   are made a block at a time before the exps: compared inside their loop, the int64 ids halved
-   its vector width (the kernel 3-4% slower). */
+   are made a block at a time before the exps: compared inside their loop, the int64 ids would
+   halve its vector width and slow the kernel (docs/log.md). */
 static inline __attribute__((always_inline)) void head_terms(
         float *q_row, const float *log_p, const int64_t *ids, int64_t k, float inv_t, float lse_t,
         float *weight, float *q_sum, float *cross) {

@@ -1,4 +1,9 @@
-"""Loading the teacher: a hub name or a local folder, fp32/fp16/bf16 or 4-bit NF4 / 8-bit through
+"""The models every stage builds or loads.
+
+New GPT-2s of a configured shape, randomly initialised from a seed (`new_gpt2`: students, and
+teachers trained from scratch).
+
+Loading the teacher: a hub name or a local folder, fp32/fp16/bf16 or 4-bit NF4 / 8-bit through
 bitsandbytes, optionally with a PEFT LoRA adapter; plus the weights fingerprint that goes into
 the logit cache's manifest.
 
@@ -20,9 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from configs import Config, UserError
-from precompute.tokenizer import looks_like_local_path
+from training.tokenizer import looks_like_local_path
 
 TEACHER_DIR = "teacher"
 TEACHER_INFO = "teacher.json"
@@ -30,6 +36,21 @@ TEACHER_INFO = "teacher.json"
 ADAPTER_CONFIG = "adapter_config.json"
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def new_gpt2(*, vocab_size: int, seq_len: int, n_layer: int, n_embd: int, n_head: int,
+             dropout: float = 0.0, seed: int = 0, eos_token_id: int = 0) -> GPT2LMHeadModel:
+    """A randomly initialised GPT-2 (tied input/output embeddings, GPT-2's init) from `seed`.
+
+    `eos_token_id` doubles as BOS: the token store joins documents with it.
+    """
+    config = GPT2Config(
+        vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
 
 
 class TeacherNotFound(UserError):

@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from configs import UserError
-from precompute.models import (TeacherNotFound, TeacherSource, VocabularyMismatch,
+from training.models import (TeacherNotFound, TeacherSource, VocabularyMismatch,
                                check_vocabulary, load_teacher, resolve_teacher, weights_fingerprint)
 from tests.precompute.tiny_teacher import VOCAB, learnable_tokens, save_teacher, tiny_config
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from student import losses
-from student.native import rows_kernel, torch_ops_only
-from student.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, first_slots, full_kl,
+from training import losses
+from training.native import rows_kernel, torch_ops_only
+from training.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, first_slots, full_kl,
                             log1mexp, sampled_targets, shift_labels, teacher_buckets)
 
 V, K = 50, 6

@@ -1,4 +1,4 @@
-"""The C kernel of the fused loss (student/rows.c) against the torch ops it replaces on the CPU,
+"""The C kernel of the fused loss (training/rows.c) against the torch ops it replaces on the CPU,
 and its build: in a fresh cache folder, without a compiler, over a damaged library, switched
 off."""
 
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-from student.losses import IGNORE_INDEX, ce_and_cached_kl, sampled_targets, teacher_buckets
-from student.native import rows_kernel, torch_ops_only
+from training.losses import IGNORE_INDEX, ce_and_cached_kl, sampled_targets, teacher_buckets
+from training.native import rows_kernel, torch_ops_only
 
 
 def loss_and_grad(student, labels, teacher_kwargs, weights):
@@ -157,7 +157,7 @@ def test_an_id_outside_the_vocabulary_raises_instead_of_reading_past_the_row():
 
 def build_in_a_child(tmp_path, **env) -> subprocess.CompletedProcess:
     """A fresh process (rows_kernel caches its library per process) with its own cache folder."""
-    code = ("from student.native import rows_kernel; "
+    code = ("from training.native import rows_kernel; "
             "print('kernel' if rows_kernel() is not None else 'torch ops')")
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "XDG_CACHE_HOME": str(tmp_path), **env})

@@ -4,7 +4,7 @@ Shapes: B sequences, L positions, V vocabulary, k cached teacher entries, n_T st
 Position t of the student logits, of the labels and of the cache all describe the token after
 token t (labels are the inputs shifted left; the last position is ignored).
 
-The combined objective (DESIGN.md, "KD loss"), averaged over non-ignored tokens:
+The combined objective (docs/architecture.md), averaged over non-ignored tokens:
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(p_T || q_T)
 
@@ -19,15 +19,14 @@ the teacher's softmax at T_s) stands for the whole distribution, tail included: 
 frequencies, reweighted by exp(z (1/T - 1/T_s)) when T differs (`sampled_targets`), and there is
 no tail bucket (p_tail = 0), so the student's mass outside the drawn ids is pushed down as in
 full-vocabulary KD. Per-position p is noisy, but its expectation is the teacher's p_T, where the
-top-k head plus bucket never tells the student how the tail is shaped (README, "Top-k or
-sampled").
+top-k head plus bucket never tells the student how the tail is shaped (docs/topk-vs-sampled.md).
 
 `ce_and_cached_kl` is one fused autograd function: it makes one pass over the (B, L, V) logits
 for CE and KL together and writes their gradients into a single (B, L, V) buffer, so cached KD
 costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over (B, L, V)
-and ran 7-28% slower than CE). On the CPU it runs as a small C kernel (rows.c, built on first use
-by student.native) a row at a time: the torch ops' dispatch, ~40 ops a step, cost more than the
-arithmetic on a small student. On a GPU its torch ops go through torch.compile, which makes each
+and runs slower than CE: docs/log.md). On the CPU it runs as a small C kernel (rows.c, built on
+first use by training.native) a row at a time: the torch ops' dispatch, ~40 ops a step, costs more
+than their arithmetic on a small student (docs/log.md). On a GPU its torch ops go through torch.compile, which makes each
 direction's pass over the logits one kernel. The kernel, the compiled and the eager ops agree to
 ~1e-6 (tests); the eager ops serve other dtypes, machines without a C compiler, and
 BABYLM_KD_COMPILE=0.
@@ -44,7 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from student.native import TeacherRows, fits_kernel, rows_kernel
+from training.native import TeacherRows, fits_kernel, rows_kernel
 
 IGNORE_INDEX = -100
 TAIL_FLOOR = 1e-6
@@ -110,7 +109,7 @@ def teacher_buckets(logits: torch.Tensor, lse: torch.Tensor, *, temperature: flo
     t0 = temperatures[nearest]
     if same_temperature(t0, temperature):
         kernel = rows_kernel() if fits_kernel(logits, lse) and logits.shape[-1] else None
-        if kernel is not None:  # ~7 small ops: 0.64 ms a step of bench.student's loop, 0.36 in C
+        if kernel is not None:  # one C call for ~7 small torch ops, which cost their dispatch
             return kernel.teacher_buckets(logits, lse, column=nearest, temperature=temperature)
         log_p = logits / temperature - lse[..., nearest].float().unsqueeze(-1)
     else:
@@ -152,7 +151,7 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperatu
     else:
         logits = logits.float()
     kernel = rows_kernel() if fits_kernel(ids, logits) and ids.shape[-1] else None
-    if kernel is not None:  # ~10 small ops: 1.4 ms a step of bench.student's loop, 0.4 in C
+    if kernel is not None:  # one C call for ~10 small torch ops, which cost their dispatch
         log_p = kernel.sampled_targets(ids, logits, scale=scale)
         return log_p, log_p.new_zeros(log_p.shape[:-1])
     weights = (torch.full(ids.shape, 1 / ids.shape[-1], device=ids.device) if logits is None
@@ -178,8 +177,7 @@ class _FusedCEKL(torch.autograd.Function):
     cache while every read of them happens, and the head's ops once over all rows. On an
     accelerator the whole function goes through torch.compile (`_compiled`): each dense pass
     becomes one kernel that reads the logits once, where the eager ops make several passes and
-    launches (bench/gpu_results.md, GPT-2 Small's batch on an H200: forward and backward 5.89 ->
-    1.63 ms for KD, 3.40 -> 1.25 for CE).
+    launches (the timings on a GPU: docs/log.md).
     """
 
     @staticmethod
@@ -229,7 +227,7 @@ def _forward_rows(x, labels, head_ids, log_p, p_tail, *, temperature, dense=_log
     log_q = head_logits / temperature - lse_t.unsqueeze(-1)
     q = log_q.exp()
     p = log_p.exp()
-    # a repeated id counts once in the sums (multiplying by 0/1 is ~5x faster than where)
+    # a repeated id counts once in the sums (a multiply by 0/1 costs less than torch.where)
     once = first_slots(head_ids).to(x.dtype)
     q_once, p_once = q * once, p * once
     # 1 - sum q_i in float32 resolves tails down to ~1e-7, below TAIL_FLOOR
@@ -260,7 +258,7 @@ def _backward_rows(x, labels, grad_ce, grad_kl, head_ids, p_tail, lse1, lse_t=No
     scatter then writes those columns' whole gradients, from (n, k + 1) values. Eagerly that is
     the least memory (the softmax and the result); torch.compile makes it one kernel and one
     (n, V) buffer, as for CE (a scatter into an intermediate, or a scatter_add after a scatter,
-    costs a second: tests/student/test_compiled_loss.py).
+    costs a second: tests/training/test_compiled_loss.py).
     """
     valid = labels != IGNORE_INDEX
     grad_ce = torch.where(valid, grad_ce, 0.0).unsqueeze(-1)
@@ -298,8 +296,8 @@ def _direction(rows_function, dense_pass, x, *args, temperature):
     """rows_function(x, *args, temperature=) for logits x (N, V), dense_pass its `dense`. On the
     CPU the dense pass goes in blocks of CHUNK_ELEMENTS logits (cache-sized). Elsewhere the
     whole function goes through torch.compile, unless BABYLM_KD_COMPILE=0 (then eagerly, all
-    rows at once: CPU-cache-sized blocks, 2 rows of a 50k vocabulary, made GPT-2 Small's step
-    40x slower on an H200)."""
+    rows at once: CPU-cache-sized blocks, 2 rows of a 50k vocabulary, are far too small a launch
+    for a GPU, docs/log.md)."""
     if x.device.type == "cpu":
         return rows_function(x, *args, temperature=temperature, dense=_in_blocks(dense_pass))
     if os.environ.get("BABYLM_KD_COMPILE", "1") != "0":
@@ -440,7 +438,7 @@ def combine(ce: torch.Tensor, kl: torch.Tensor | None, labels: torch.Tensor, *, 
         return LossTerms(ce_mean, ce_mean.detach(), ce_mean.new_zeros(()), n_tokens)
     kl_sum = kl.sum()
     # weighted in as few ops as can be: on a small student each autograd op (forward and
-    # backward) costs more than its arithmetic (7 ops -> 4 saved ~0.07 ms a step here)
+    # backward) costs more than its arithmetic (docs/log.md)
     loss = torch.add(ce_sum * (alpha / denominator), kl_sum,
                      alpha=(1 - alpha) * temperature ** 2 / denominator)
     return LossTerms(loss, ce_sum.detach() / denominator, kl_sum.detach() / denominator, n_tokens)

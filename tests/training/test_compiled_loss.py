@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
 
-from student import losses
-from student.losses import IGNORE_INDEX, sampled_targets, teacher_buckets
+from training import losses
+from training.losses import IGNORE_INDEX, sampled_targets, teacher_buckets
 
 
 def rows_of_a_batch(kind: str, temperature: float):
@@ -65,7 +65,7 @@ def test_compiled_rows_equal_the_eager_ones(kind, temperature, capfd):
 
 FALLBACK = """
 import torch
-from student import losses
+from training import losses
 rows = (torch.randn(4, 10), torch.tensor([1, 2, 3, -100]), None, None, None)
 compiled = losses._compiled(losses._forward_rows)(*rows, temperature=1.0)
 eager = losses._forward_rows(*rows, temperature=1.0)

@@ -1,7 +1,7 @@
 """The C row kernel of the fused loss (rows.c), compiled on first use and loaded with ctypes.
 
-The build needs only a C compiler (`cc`, or $CC): no Python headers, no torch headers, under a
-second. The library is kept in $XDG_CACHE_HOME/babylm-kd (default ~/.cache/babylm-kd), named by a
+The build needs only a C compiler (`cc`, or $CC): no Python headers, no torch headers. The
+library is kept in $XDG_CACHE_HOME/babylm-kd (default ~/.cache/babylm-kd), named by a
 hash of the source, the flags and this CPU's instruction-set flags (it is built with
 -march=native, so a home directory shared by different machines gets one library per kind of
 CPU). It is written to a temporary name and renamed into place, so ranks that build at once

@@ -1,0 +1,1 @@
+"""Every stage end to end: `python -m pipeline` (`make demo`)."""

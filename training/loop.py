@@ -1,0 +1,376 @@
+"""The training loop: one loop for every model this project trains (nanoGPT style).
+
+`fit` trains any causal LM on a token store: a student in each mode (the CE baseline, KD from
+the logit cache with no teacher in memory, online KD with the teacher resident and the
+full-vocabulary KL as the reference), and the teacher when it is fine-tuned or trained from
+scratch (a LoRA-wrapped or 4-bit model, CE only). `Distillation` says what the teacher
+contributes; None trains on cross-entropy alone.
+
+A run's folder gets the final model (save_pretrained: config.json + model.safetensors),
+config.yaml (the resolved config), metrics.jsonl (training/metrics.py) and checkpoint/
+(training/checkpoint.py). A rerun resumes from the last checkpoint and ends with the same
+weights as an uninterrupted run (CPU, same seed). Ctrl-C or SIGTERM stops after writing a
+checkpoint. Under `torchrun` each rank trains on its disjoint share of every batch (DDP) and
+only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from configs import Config, StudentConfig, TeacherConfig, UserError
+from storage.cache import LogitCache
+from storage.errors import CorruptData
+from storage.reader import Batch, batches_per_epoch, stream_batches
+from storage.tokens import TokenStore, open_token_store
+from training.checkpoint import find_checkpoint, restore, save_checkpoint, save_final
+from training.device import autocast, autocast_dtype, barrier, setup_distributed, wrap_ddp
+from training.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, same_temperature,
+                             sampled_targets, shift_labels, teacher_buckets)
+from training.metrics import METRICS_FILE, append_metrics, truncate_metrics
+
+
+Hyper = StudentConfig | TeacherConfig
+"""The loop's settings: the student's section, or the teacher's when fine-tuning it."""
+
+
+@dataclass
+class Distillation:
+    """What the teacher contributes to the loss. cache XOR teacher (cached vs online mode)."""
+
+    alpha: float
+    temperature: float
+    cache: LogitCache | None = None
+    k: int | None = None
+    vocab_size: int = 0
+    teacher: torch.nn.Module | None = None
+    skip_shards: tuple[int, ...] = ()
+
+    @property
+    def reads_values(self) -> bool:
+        """Whether the loss needs the cache's logits and lse: not for draws at their own
+        temperature, whose frequencies are the targets (`sampled_targets`)."""
+        drawn_at = self.cache.sample_temperature
+        return drawn_at is None or not same_temperature(drawn_at, self.temperature)
+
+
+@dataclass
+class Cursor:
+    """Where training stands: optimizer steps done, and the next micro-batch (epoch, batch)."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
+    tokens: int = 0
+
+
+def open_tokens(cfg: Config) -> tuple[TokenStore, TokenStore]:
+    """The run's train and validation token stores (a missing one says to run `make data`)."""
+    return tuple(open_token_store(cfg.run_path / "tokens" / f"{split}.zarr")
+                 for split in ("train", "val"))
+
+
+def fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens: TokenStore,
+        val_tokens: TokenStore | None, distil: Distillation | None = None) -> Path:
+    """Train `model` on `tokens` with the settings `hp`; write `out_dir` (see module doc).
+
+    `model`: any causal LM returning `.logits` (B, L, V); only parameters that require grad
+    are optimised (a PEFT adapter trains just its LoRA weights). distil None: cross-entropy only.
+    """
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint drowns ours
+    rank, world_size, device = setup_distributed(hp.device)
+    is_writer = rank == 0
+    out_dir = Path(out_dir)
+    micro = micro_batch_size(hp, world_size)
+    skip = distil.skip_shards if distil else ()
+    shard_sequences = distil.cache.shard_sequences if distil and distil.cache else 0
+    per_epoch = batches_per_epoch(n_sequences=tokens.n_sequences, batch_size=micro,
+                                  world_size=world_size, shard_sequences=shard_sequences,
+                                  skip_shards=skip) // hp.grad_accum
+    if per_epoch == 0:
+        raise UserError(f"{tokens.path} has {tokens.n_sequences} sequences, fewer than one batch "
+                        f"of {hp.batch_size}: lower the batch size")
+    total_steps = hp.max_steps or max(1, round(hp.epochs * per_epoch))
+    amp_dtype = autocast_dtype(hp.precision, device)
+
+    if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
+        model.to(device)
+    optimizer = make_optimizer(model, hp)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup=hp.warmup_steps, total=total_steps,
+                                          schedule=hp.schedule))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    torch.manual_seed(hp.seed + rank)  # dropout; the init came from the model's own seed
+    cursor = Cursor()
+    checkpoint = out_dir / "checkpoint"
+    if (state := find_checkpoint(checkpoint)) is not None:
+        cursor = Cursor(**restore(state, model=model, optimizer=optimizer, scheduler=scheduler,
+                                  scaler=scaler, device=device))
+        if is_writer:
+            print(f"resuming {out_dir} from step {cursor.step} of {total_steps}")
+    elif is_writer:
+        check_fresh_start(out_dir)
+    if is_writer:
+        cfg.save(out_dir)
+        truncate_metrics(out_dir / METRICS_FILE, after_step=cursor.step)
+    trained = wrap_ddp(model, device) if world_size > 1 else model
+
+    stop = StopFlag()
+    data = micro_batches(tokens, distil, hp=hp, micro=micro, cursor=cursor, rank=rank,
+                         world_size=world_size, prefetch=prefetch_depth(device))
+    bar = tqdm(total=total_steps, initial=cursor.step, unit="step", disable=not is_writer,
+               desc=out_dir.name, dynamic_ncols=True)
+    started = time.perf_counter()
+    row = {}
+    with stop, contextlib.closing(data), bar:
+        while cursor.step < total_steps:
+            step_start = time.perf_counter()
+            row = train_step(trained, optimizer, scaler, data, distil, hp=hp, cursor=cursor,
+                             device=device, amp_dtype=amp_dtype, world_size=world_size)
+            scheduler.step()
+            cursor.step += 1
+            row.update(step=cursor.step, epoch=round(cursor.epoch + cursor.batch / (
+                per_epoch * hp.grad_accum), 4), lr=scheduler.get_last_lr()[0])
+            last = cursor.step == total_steps
+            if val_tokens is not None and (last or (hp.eval_every and cursor.step % hp.eval_every == 0)):
+                row["val_loss"] = validate(model, val_tokens, micro=micro, device=device,
+                                           amp_dtype=amp_dtype, rank=rank, world_size=world_size)
+                row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+            elapsed = time.perf_counter() - step_start
+            row.update(tokens_per_s=round(row.pop("step_tokens") / elapsed, 1),
+                       elapsed_s=round(time.perf_counter() - started, 3))
+            stopping = stop.agreed(device, world_size)
+            if is_writer:
+                append_metrics(out_dir / METRICS_FILE, row)
+            if last or stopping or (hp.checkpoint_every and cursor.step % hp.checkpoint_every == 0):
+                save_checkpoint(checkpoint, model=model, cfg=cfg, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, cursor=cursor,
+                                is_writer=is_writer, world_size=world_size)
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
+                            **({"val_ppl": f"{row['val_ppl']:.2f}"} if "val_ppl" in row else {}))
+            bar.update(1)
+            if stopping and not last:
+                raise KeyboardInterrupt
+    if is_writer:
+        save_final(model, out_dir)
+        print(f"{out_dir}: {cursor.step} steps, {cursor.tokens:,} tokens"
+              + (f", val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}" if "val_loss" in row else ""))
+    barrier(world_size)
+    return out_dir
+
+
+def train_step(model, optimizer, scaler, data: Iterator[tuple[int, int, Batch]],
+               distil: Distillation | None, *, hp: Hyper, cursor: Cursor, device: torch.device,
+               amp_dtype: torch.dtype | None, world_size: int) -> dict:
+    """One optimizer step over `hp.grad_accum` micro-batches; returns the step's metrics.
+
+    Each micro-batch's loss is its token sum over the step's token count, so the gradient is the
+    mean over every token of the step whatever the split (ranks hold equal token counts: packed
+    sequences, equal batches).
+    """
+    batches = []
+    for _ in range(hp.grad_accum):
+        epoch, index, batch = next(data)
+        batches.append(batch)
+        cursor.epoch, cursor.batch = epoch, index + 1
+    step_tokens = sum(int(b.tokens.shape[0] * (b.tokens.shape[1] - 1)) for b in batches)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kl, tokens
+    for i, batch in enumerate(batches):
+        sync = i == len(batches) - 1 or world_size == 1
+        with (contextlib.nullcontext() if sync else model.no_sync()):
+            terms = batch_losses(model, batch, distil, device=device, amp_dtype=amp_dtype)
+            scaler.scale(terms.loss * (terms.n_tokens / step_tokens)).backward()
+        sums += torch.tensor([float(terms.loss.detach()) * terms.n_tokens,
+                              float(terms.ce) * terms.n_tokens, float(terms.kl) * terms.n_tokens,
+                              terms.n_tokens], dtype=torch.float64)
+    scaler.unscale_(optimizer)
+    if hp.grad_clip:
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], hp.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    cursor.tokens += int(sums[3])
+    loss, ce, kl = (float(v / sums[3]) for v in sums[:3])
+    return {"tokens": cursor.tokens, "loss": loss, "ce": ce, "kl": kl,
+            "step_tokens": int(sums[3])}
+
+
+def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: torch.device,
+                 amp_dtype: torch.dtype | None) -> LossTerms:
+    """Forward one micro-batch and return its loss terms (means over its non-ignored tokens)."""
+    tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
+    labels = shift_labels(tokens)
+    if distil is not None and distil.cache is not None:
+        # Copied before the forward and without blocking: a blocking copy after it waits for the
+        # forward's kernels, and the GPU then idles while the loss and backward are launched.
+        ids, cached_logits, lse = (None if array is None
+                                   else torch.from_numpy(array).to(device, non_blocking=True)
+                                   for array in (batch.ids, batch.logits, batch.lse))
+    # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
+    # (without one transformers warns on every run).
+    unpadded = torch.ones_like(tokens)
+    with autocast(device, amp_dtype):
+        logits = model(input_ids=tokens, attention_mask=unpadded).logits
+    logits = logits.float()
+    if distil is None:
+        ce, _ = ce_and_cached_kl(logits, labels)
+        return combine(ce, None, labels, alpha=1.0, temperature=1.0)
+    t = distil.temperature
+    if distil.teacher is not None:
+        with torch.no_grad(), autocast(device, amp_dtype):
+            teacher_logits = distil.teacher(input_ids=tokens, attention_mask=unpadded).logits
+        ce, _ = ce_and_cached_kl(logits, labels)
+        kl = full_kl(logits, teacher_logits, temperature=t, labels=labels)
+    else:
+        if distil.cache.sample_temperature is not None:
+            log_p, p_tail = sampled_targets(ids, cached_logits, temperature=t,
+                                            sample_temperature=distil.cache.sample_temperature)
+        else:
+            log_p, p_tail = teacher_buckets(
+                cached_logits, lse, temperature=t, temperatures=distil.cache.temperatures,
+                vocab_size=distil.vocab_size)
+        ce, kl = ce_and_cached_kl(logits, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
+                                  temperature=t)
+    return combine(ce, kl, labels, alpha=distil.alpha, temperature=t)
+
+
+@torch.no_grad()
+def validate(model, val_tokens: TokenStore, *, micro: int, device: torch.device,
+             amp_dtype: torch.dtype | None, rank: int, world_size: int) -> float:
+    """Mean next-token CE over the validation store (in order; each rank scores its share)."""
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    batch_size = max(1, min(micro, val_tokens.n_sequences // world_size))
+    for batch in stream_batches(tokens=val_tokens, batch_size=batch_size, seed=0, epoch=0,
+                                rank=rank, world_size=world_size, shuffle=False):
+        terms = batch_losses(model, batch, None, device=device, amp_dtype=amp_dtype)
+        sums += torch.tensor([float(terms.ce) * terms.n_tokens, terms.n_tokens], dtype=torch.float64)
+    if world_size > 1:
+        dist.all_reduce(sums)
+    model.train(was_training)
+    return float(sums[0] / max(sums[1], 1))
+
+
+def prefetch_depth(device: torch.device) -> int:
+    """Batches the reader prepares ahead in a background thread: on an accelerator, 4, so reading
+    hides behind the device's step. On the CPU, none: the batch is read in the training loop. A
+    reader thread there shares the cores and the GIL with the step, so it hid nothing, and its
+    malloc arena held more memory; training on one torch thread, with a core left free for the
+    reader, did not change that (docs/log.md)."""
+    return 0 if device.type == "cpu" else 4
+
+
+def micro_batches(tokens: TokenStore, distil: Distillation | None, *, hp: Hyper, micro: int,
+                  cursor: Cursor, rank: int, world_size: int,
+                  prefetch: int) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, batch index, Batch) from the cursor on, epoch after epoch (whole steps only)."""
+    cache = distil.cache if distil else None
+    skip = distil.skip_shards if distil else ()
+    shard_sequences = cache.shard_sequences if cache else 0
+    usable = batches_per_epoch(n_sequences=tokens.n_sequences, batch_size=micro,
+                               world_size=world_size, shard_sequences=shard_sequences,
+                               skip_shards=skip) // hp.grad_accum * hp.grad_accum
+    epoch, start = cursor.epoch, cursor.batch
+    while True:
+        if start < usable:
+            batches = stream_batches(tokens=tokens, cache=cache, batch_size=micro, seed=hp.seed,
+                                     epoch=epoch, start_batch=start, rank=rank,
+                                     world_size=world_size, k=distil.k if cache else None,
+                                     values=distil.reads_values if cache else True,
+                                     shuffle_buffer=getattr(hp, "shuffle_buffer", 256),
+                                     skip_shards=skip, prefetch=prefetch)
+            with contextlib.closing(batches):
+                try:
+                    for index, batch in enumerate(batches, start):
+                        if index >= usable:
+                            break
+                        yield epoch, index, batch
+                except CorruptData as exc:
+                    raise CorruptData(f"{exc}; distill.skip_bad_shards=true trains without "
+                                      "the damaged shards", problem=exc.problem) from None
+        epoch, start = epoch + 1, 0
+
+
+def micro_batch_size(hp: Hyper, world_size: int) -> int:
+    """Sequences per rank per forward: batch_size = micro x grad_accum x world_size."""
+    if hp.batch_size % (hp.grad_accum * world_size):
+        raise UserError(f"batch_size {hp.batch_size} is not divisible by grad_accum "
+                        f"{hp.grad_accum} x {world_size} ranks")
+    return hp.batch_size // (hp.grad_accum * world_size)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
+    """Learning-rate multiplier at `step`: linear warmup, then cosine/linear decay to 0 or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, hp: Hyper) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases and LayerNorm weights)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=hp.lr, betas=(0.9, 0.95))
+
+
+class StopFlag:
+    """Ctrl-C (SIGINT) or SIGTERM sets a flag; the loop checkpoints and stops at the step's end.
+    All ranks agree on stopping, so no rank waits for a collective the others left."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (checkpointing); Ctrl-C again to stop at once", flush=True)
+
+    def agreed(self, device: torch.device, world_size: int) -> bool:
+        if world_size == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def check_fresh_start(out_dir: Path) -> None:
+    """A directory with metrics but no checkpoint holds a run that cannot be resumed."""
+    metrics = out_dir / METRICS_FILE
+    if metrics.is_file() and metrics.stat().st_size:
+        print(f"note: {out_dir} has no checkpoint; starting over")
+        metrics.unlink()

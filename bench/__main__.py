@@ -9,12 +9,12 @@ Benchmarks (each in a fresh process, one after another, so that none inherits an
 threads, allocator or page cache): `bench.cache` (bytes/token and read/write speed of the logit
 cache on a real trained teacher), `bench.teacher_job` (the logits job against the teacher's bare
 compute), `bench.student` (CE vs cached vs online KD: speed, memory, quality), `bench.real_text`
-(top-k and sampled caches vs online KD, quality on BabyLM text, 30-56 min), `bench.evaluate`
+(top-k and sampled caches vs online KD, quality on BabyLM text; the longest), `bench.evaluate`
 (minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
 
 bench.cache needs a trained teacher: without --teacher/--tokens and without runs/demo/teacher,
 the demo's data and teacher stages run first (`precompute.corpus` and `precompute.teacher` on
-configs/demo.yaml, ~15-20 min on 2 busy cores, once). On a shared machine throughputs are noisy;
+configs/demo.yaml, once). On a shared machine throughputs are noisy;
 the ratios, measured side by side within one benchmark, are the figures that count.
 
 results.md holds the machine (cores, CPU model, torch, date, load average), the summary table,

@@ -5,10 +5,10 @@ of blimp_filtered) with a 2-layer GPT-2 of width 64 over a 2048-entry BPE traine
 sentences, at several batch sizes, and prints pairs/s. Target: 10,000 pairs in under a minute on
 the CPU. Real data is read from $BABYLM_KD_SHARED_DATA (default: ../shared/data beside the repo).
 
-On a CPU shared with other jobs, torch's default of one thread per core can be 5-10x slower than
-one thread for a model this small (its OpenMP workers wait on descheduled siblings); measured on
-2 busy cores: 1 thread 300-1700 pairs/s, 2 threads 60-75. `OMP_NUM_THREADS=1 make eval` then
-runs evaluation on one thread; an idle machine is faster with the default.
+On a CPU shared with other jobs, torch's default of one thread per core can be many times slower
+than one thread for a model this small: its OpenMP workers wait on descheduled siblings
+(docs/log.md). `OMP_NUM_THREADS=1 make eval` then runs evaluation on one thread; an idle machine
+is faster with the default.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run(*, n_pairs: int = 10_000,
     """One row per (torch threads, batch size): pairs, seconds, pairs/s, ratio to the fastest.
 
     Threads matter on a shared CPU: with every core busy, a tiny model's OpenMP workers wait on
-    each other and one thread can be many times faster than two (measured here).
+    each other and one thread can be many times faster than two (docs/log.md).
     """
     folder = SHARED_DATA / "blimp" / "blimp_filtered"
     n_files = len(list(folder.glob("*.jsonl")))

@@ -370,8 +370,8 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
 
     Each of `student_rounds` rounds trains every mode once, starting one mode further on (so
     no mode always pays for going first), and a mode's speed is compared with CE's in the same
-    round: on an H200 the same run's tokens/s moved by up to 30% from one round to the next
-    (its step is partly bound by launching kernels from Python).
+    round: a run's tokens/s moves from one round to the next, its step being partly bound by
+    launching kernels from Python (docs/log.md).
     """
     from student.train import train
     from training.metrics import read_metrics

@@ -7,20 +7,20 @@ on pinned here:
 
   data      the 4 BabyLM 2023 sources in $BABYLM_KD_SHARED_DATA (default ../shared/data beside
             the repo): 1.47M words, a 2048-entry BPE, ~2.1M training tokens of 128
-  teacher   4 x 128 GPT-2 trained from scratch for one epoch (150-400 s here)
-  caches    its top-256 logits at T = 1 and 2 over the training split (2-4 min, ~0.9 GB), and
-            caches of 64, 16 and 128 draws per position from its softmax at T = 2
-            (cache.selection=sample, 80-200 s each)
+  teacher   4 x 128 GPT-2 trained from scratch for one epoch
+  caches    its top-256 logits at T = 1 and 2 over the training split, and caches of 64, 16
+            and 128 draws per position from its softmax at T = 2 (cache.selection=sample)
   students  the demo's 2 x 64 student, one epoch each, same seed: CE, online KD, top-k cached
             KD (k = 64, the figure judged) and KD from 64 draws at T = 1 and T = 2, then top-k
             cached KD at other k (reading the first k of the cached 256) and from 16 and 128
-            draws at T = 2 (15-35 min for all)
+            draws at T = 2
 
 and reports each student's validation perplexity against online KD at its temperature and against
 CE, with the teacher's head mass (share of its tempered probability in the top k) that bounds
 what a top-k cache can carry; then the students' training step (bench.student's loop rows: CE and
 KD at T = 2 from the top-64, the 64 and the 128 draws, alternating in one process, 60 steps each,
-in seven fresh processes). `python -m bench.real_text` prints the tables (30-56 min here).
+in seven fresh processes). `python -m bench.real_text` prints the tables (timings of the stages:
+docs/log.md).
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from storage.tokens import open_token_store, write_token_store
 VOCAB, SEQ_LEN = 512, 64
 STUDENT = dict(n_layer=2, n_embd=64, n_head=2)
 SMALL_STUDENT = dict(n_layer=4, n_embd=256, n_head=4)
-"""Speed rows only: a student whose step (~10x the tiny one's) dwarfs reading the cache."""
+"""Speed rows only: a student whose step dwarfs reading the cache."""
 TEACHER = dict(n_layer=4, n_embd=128, n_head=4)
 TEMPERATURES = (1.0, 2.0, 4.0)
 CACHE_K = 64
@@ -65,9 +65,8 @@ MORE_DRAWS = (f"cache.k={SAMPLES[1]}", f"distill.k={SAMPLES[1]}")
 """Overrides that read all the draws of the larger sampled cache (the configs' k is 64)."""
 LOOP_PROCESSES = 7
 """Fresh processes the loop rows run in, each row's ratio the median of theirs: one process's
-ratios stray up to 3% from the next's (the 2 x 64 student's KD from 64 draws over CE: 0.930-0.964
-in three processes of one scratch run), and the target's margin is 5%; the median of seven
-strays less than one process."""
+ratios stray from the next's by a good part of the target's 5% margin (docs/log.md); the median
+of seven strays less than one process."""
 
 
 def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN) -> np.ndarray:
@@ -88,8 +87,8 @@ def markov_tokens(n: int, *, seed: int, vocab: int = VOCAB, seq_len: int = SEQ_L
 
 
 def overrides(root: Path, *extra: str) -> list[str]:
-    """Every setting the rows depend on, pinned here (demo.yaml is tuned for the demo corpus and
-    changes: its distill.temperature once made the "T=2" rows run at T=1)."""
+    """Every setting the rows depend on, pinned here: demo.yaml is tuned for the demo corpus and
+    changes, and a row named "T=2" must run at T = 2 whatever demo.yaml's distill.temperature."""
     s, t = STUDENT, TEACHER
     return [f"run_dir={root}", f"data.seq_len={SEQ_LEN}", "student.device=cpu",
             "distill.mode=cached", "distill.alpha=0.5", "distill.temperature=2.0",
@@ -255,11 +254,10 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
 def loop_rows(runs: dict[str, tuple[Config, bool]], *, steps: int, warmup: int = 5
               ) -> list[dict]:
     """The training step as the loop runs it, the runs alternating step by step in this process
-    (median of `steps` steps each). Each process of this machine runs at its own speed, 10-20%
-    apart, so ratios of two subprocesses (speed_rows) are noisy; here every run shares one
-    process, and one student and optimizer (the first run's): in one process, CE steps of two
-    copies of the same model ran up to 3.6% apart (their memory's placement: three scratch
-    runs), about what the loss costs.
+    (median of `steps` steps each). Separate processes run at speeds of their own, so ratios of
+    two subprocesses (speed_rows) are noisy; here every run shares one process, and one student
+    and optimizer (the first run's), since even in one process two copies of the same model
+    step at speeds apart by about what the loss costs (their memory's placement; docs/log.md).
     runs: name -> (its resolved config, whether the loss runs as torch ops instead of the C
     kernel: training.native); the first is the CE baseline every ratio is against."""
     import contextlib

@@ -7,8 +7,8 @@ randomly initialised GPT-2 teacher (speed does not depend on the weights' values
   * forward+topk+lse       what the job computes per batch (`teacher_topk`);
   * job                    the whole job into a new cache, after a one-shard warm-up job.
 Tokens/s is the best of `repeats` rounds (the machine is shared; rounds interleave the three).
-Processes of this machine each run at their own speed, 10-20% apart, so the target ratio, job >=
-0.95 x forward+topk+lse, is measured again in one more process that alternates the two
+Separate processes run at speeds of their own (docs/log.md), so the target ratio, job >= 0.95 x
+forward+topk+lse, is measured again in one more process that alternates the two
 (`repeats` + 1 rounds, the best of each): the row "job, alternating in one process".
 
     python -m bench.teacher_job [--layers 6 --width 384 --vocab 16000 --seq-len 128 ...]

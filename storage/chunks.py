@@ -2,11 +2,11 @@
 
 zarr-python sends every read through an asyncio event loop in a thread of its own: its Python
 costs more per call than decompressing a cache chunk does, and it holds the GIL that the training
-step needs too (docs/log.md). Every array this project writes has one layout: chunks encoded by bytes (little-endian),
-Blosc and CRC-32C (storage.zarr_codecs), and for the logit cache those chunks packed into shard
-files (Zarr's sharding codec) whose index, at the file's end, carries a CRC-32C of its own. So a
-read here is: the chunk's byte range, its checksum, Blosc. Writing and `verify` stay with zarr,
-and any layout other than that one is refused when the array is opened.
+step needs too (docs/log.md). Every array this project writes has one layout: chunks encoded by
+bytes (little-endian), Blosc and CRC-32C (storage.zarr_codecs), and for the logit cache those
+chunks packed into shard files (Zarr's sharding codec) whose index, at the file's end, carries a
+CRC-32C of its own. So a read here is: the chunk's byte range, its checksum, Blosc. Writing and
+`verify` stay with zarr, and any layout other than that one is refused when the array is opened.
 """
 
 from __future__ import annotations

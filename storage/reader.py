@@ -10,10 +10,10 @@ skips batches without reading them, so a resumed epoch continues exactly. With c
 same order streams tokens only (the CE baseline sees the rows the distilled student sees).
 
 Reads are always contiguous runs of rows (a block, or less at a slice edge): a random
-single-sequence read costs many times more per row (docs/log.md). A background thread reads blocks, keeps them encoded as
-stored, and decodes and assembles whole batches ahead of the consumer into a bounded queue: the
-training step only wraps ready arrays (or, with prefetch=0, the consumer's thread reads each
-batch when it asks for it). It stops when the consumer stops.
+single-sequence read costs many times more per row (docs/log.md). A background thread reads
+blocks, keeps them encoded as stored, and decodes and assembles whole batches ahead of the
+consumer into a bounded queue: the training step only wraps ready arrays (or, with prefetch=0,
+the consumer's thread reads each batch when it asks for it). It stops when the consumer stops.
 """
 
 from __future__ import annotations

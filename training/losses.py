@@ -26,10 +26,10 @@ for CE and KL together and writes their gradients into a single (B, L, V) buffer
 costs about what CE costs (a plain autograd graph of the same maths adds ~10 passes over (B, L, V)
 and runs slower than CE: docs/log.md). On the CPU it runs as a small C kernel (rows.c, built on
 first use by training.native) a row at a time: the torch ops' dispatch, ~40 ops a step, costs more
-than their arithmetic on a small student (docs/log.md). On a GPU its torch ops go through torch.compile, which makes each
-direction's pass over the logits one kernel. The kernel, the compiled and the eager ops agree to
-~1e-6 (tests); the eager ops serve other dtypes, machines without a C compiler, and
-BABYLM_KD_COMPILE=0.
+than their arithmetic on a small student (docs/log.md). On a GPU its torch ops go through
+torch.compile, which makes each direction's pass over the logits one kernel. The kernel, the
+compiled and the eager ops agree to ~1e-6 (tests); the eager ops serve other dtypes, machines
+without a C compiler, and BABYLM_KD_COMPILE=0.
 """
 
 from __future__ import annotations

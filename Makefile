@@ -51,7 +51,7 @@ bench:
 	$(PY) -m bench $(ARGS)
 
 chaos:
-	$(PY) -m pytest tests/reliability --chaos-kills=40
+	$(PY) -m pytest tests/reliability --chaos-kills=40 --fault-matrix=full
 
 clean:
 	rm -rf runs

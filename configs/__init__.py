@@ -7,11 +7,15 @@ before any work starts; every problem is a `ConfigError` naming the key and the 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -20,6 +24,18 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 class UserError(Exception):
     """A problem the user can fix (bad input, bad config): one line, exit code 2, no traceback."""
+
+
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Writes to `path` inside the block: an OSError that names no file (a write() on a full
+    disk does not) is raised again naming `path`, so the one error line can say where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
 
 
 class ConfigError(UserError):
@@ -100,6 +116,10 @@ class TeacherConfig:
     seed: int = 0
     device: str = "auto"
     """'auto' (cuda when available, else cpu), 'cpu', 'cuda' or 'cuda:N'."""
+    resume_with_new_settings: bool = False
+    """Resume a checkpoint made with other settings, continuing under this config's from the
+    checkpoint's step (recorded in config.yaml and metrics.jsonl). Off: such a resume is refused.
+    The model's shape, batch, seed, data and tokenizer can never change within a run."""
 
 
 @dataclass(frozen=True)
@@ -160,6 +180,10 @@ class StudentConfig:
     device: str = "auto"
     shuffle_buffer: int = 256
     """Sequences shuffled together in memory by the streaming reader."""
+    resume_with_new_settings: bool = False
+    """Resume a checkpoint made with other settings, continuing under this config's from the
+    checkpoint's step (recorded in config.yaml and metrics.jsonl). Off: such a resume is refused.
+    The model's shape, batch, seed, data and tokenizer can never change within a run."""
 
 
 @dataclass(frozen=True)
@@ -215,16 +239,30 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def save(self, directory: Path | str) -> Path:
-        """Write the resolved config as `config.yaml` in `directory` (beside an output)."""
+    def save(self, directory: Path | str, *, notes: tuple[str, ...] = ()) -> Path:
+        """Write the resolved config as `config.yaml` in `directory` (beside an output), with
+        `notes` as comment lines on top."""
         path = Path(directory) / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+        header = "".join(f"# {note}\n" for note in notes)
+        with writing(path):
+            path.write_text(header + yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
         return path
 
     def replace(self, **changes) -> "Config":
         """A copy with dotted keys changed, validated like overrides: replace(**{'distill.alpha': 1.0})."""
         return _build(_merge_overrides(self.to_dict(), changes, self.source), self.source)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested mapping as {dotted key: leaf value}: {"a": {"b": 1}} -> {"a.b": 1}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _plain(value):
@@ -234,6 +272,9 @@ def _plain(value):
         return [_plain(v) for v in value]
     return value
 
+
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+_DEVICE_EXPECTED = "'auto', 'cpu', 'mps', 'cuda' or 'cuda:N'"
 
 # Range rules: (dotted key, predicate, what the value must be).
 _RULES = [
@@ -263,6 +304,15 @@ _RULES = [
     ("distill.sweep_alphas", lambda v: all(0 <= a <= 1 for a in v), "a list of values in [0, 1]"),
     ("distill.sweep_temperatures", lambda v: all(t > 0 for t in v), "a list of positive numbers"),
     ("distill.sweep_ks", lambda v: all(k >= 1 for k in v), "a list of positive integers"),
+    ("distill.run", lambda v: v == "" or (v not in (".", "..") and "/" not in v
+                                          and "\\" not in v and "\0" not in v),
+     "a plain folder name (no '/'), or empty to derive it"),
+    ("teacher.lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("student.dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("teacher.device", lambda v: _DEVICE.fullmatch(v) is not None, _DEVICE_EXPECTED),
+    ("student.device", lambda v: _DEVICE.fullmatch(v) is not None, _DEVICE_EXPECTED),
+    *((key, lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's seed range)")
+      for key in ("data.seed", "teacher.seed", "student.seed", "cache.sample_seed")),
 ]
 # Positive integers and non-negative numbers, checked by rule rather than one lambda each.
 _POSITIVE = [
@@ -276,7 +326,7 @@ _NON_NEGATIVE = [
     "teacher.max_steps", "teacher.warmup_steps", "teacher.weight_decay", "teacher.grad_clip",
     "teacher.eval_every", "teacher.checkpoint_every", "student.max_steps", "student.warmup_steps",
     "student.weight_decay", "student.grad_clip", "student.eval_every", "student.checkpoint_every",
-    "eval.max_pairs_per_file", "teacher.lora_dropout", "student.dropout",
+    "eval.max_pairs_per_file",
 ]
 
 
@@ -383,17 +433,21 @@ def _coerce(value, hint, key: str, source: str):
         return tuple(_coerce(v, item_type, key, source) for v in value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads 3e-4 (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 2**1023 else math.inf  # too large is infinite
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{source}: {key} = {value!r} must be a finite number")
     if hint is bool and not isinstance(value, bool):
         raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}")
+    if hint is int and not -(2**63) <= value < 2**63:
+        raise ConfigError(f"{source}: {key} = {value} must fit in 64 bits")
     return value
 
 

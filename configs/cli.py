@@ -1,10 +1,10 @@
 """The command-line shape every module shares: `--config FILE key.sub=value ...`.
 
 `run(main, description)` parses that, loads the config and calls `main(config)`. A `UserError`
-(bad config, missing file, mismatched cache, ...) or a full disk ends with one line on stderr and
-exit code 2; Ctrl-C ends with exit code 130 after `main` has kept what was complete. Before
-anything is computed, the CPU's matrix library is asked for reproducible rounding (see
-`reproducible_cpu_math`).
+(bad config, missing file, mismatched cache, ...), a full disk or a path fault (PATH_FAULTS)
+ends with one line on stderr and exit code 2; Ctrl-C ends with exit code 130 after `main` has
+kept what was complete. Before anything is computed, the CPU's matrix library is asked for
+reproducible rounding (see `reproducible_cpu_math`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,11 @@ from typing import Callable
 from configs import CONFIG_DIR, Config, UserError, load_config
 
 DEFAULT_CONFIG = CONFIG_DIR / "demo.yaml"
+PATH_FAULTS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ELOOP,
+               errno.ENAMETOOLONG}
+"""OSErrors a path the user gave or owns can cause (no permission, read-only, a file where a
+folder belongs or the reverse, a symlink loop): one `error:` line naming the path, exit 2.
+Other OSErrors stay tracebacks: they are bugs until shown otherwise."""
 
 
 def parse(description: str, argv: list[str] | None = None,
@@ -64,11 +69,15 @@ def exit_on_user_error(body: Callable[[], object]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if exc.errno == errno.ENOSPC:
+            where = f" {exc.filename}" if exc.filename else ""
+            print(f"error: disk full while writing{where}: free space and rerun the same "
+                  "command; finished work is kept", file=sys.stderr)
+        elif exc.errno in PATH_FAULTS and exc.filename:
+            print(f"error: {exc.filename}: {exc.strerror}: fix it and rerun the same command; "
+                  "finished work is kept", file=sys.stderr)
+        else:
             raise
-        where = f" {exc.filename}" if exc.filename else ""
-        print(f"error: disk full while writing{where}: free space and rerun the same command; "
-              "finished work is kept", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("\ninterrupted: finished work is kept; rerun the same command to resume",

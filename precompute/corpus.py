@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import hashlib
 import math
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from configs import Config, UserError
+from configs import Config, UserError, writing
 from configs.cli import run
-from storage.tokens import write_token_store
+from storage.paths import make_folder
+from storage.tokens import tokens_fingerprint, write_token_store
 from training.tokenizer import build_tokenizer, tokenizer_dir, tokenizer_facts
 
 SPLITS = ("train", "val")
@@ -61,11 +63,21 @@ def read_source(path: Path) -> SourceFile:
 
 
 def find_sources(directory: Path, suffix: str) -> list[SourceFile]:
-    if not directory.is_dir():
-        raise UserError(f"corpus directory {directory} does not exist")
+    try:
+        is_folder = stat.S_ISDIR(directory.stat().st_mode)
+    except FileNotFoundError:
+        raise UserError(f"corpus directory {directory} does not exist") from None
+    except OSError as exc:  # a symlink loop, a component that is a file, no permission
+        raise UserError(f"corpus directory {directory} cannot be opened: {exc.strerror}") from None
+    if not is_folder:
+        raise UserError(f"corpus directory {directory} is a file, not a directory")
     paths = sorted(directory.glob(f"*{suffix}"))
     if not paths:
         raise UserError(f"no *{suffix} files in {directory}")
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"corpus file {path} is not a regular file (a folder, a pipe or a "
+                            "broken link)")
     return [read_source(path) for path in paths]
 
 
@@ -142,15 +154,21 @@ def prepare(cfg: Config) -> dict[str, Path]:
     documents, facts = split_documents(cfg, source_dir)
     tokenizer = build_tokenizer(cfg.tokenizer, (line for doc in documents["train"] for line in doc))
     packed = {split: pack(documents[split], tokenizer, cfg.data.seq_len) for split in SPLITS}
+    # Both stores carry one generation: consumers refuse a train and val of different runs.
+    generation = hashlib.sha256("|".join(
+        [tokenizer_facts(tokenizer)["fingerprint"]]
+        + [tokens_fingerprint(rows) for rows, _ in packed.values()]).encode()).hexdigest()
     out = cfg.run_path / "tokens"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     tokenizer.save_pretrained(str(tokenizer_dir(cfg.run_path)))
     stores = {}
     for split, (rows, text_bytes) in packed.items():
-        (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc) for doc in documents[split]))
+        with writing(out / f"{split}.txt"):
+            (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc)
+                                                           for doc in documents[split]))
         stores[split] = out / f"{split}.zarr"
         store = write_token_store(stores[split], sequences=rows, manifest={
-            "split": split, "corpus_dir": str(source_dir), **facts,
+            "split": split, "generation": generation, "corpus_dir": str(source_dir), **facts,
             "tokenizer": tokenizer_facts(tokenizer), "text_bytes": text_bytes,
         })
         print(f"{split}: {store.n_sequences:,} sequences x {store.seq_len} tokens "

@@ -22,13 +22,13 @@ import argparse
 import bisect
 import itertools
 import json
-import os
 import random
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 from configs import UserError
 from configs.cli import exit_on_user_error
+from storage.paths import make_folder, write_atomic
 
 # --------------------------------------------------------------------------------------------
 # Word tables. Within each table the order is the frequency rank (Zipf: weight 1 / rank).
@@ -688,12 +688,6 @@ def story(rng: random.Random) -> str:
 REGISTERS = {"child_speech": (0.55, speech_lines), "stories": (0.45, lambda rng: [story(rng)])}
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
-
-
 def write_corpus(out_dir: Path | str, *, words: int, seed: int) -> dict:
     """Write `<register>.train` files totalling about `words` whitespace-separated words.
 
@@ -703,7 +697,7 @@ def write_corpus(out_dir: Path | str, *, words: int, seed: int) -> dict:
     if words <= 0:
         raise UserError(f"generated corpus size must be positive, got {words} words")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     files = {}
     for register, (share, generate) in REGISTERS.items():
         rng = random.Random(f"{seed}:corpus:{register}")
@@ -712,7 +706,7 @@ def write_corpus(out_dir: Path | str, *, words: int, seed: int) -> dict:
             for line in generate(rng):
                 lines.append(line)
                 count += line.count(" ") + 1
-        _write_atomically(out_dir / f"{register}.train", "\n".join(lines) + "\n")
+        write_atomic(out_dir / f"{register}.train", "\n".join(lines) + "\n")
         files[f"{register}.train"] = {"words": count, "lines": len(lines)}
     return {"files": files, "words": sum(f["words"] for f in files.values()),
             "lines": sum(f["lines"] for f in files.values()), "seed": seed}
@@ -892,12 +886,12 @@ def write_minimal_pairs(out_dir: Path | str, *, pairs_per_phenomenon: int, seed:
     if pairs_per_phenomenon <= 0:
         raise UserError(f"pairs per phenomenon must be positive, got {pairs_per_phenomenon}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_folder(out_dir)
     files = {}
     for uid in PHENOMENA:
         pairs = minimal_pairs(uid, count=pairs_per_phenomenon, seed=seed)
         text = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
-        _write_atomically(out_dir / f"{uid}.jsonl", text)
+        write_atomic(out_dir / f"{uid}.jsonl", text)
         files[f"{uid}.jsonl"] = len(pairs)
     return {"files": files, "pairs": sum(files.values()), "seed": seed}
 

@@ -166,6 +166,9 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
             chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, manifest=manifest)
 
     writer = create() if rank == 0 else None
+    if rank == 0:  # a done shard damaged since it was written is computed again
+        for problem in writer.reopen_damaged():
+            print(f"note: {cache_path}: {problem}; computing the shard again")
     barrier()
     writer = writer or create()
     name = Path(store.path).stem
@@ -330,7 +333,7 @@ def _reduce(value: float, op: str) -> float:
 def fill_caches(cfg: Config) -> list[dict]:
     """Cache every configured split, print a summary line per split (rank 0) and return the
     summaries (tokens computed by all ranks, seconds, bytes on disk, total tokens, path)."""
-    rank, world_size, device = setup_distributed(cfg.teacher.device)
+    rank, world_size, device = setup_distributed(cfg.teacher.device, "teacher.device")
     run = cfg.run_path
     token_paths = {split: run / "tokens" / f"{split}.zarr" for split in cfg.cache.splits}
     for path in token_paths.values():

@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from configs import Config, UserError
+from storage.paths import write_atomic
 from storage.tokens import TokenStore, open_token_store
 from training.device import is_writer, local_device, resolve_device
 from training.loop import fit, open_tokens
@@ -81,9 +82,9 @@ def train_teacher(cfg: Config) -> Path:
         info = {"method": method, "base": _base_name(cfg, method),
                 "tokenizer_fingerprint": tokens.tokenizer_fingerprint,
                 "token_store_fingerprint": tokens.fingerprint}
-        _write_json(out / TEACHER_INFO, info)
+        write_atomic(out / TEACHER_INFO, json.dumps(info, indent=2) + "\n")
         info["val"] = evaluate_teacher(cfg)
-        _write_json(out / TEACHER_INFO, info)
+        write_atomic(out / TEACHER_INFO, json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -97,7 +98,7 @@ def build_model(cfg: Config, *, method: str, tokens: TokenStore) -> torch.nn.Mod
     if method == "qlora" and t.adapter:
         raise UserError("teacher.adapter with teacher.use_qlora: merge that adapter into a "
                         "full-precision copy of the base model first, and name it in teacher.model")
-    device = local_device(t.device)
+    device = local_device(t.device, "teacher.device")
     # Full-precision training keeps fp32 master weights (autocast does fp16/bf16 on the GPU);
     # QLoRA computes in the autocast dtype on top of the 4-bit weights.
     compute = {"fp16": "fp16", "bf16": "bf16"}.get(t.precision, "fp32") \
@@ -137,7 +138,7 @@ def evaluate_teacher(cfg: Config) -> dict:
     """Validation metrics of the teacher the logits job uses, loaded as it loads it
     (training.scoring.lm_metrics: loss, perplexity, bits_per_byte, tokens, bytes, sequences)."""
     source = resolve_teacher(cfg)
-    device = resolve_device(cfg.teacher.device)
+    device = resolve_device(cfg.teacher.device, "teacher.device")
     model = load_teacher(source.model, adapter=source.adapter, device=device,
                          dtype=cfg.teacher.dtype if device.type == "cuda" else "fp32",
                          quantization=cfg.teacher.quantization)
@@ -157,12 +158,6 @@ def metrics_line(metrics: dict) -> str:
 
 def _base_name(cfg: Config, method: str) -> str:
     return "new GPT-2" if method == "scratch" else cfg.teacher.model
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:

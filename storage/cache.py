@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import hashlib
 import json
 import os
 import shutil
@@ -63,9 +62,11 @@ from typing import Iterator, Sequence
 import numpy as np
 import zarr
 
-from storage.chunks import ChunkError, RowReader
+from configs import flatten, writing
+from storage.chunks import ChunkError, RowReader, read_metadata
 from storage.errors import CorruptData, ManifestMismatch, Problem, StorageError, StoreNotFound
-from storage.tokens import TokenStore, token_dtype
+from storage.paths import make_folder
+from storage.tokens import TokenStore, manifest_digest, token_dtype
 from storage.zarr_codecs import checked_compressors
 
 FORMAT = "logit_cache"
@@ -148,24 +149,9 @@ def _normalise(manifest: dict) -> dict:
     return json.loads(json.dumps(manifest))
 
 
-def manifest_digest(manifest: dict) -> str:
-    """sha256 of the canonical JSON of a manifest; stored beside it to detect hand edits."""
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def _differing_keys(wanted: dict, found: dict) -> list[str]:
     """Dotted keys whose values differ, ignoring the volatile ones."""
-    a, b = _flatten(wanted), _flatten(found)
+    a, b = flatten(wanted), flatten(found)
     return sorted(key for key in a.keys() | b.keys()
                   if key.split(".")[0] not in VOLATILE_KEYS and a.get(key) != b.get(key))
 
@@ -179,22 +165,35 @@ def _short(value) -> str:
     return ".../" + "/".join(Path(text).parts[-2:]) if "/" in text else text[:21] + "..."
 
 
-def _read_manifest(path: Path) -> tuple[zarr.Group, dict]:
-    """Open the group and its manifest; a missing cache is StoreNotFound, a damaged one CorruptData."""
-    if not (path / "zarr.json").is_file():
+def _read_manifest(path: Path) -> dict:
+    """The cache's manifest; a missing cache is StoreNotFound, a damaged one CorruptData."""
+    root = path / "zarr.json"
+    if not (root.exists() or root.is_symlink()):
         raise StoreNotFound(f"no logit cache at {path} (run `make teacher-logits` first)")
     try:
-        group = zarr.open_group(path, mode="r")
-        manifest = dict(group.attrs["manifest"])
-        digest = group.attrs["manifest_sha256"]
-    except (KeyError, ValueError, OSError, TypeError) as exc:
+        attributes = read_metadata(root)["attributes"]
+        manifest = dict(attributes["manifest"])
+        digest = attributes["manifest_sha256"]
+    except ChunkError as exc:
+        line = f"manifest unreadable (file zarr.json {exc.problem})"
+        raise CorruptData(f"logit cache {path}: {line}", problem=Problem(
+            line, kind=exc.kind, file="zarr.json")) from None
+    except (KeyError, ValueError, TypeError) as exc:
         raise CorruptData(f"logit cache {path}: manifest unreadable ({exc})") from None
     if manifest.get("format") != FORMAT:
         raise CorruptData(f"{path} is not a logit cache (format {manifest.get('format')!r})")
     if manifest_digest(manifest) != digest:
         raise CorruptData(f"logit cache {path}: manifest was edited after writing (its sha256 "
                           "does not match); restore it or rebuild with `make teacher-logits`")
-    return group, manifest
+    return manifest
+
+
+def _corrupt(path: Path, name: str, exc: ChunkError, shard: int | None = None) -> CorruptData:
+    """The CorruptData of a cache file a ChunkError refused, naming it (and its shard)."""
+    where = f"shard {shard}: " if shard is not None else ""
+    message = f"logit cache {path}: {where}file {name} {exc.problem}"
+    return CorruptData(message, problem=Problem(f"{where}file {name} {exc.problem}",
+                                                kind=exc.kind, shard=shard, file=name))
 
 
 def _software_version() -> str:
@@ -304,24 +303,26 @@ class _CacheBase:
 
     def _done_marks(self) -> tuple[np.ndarray, list[int]]:
         """(done bool (n_shards,), the shards whose done mark is unreadable, counted not done)."""
-        done = self.group["done"]
-        try:
-            return np.asarray(done[:], dtype=bool), []
-        except OSError:
-            raise
-        except Exception:  # bad bytes (zarr raises various types): find them mark by mark
-            marks = [self._is_done(shard) for shard in range(self.n_shards)]
-            return (np.array([bool(mark) for mark in marks], dtype=bool),
-                    [shard for shard, mark in enumerate(marks) if mark is None])
+        marks = [self._is_done(shard) for shard in range(self.n_shards)]
+        return (np.array([bool(mark) for mark in marks], dtype=bool),
+                [shard for shard, mark in enumerate(marks) if mark is None])
 
     def _is_done(self, shard: int) -> bool | None:
-        """Whether `shard` is marked done; None when its done mark is unreadable."""
+        """Whether `shard` is marked done (a mark never written is not); None when its mark is
+        there but cannot be read, which counts as not done: the shard is written again."""
         try:
-            return bool(self.group["done"][shard])
-        except OSError:
-            raise
-        except Exception:  # a checksum mismatch or truncated mark
-            return None
+            return bool(self._done_reader().read(shard, shard + 1)[0])
+        except ChunkError as exc:
+            return False if exc.kind == "missing" else None
+
+    def _done_reader(self) -> RowReader:
+        """The done array, read as every stored file is (storage.chunks)."""
+        if getattr(self, "_done_rows", None) is None:
+            try:
+                self._done_rows = RowReader(self.path / "done")
+            except ChunkError as exc:
+                raise _corrupt(self.path, "done/zarr.json", exc) from None
+        return self._done_rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,7 +378,7 @@ def _create_new(path: Path, manifest: dict) -> None:
     """Build the empty group beside `path` and rename it into place, holding the lock file
     `.<name>.lock` beside it: concurrent creators take turns (the later ones find the finished
     group), and the leftovers of a creator killed mid-way are removed by the next one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     with open(path.with_name(f".{path.name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists() and any(path.iterdir()):  # another creator finished first
@@ -414,10 +415,10 @@ def _build_empty(tmp: Path, manifest: dict) -> None:
 
 
 def _resume(path: Path, wanted: dict) -> "CacheWriter":
-    group, found = _read_manifest(path)
+    found = _read_manifest(path)
     differing = _differing_keys(wanted, found)
     if differing:
-        flat_w, flat_f = _flatten(wanted), _flatten(found)
+        flat_w, flat_f = flatten(wanted), flatten(found)
         detail = ", ".join(f"{key}: {_short(flat_f.get(key))} there, {_short(flat_w.get(key))} now"
                            for key in differing[:4])
         raise ManifestMismatch(
@@ -537,14 +538,37 @@ class CacheWriter(_CacheBase):
             # zarr merges into an existing shard file (and fails on a torn one)
             file.unlink(missing_ok=True)
             _remove_temp_files(file)
-            self._arrays[name][start:stop] = data[name]
+            with writing(file):
+                self._arrays[name][start:stop] = data[name]
             _fsync(file)
             _fsync(file.parent)
         done_file = _shard_file(self.path, "done", shard)
         _remove_temp_files(done_file)
-        self._arrays["done"][shard] = True
+        with writing(done_file):
+            self._arrays["done"][shard] = True
         _fsync(done_file)
         _fsync(done_file.parent)
+
+    def reopen_damaged(self) -> list[Problem]:
+        """Read every done shard as training would; a shard that fails is marked not done, so
+        this job writes it again. Returns the problems found (one per damaged file)."""
+        problems = []
+        done = self.done_shards()
+        for shard in np.flatnonzero(done).tolist():
+            start, stop = self.shard_rows(shard)
+            for name in DATA_ARRAYS:
+                file = _shard_file(self.path, name, shard)
+                try:
+                    RowReader(self.path / name).read(start, stop)
+                except ChunkError as exc:
+                    problems.append(Problem(f"shard {shard}: file {file.relative_to(self.path)} "
+                                            f"{exc.problem}", kind=exc.kind, shard=shard,
+                                            file=str(file.relative_to(self.path))))
+            if problems and problems[-1].shard == shard:
+                mark = _shard_file(self.path, "done", shard)
+                mark.unlink()
+                _fsync(mark.parent)
+        return problems
 
     def finish(self) -> bool:
         """Record completion in the manifest when every shard is done; True if complete."""
@@ -569,8 +593,8 @@ def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
     CorruptData (unreadable or hand-edited manifest).
     """
     path = Path(path)
-    group, manifest = _read_manifest(path)
-    cache = LogitCache(path=path, manifest=manifest, group=group)
+    manifest = _read_manifest(path)
+    cache = LogitCache(path=path, manifest=manifest)
     if token_store is not None:
         checks = (
             ("token store", manifest.get("token_store_fingerprint"), token_store.fingerprint),
@@ -598,13 +622,14 @@ def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
 class LogitCache(_CacheBase):
     """Read-only view of a cache; reads contiguous rows, decoding the value code."""
 
-    def __init__(self, *, path: Path, manifest: dict, group: zarr.Group):
-        self.path, self.manifest, self.group = path, manifest, group
-        self._arrays = {name: group[name] for name in DATA_ARRAYS}
-        try:
-            self._rows = {name: RowReader(path / name) for name in DATA_ARRAYS}
-        except (ChunkError, OSError, KeyError, ValueError) as exc:
-            raise CorruptData(f"logit cache {path}: array metadata unreadable ({exc})") from None
+    def __init__(self, *, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+        self._rows = {}
+        for name in DATA_ARRAYS:
+            try:
+                self._rows[name] = RowReader(path / name)
+            except ChunkError as exc:
+                raise _corrupt(path, f"{name}/zarr.json", exc) from None
         self.done = self.done_shards()
         """Shards done when the cache was opened."""
 
@@ -664,9 +689,6 @@ class LogitCache(_CacheBase):
         shard is read whole as training reads it (chunks.RowReader: every chunk's checksum)."""
         file = _shard_file(self.path, name, shard)
         where = f"shard {shard}: file {file.relative_to(self.path)}"
-        if not file.is_file():
-            return Problem(f"{where} is missing", kind="missing", shard=shard,
-                           file=str(file.relative_to(self.path)))
         start, stop = self.shard_rows(shard)
         try:
             RowReader(self.path / name).read(start, stop)  # a fresh reader: no cached index
@@ -679,15 +701,15 @@ class LogitCache(_CacheBase):
         """Every problem found, one each naming the shard: manifest unreadable or edited, shard
         not done, shard file missing, truncated or failing its checksum."""
         try:
-            _, manifest = _read_manifest(self.path)
+            _read_manifest(self.path)
         except StorageError as exc:
-            return [Problem(str(exc), kind="manifest")]
+            return [getattr(exc, "problem", None) or Problem(str(exc), kind="manifest")]
         problems = []
         for name in DATA_ARRAYS:
-            array = self._arrays[name]
+            shape = self._rows[name].shape
             last = self.k if name != "lse" else len(self.temperatures)
-            if array.shape != (self.n_sequences, self.seq_len, last):
-                problems.append(Problem(f"array {name} has shape {array.shape}, manifest says "
+            if shape != (self.n_sequences, self.seq_len, last):
+                problems.append(Problem(f"array {name} has shape {shape}, manifest says "
                                         f"{(self.n_sequences, self.seq_len, last)}", kind="shape"))
         done, corrupt_marks = self._done_marks()
         shards = range(self.n_shards)

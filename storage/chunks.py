@@ -5,8 +5,13 @@ costs more per call than decompressing a cache chunk does, and it holds the GIL 
 step needs too (docs/log.md). Every array this project writes has one layout: chunks encoded by
 bytes (little-endian), Blosc and CRC-32C (storage.zarr_codecs), and for the logit cache those
 chunks packed into shard files (Zarr's sharding codec) whose index, at the file's end, carries a
-CRC-32C of its own. So a read here is: the chunk's byte range, its checksum, Blosc. Writing and
-`verify` stay with zarr, and any layout other than that one is refused when the array is opened.
+CRC-32C of its own. So a read here is: the chunk's byte range, its checksum, Blosc. Any layout
+other than that one is refused when the array is opened. Writing stays with zarr.
+
+Every read of a stored file goes through here, metadata (`read_metadata`) included, so training,
+`inspect` and `verify` refuse the same files for the same reasons: missing, not a regular file (a
+folder, a pipe, a device: refused before it is opened, so nothing blocks), unreadable, cut short,
+failing its checksum, or not the JSON it should be.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import google_crc32c
 import numpy as np
 from numcodecs import blosc
 
+from storage.paths import file_problem
+
 _EMPTY = 2**64 - 1
 """Offset and length of a chunk the sharding index says was never written (all fill value)."""
 
 
 class ChunkError(ValueError):
-    """A chunk or shard index file that is missing, cut short, fails its checksum, or has a
-    layout this project does not write. kind: 'missing', 'truncated', 'checksum' or 'layout'."""
+    """A stored file that cannot be used. kind: 'missing', 'not_a_file' (a folder, pipe or
+    device where a file belongs), 'unreadable' (permissions, a symlink loop), 'truncated',
+    'checksum', 'corrupt' (metadata that is not the JSON it should be) or 'layout' (an array
+    this project does not write)."""
 
     def __init__(self, file: Path, problem: str, *, kind: str):
         super().__init__(f"{file} {problem}")
@@ -36,12 +45,17 @@ class RowReader:
 
     def __init__(self, array_path: Path | str):
         self.path = Path(array_path)
-        meta = json.loads((self.path / "zarr.json").read_text())
-        self.shape = tuple(meta["shape"])
-        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
-        self.fill_value = meta["fill_value"]
-        outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
-        codecs = meta["codecs"]
+        meta = read_metadata(self.path / "zarr.json")
+        try:
+            self.shape = tuple(meta["shape"])
+            self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+            self.fill_value = meta["fill_value"]
+            outer = tuple(meta["chunk_grid"]["configuration"]["chunk_shape"])
+            codecs = meta["codecs"]
+            codecs[0]["name"]
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise ChunkError(self.path / "zarr.json", "is not the metadata of an array",
+                             kind="corrupt") from None
         if codecs[0]["name"] == "sharding_indexed":
             sharding = codecs[0]["configuration"]
             _check_codecs(sharding["codecs"], ["bytes", "blosc", "crc32c"], self.path)
@@ -100,10 +114,7 @@ class RowReader:
         opens caches whose shards are done: their files no longer change)."""
         if shard not in self._indexes:
             size = 16 * self.per_shard + 4
-            try:
-                file_size = file.stat().st_size
-            except FileNotFoundError:
-                raise ChunkError(file, "is missing", kind="missing") from None
+            file_size = _regular_file_size(file)
             if file_size < size:
                 raise ChunkError(file, "is corrupt or truncated (shorter than its index)",
                                  kind="truncated")
@@ -127,13 +138,35 @@ def _check_codecs(codecs: list[dict], names: list[str], path: Path) -> None:
                          kind="layout")
 
 
+def read_metadata(file: Path) -> dict:
+    """A zarr.json, read as every stored file is read (see module doc): a JSON object."""
+    try:
+        meta = json.loads(_read_bytes(file).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ChunkError(file, "is not valid JSON (corrupt or truncated)", kind="corrupt") from None
+    if not isinstance(meta, dict):
+        raise ChunkError(file, "is not a JSON object", kind="corrupt")
+    return meta
+
+
+def _regular_file_size(file: Path) -> int:
+    """The size of `file`, refused (ChunkError) unless it is a regular file that exists."""
+    if problem := file_problem(file):
+        kind, text = problem
+        raise ChunkError(file, text, kind=kind)
+    return file.stat().st_size
+
+
 def _read_bytes(file: Path, offset: int = 0, length: int = -1) -> bytes:
+    _regular_file_size(file)  # before open(): opening a pipe would block
     try:
         with open(file, "rb") as stream:
             stream.seek(offset)
             data = stream.read(length)
     except FileNotFoundError:
         raise ChunkError(file, "is missing", kind="missing") from None
+    except OSError as exc:
+        raise ChunkError(file, f"cannot be read ({exc.strerror})", kind="unreadable") from None
     if length >= 0 and len(data) != length:
         raise ChunkError(file, f"is corrupt or truncated ({len(data)} of {length} bytes at "
                                f"{offset})", kind="truncated")

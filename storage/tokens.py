@@ -10,6 +10,7 @@ complete, so a crash never leaves a half-written store that looks finished.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from storage.chunks import ChunkError, RowReader
-from storage.errors import CorruptData, Problem, StoreNotFound
+from configs import writing
+from storage.chunks import ChunkError, RowReader, read_metadata
+from storage.errors import CorruptData, ManifestMismatch, Problem, StoreNotFound
+from storage.paths import make_folder
 from storage.zarr_codecs import checked_compressors
 
 FORMAT_VERSION = 1
@@ -28,6 +31,11 @@ KIND = "token_store"
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32."""
     return np.dtype(np.uint16 if vocab_size <= 65536 else np.uint32)
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the canonical JSON of a manifest; stored beside it to detect hand edits."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def tokens_fingerprint(sequences: np.ndarray) -> str:
@@ -43,17 +51,16 @@ class TokenStore:
 
     path: Path
     manifest: dict
-    array: zarr.Array
     rows: RowReader
     """Reads rows from the chunk files directly (see storage.chunks)."""
 
     @property
     def n_sequences(self) -> int:
-        return self.array.shape[0]
+        return self.rows.shape[0]
 
     @property
     def seq_len(self) -> int:
-        return self.array.shape[1]
+        return self.rows.shape[1]
 
     @property
     def vocab_size(self) -> int:
@@ -69,7 +76,7 @@ class TokenStore:
 
     @property
     def chunk_rows(self) -> int:
-        return self.array.chunks[0]
+        return self.rows.chunk_shape[0]
 
     def __len__(self) -> int:
         return self.n_sequences
@@ -107,11 +114,13 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
     }
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    group = zarr.open_group(partial, mode="w")
-    rows = min(chunk_rows, sequences.shape[0])
-    group.create_array("tokens", data=sequences, chunks=(rows, sequences.shape[1]),
-                       compressors=checked_compressors())
-    group.attrs["manifest"] = full_manifest
+    with writing(partial):
+        group = zarr.open_group(partial, mode="w")
+        rows = min(chunk_rows, sequences.shape[0])
+        group.create_array("tokens", data=sequences, chunks=(rows, sequences.shape[1]),
+                           compressors=checked_compressors())
+        group.attrs.update({"manifest": full_manifest,
+                            "manifest_sha256": manifest_digest(full_manifest)})
     if path.exists():
         stale = path.with_name(path.name + ".old")
         shutil.rmtree(stale, ignore_errors=True)
@@ -119,7 +128,7 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
         partial.rename(path)
         shutil.rmtree(stale)
     else:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(path.parent)
         partial.rename(path)
     return open_token_store(path)
 
@@ -127,17 +136,50 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
 def open_token_store(path: Path | str) -> TokenStore:
     """Open a finished token store; a missing or unreadable one is a typed error naming the path."""
     path = Path(path)
-    if not (path / "zarr.json").is_file():
+    root = path / "zarr.json"
+    if not (root.exists() or root.is_symlink()):
         hint = " (an unfinished write was left; rerun `make data`)" if path.with_name(
             path.name + ".partial").exists() else " (run `make data` first)"
         raise StoreNotFound(f"no token store at {path}{hint}")
     try:
-        group = zarr.open_group(path, mode="r")
-        manifest = dict(group.attrs["manifest"])
-        array = group["tokens"]
+        attributes = read_metadata(root)["attributes"]
         rows = RowReader(path / "tokens")
-    except (KeyError, ValueError, OSError) as exc:
-        raise CorruptData(f"token store {path} is unreadable: {exc}") from None
+    except ChunkError as exc:
+        file = str(exc.file.relative_to(path))
+        message = f"token store {path} is unreadable: file {file} {exc.problem}"
+        raise CorruptData(message, problem=Problem(message, kind=exc.kind, file=file)) from None
+    except (KeyError, TypeError) as exc:
+        raise CorruptData(f"token store {path}: zarr.json holds no manifest ({exc})") from None
+    manifest, digest = attributes.get("manifest"), attributes.get("manifest_sha256")
+    if not isinstance(manifest, dict):
+        raise CorruptData(f"token store {path}: zarr.json holds no manifest")
     if manifest.get("format") != KIND:
         raise CorruptData(f"{path} is not a token store (format {manifest.get('format')!r})")
-    return TokenStore(path=path, manifest=manifest, array=array, rows=rows)
+    if digest != manifest_digest(manifest):
+        raise CorruptData(f"token store {path}: manifest was edited after writing (its sha256 "
+                          "does not match, or is missing); restore it or rerun `make data`")
+    shape = (manifest.get("n_sequences"), manifest.get("seq_len"))
+    if rows.shape != shape:
+        raise CorruptData(f"token store {path}: array shape {rows.shape} is not the "
+                          f"manifest's {shape}; rerun `make data`")
+    return TokenStore(path=path, manifest=manifest, rows=rows)
+
+
+def check_one_generation(stores: list[TokenStore]) -> None:
+    """Refuse token stores that `make data` did not write together: a killed rerun can leave a
+    new train store beside an old validation store. Stores of one run share a `generation`."""
+    first, *rest = stores
+    for store in rest:
+        for what, key in (("generation", ("generation",)),
+                          ("tokenizer", ("tokenizer", "fingerprint"))):
+            a, b = (_get(s.manifest, key) for s in (first, store))
+            if a != b:
+                raise ManifestMismatch(
+                    f"token stores {first.path} and {store.path} come from different `make "
+                    f"data` runs (their {what} differs); rerun `make data` to rebuild both")
+
+
+def _get(tree: dict, keys: tuple[str, ...]):
+    for key in keys:
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return tree

@@ -28,9 +28,11 @@ import yaml
 from tqdm.auto import tqdm
 
 from configs import Config, UserError
-from storage.tokens import open_token_store
+from storage.errors import ManifestMismatch
+from storage.paths import file_problem, make_folder
+from storage.tokens import check_one_generation, open_token_store
 from training.device import resolve_device
-from training.models import TEACHER_INFO, load_teacher, resolve_teacher
+from training.models import TEACHER_INFO, load_teacher, looks_local, resolve_teacher
 from training.scoring import lm_metrics, token_logprobs
 from training.tokenizer import fingerprint, load_tokenizer
 
@@ -45,21 +47,22 @@ def sentence_logprobs(model, tokenizer, sentences: list[str], *, batch_size: int
     """Summed log-probability of each sentence, every token scored after a prepended BOS.
 
     Sentences are sorted by length (longest first, so memory trouble shows at once) and batched
-    right-padded with an attention mask. A sentence longer than the model's context is cut to it
-    (both sides of a pair alike in practice; BLiMP sentences are short). Returns (S,) float64.
+    right-padded with an attention mask. A sentence longer than the model's context (with its
+    BOS) is not scored: its entry is NaN. Returns (S,) float64.
     """
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise UserError(f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token")
     context = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", None) or 1 << 30
-    encoded = [[bos, *ids][:context]
+    encoded = [[bos, *ids]
                for ids in tokenizer(list(sentences), add_special_tokens=False)["input_ids"]]
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    scores = np.full(len(encoded), np.nan)
+    order = sorted((i for i in range(len(encoded)) if len(encoded[i]) <= context),
+                   key=lambda i: -len(encoded[i]))
     device = torch.device(device)
-    scores = np.zeros(len(encoded), dtype=np.float64)
     model.eval()
-    with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, unit="sent",
+    with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="sent",
                                       leave=False) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
@@ -144,25 +147,35 @@ def score_pairs(model, tokenizer, files: list[PairFile], *, batch_size: int = 64
                 device: str | torch.device = "cpu", desc: str = "pairs") -> dict:
     """Accuracy of `model` on minimal-pair files (see module doc for the rule and the averages).
 
-    Each distinct sentence is scored once. Returns {"files": {name: {"pairs", "correct", "ties",
-    "accuracy", "tie_ids"}}, "fields": {field: accuracy}, "macro_accuracy", "pairs", "correct",
-    "ties"}; files without pairs are left out of the averages.
+    Each distinct sentence is scored once. A pair with a side longer than the model's context is
+    left out of every count and reported (`too_long`, with a warning). Returns {"files": {name:
+    {"pairs", "correct", "ties", "accuracy", "tie_ids", "too_long"}}, "fields": {field:
+    accuracy}, "macro_accuracy", "pairs", "correct", "ties", "too_long"}; files without scored
+    pairs are left out of the averages.
     """
     sentences = sorted({s for f in files for p in f.pairs for s in (p.good, p.bad)})
     scores = dict(zip(sentences, sentence_logprobs(model, tokenizer, sentences,
                                                    batch_size=batch_size, device=device, desc=desc)))
-    per_file, field_accuracies = {}, defaultdict(list)
+    per_file, field_accuracies, too_long = {}, defaultdict(list), 0
     for pair_file in files:
-        if not pair_file.pairs:
+        pairs = [p for p in pair_file.pairs
+                 if not (np.isnan(scores[p.good]) or np.isnan(scores[p.bad]))]
+        skipped = len(pair_file.pairs) - len(pairs)
+        if skipped:
+            print(f"warning: {pair_file.name}: {skipped} pair(s) longer than the model's context "
+                  "were left out")
+            too_long += skipped
+        if not pairs:
             continue
-        margins = np.array([scores[p.good] - scores[p.bad] for p in pair_file.pairs])
+        margins = np.array([scores[p.good] - scores[p.bad] for p in pairs])
         right, tie = margins > 0, margins == 0
         per_file[pair_file.name] = {
             "pairs": len(margins), "correct": int(right.sum()), "ties": int(tie.sum()),
             "accuracy": float(right.mean()),
-            "tie_ids": [p.pair_id for p, t in zip(pair_file.pairs, tie) if t][:MAX_TIE_IDS],
+            "tie_ids": [p.pair_id for p, t in zip(pairs, tie) if t][:MAX_TIE_IDS],
+            "too_long": skipped,
         }
-        fields = np.array([p.field or "" for p in pair_file.pairs])
+        fields = np.array([p.field or "" for p in pairs])
         for field in sorted(set(fields) - {""}):
             field_accuracies[field].append(float(right[fields == field].mean()))
     accuracies = [entry["accuracy"] for entry in per_file.values()]
@@ -173,6 +186,7 @@ def score_pairs(model, tokenizer, files: list[PairFile], *, batch_size: int = 64
         "pairs": sum(e["pairs"] for e in per_file.values()),
         "correct": sum(e["correct"] for e in per_file.values()),
         "ties": sum(e["ties"] for e in per_file.values()),
+        "too_long": too_long,
     }
 
 
@@ -196,6 +210,19 @@ def has_weights(folder: Path) -> bool:
         (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
+def unfinished_students(cfg: Config) -> list[str]:
+    """A line for each folder under students/ without a finished model, saying which file of it
+    is missing or damaged (a run still training or killed, or a model file lost)."""
+    students, lines = cfg.run_path / "students", []
+    for folder in sorted(students.iterdir() if students.is_dir() else []):
+        if folder.is_dir() and not has_weights(folder):
+            file, (_, problem) = next(
+                ((name, found) for name in ("config.json", "model.safetensors")
+                 if (found := file_problem(folder / name))), ("model", ("", "is incomplete")))
+            lines.append(f"students/{folder.name} has no finished model ({file} {problem})")
+    return lines
+
+
 def find_models(cfg: Config) -> list[ModelEntry]:
     """The run's teacher, its finished students (sorted by name), then `eval.models`.
 
@@ -213,7 +240,10 @@ def find_models(cfg: Config) -> list[ModelEntry]:
     for folder in sorted(students.iterdir() if students.is_dir() else []):
         if has_weights(folder):
             entries.append(ModelEntry(f"students/{folder.name}", "student", str(folder)))
-    entries += [ModelEntry(name, "extra", name) for name in cfg.eval.models]
+    for name in cfg.eval.models:  # checked before any model is scored
+        if looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+            raise UserError(f"eval.models entry {name} is not a model folder (no config.json)")
+        entries.append(ModelEntry(name, "extra", name))
     return entries
 
 
@@ -244,6 +274,8 @@ def training_facts(folder: Path) -> dict:
     """alpha, temperature, mode and the k it distilled from (distill.k = 0 means the cached k;
     none for the CE baseline) from a student's resolved config.yaml (empty when absent)."""
     path = folder / "config.yaml"
+    if file_problem(path):  # missing, or a pipe that would block the read
+        return {}
     try:
         settings = yaml.safe_load(path.read_text()) or {}
         distill = settings.get("distill") or {}
@@ -269,19 +301,26 @@ def pairs_folder(cfg: Config) -> tuple[Path | None, str]:
 def evaluate_run(cfg: Config) -> dict:
     """Score every model of the run (see module doc); returns the results dict of results.json."""
     run = cfg.run_path
-    device = resolve_device(cfg.student.device)
-    models = find_models(cfg)
-    if not models:
-        raise UserError(f"nothing to evaluate in {run}: no teacher/, no finished students/*, "
-                        "and eval.models is empty")
+    device = resolve_device(cfg.student.device, "student.device")
     notes = []
-    val_path = run / "tokens" / "val.zarr"
+    val_path, train_path = run / "tokens" / "val.zarr", run / "tokens" / "train.zarr"
     val = open_token_store(val_path) if val_path.exists() else None
     if val is None:
         notes.append(f"LM metrics skipped: no validation token store at {val_path}")
+    elif train_path.exists():
+        check_one_generation([open_token_store(train_path), val])
     run_tokenizer = None
     if (run / "tokenizer").is_dir():
         run_tokenizer = load_tokenizer(run)
+        if val is not None and fingerprint(run_tokenizer) != val.tokenizer_fingerprint:
+            raise ManifestMismatch(f"{run / 'tokenizer'} and {val_path} come from different "
+                                   "`make data` runs; rerun `make data` to rebuild both")
+    models = find_models(cfg)
+    unfinished = unfinished_students(cfg)
+    if not models:
+        raise UserError(f"nothing to evaluate in {run}: no teacher/, no finished students/*, "
+                        "and eval.models is empty" + "".join(f"; {line}" for line in unfinished))
+    notes += [f"not evaluated: {line}" for line in unfinished]
     pair_dir, pair_note = pairs_folder(cfg)
     pair_files = read_pair_dir(pair_dir, max_pairs_per_file=cfg.eval.max_pairs_per_file) \
         if pair_dir else []
@@ -332,9 +371,18 @@ def evaluate_run(cfg: Config) -> dict:
     }
 
 
+def check_writable(folder: Path) -> None:
+    """Create `folder` and write a file in it: a read-only run fails here as a path fault."""
+    make_folder(folder)
+    probe = folder / ".write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+
+
 def main(cfg: Config) -> None:
     from student.report import print_summary, write_report
 
+    check_writable(cfg.run_path / "reports")  # before minutes of scoring, not after
     results = evaluate_run(cfg)
     for note in results["notes"]:
         print(note)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -22,7 +21,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
-from configs import Config, UserError  # noqa: E402
+from configs import Config, UserError, writing  # noqa: E402
+from storage.paths import make_folder, write_atomic  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
 COLUMNS = ("model", "params", "val loss", "perplexity", "bits/byte", "pairs acc", "ppl vs CE")
@@ -124,7 +124,8 @@ def _finish(fig, ax, title: str, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with writing(path):
+        fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -165,12 +166,12 @@ def write_report(run_path: Path | str, results: dict) -> Path:
     """
     run_path = Path(run_path)
     out = run_path / "reports"
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out)
     results = {**results, "baseline": baseline_name(results), "table": table_rows(results),
                "curves": plot_curves(run_path, out), "cache": cache_facts(run_path)}
-    _write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     report = out / "report.md"
-    _write_atomic(report, render_markdown(results))
+    write_atomic(report, render_markdown(results))
     return report
 
 
@@ -244,12 +245,6 @@ def print_summary(results: dict, report: Path) -> None:
     print()
     print(text_table(list(COLUMNS), [_cells(r) for r in rows]))
     print(f"\nreport: {report}")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def main(cfg: Config) -> None:

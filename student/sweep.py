@@ -13,9 +13,10 @@ import itertools
 import json
 from pathlib import Path
 
-from configs import Config
+from configs import Config, UserError
 from configs.cli import run
 from storage.cache import LogitCache, open_cache
+from storage.paths import make_folder, write_atomic
 from student.train import student_dir, train
 from training.checkpoint import is_finished
 from training.loop import open_tokens
@@ -26,6 +27,11 @@ def grid(cfg: Config) -> list[Config]:
     """One config per (alpha, temperature, k) point, distinct run names only (every alpha = 1
     point is the same CE baseline)."""
     d = cfg.distill
+    for key, values in (("sweep_alphas", d.sweep_alphas),
+                        ("sweep_temperatures", d.sweep_temperatures)):
+        if not values:
+            raise UserError(f"distill.{key} is empty: the sweep would train nothing (give at "
+                            "least one value)")
     runs: dict[str, Config] = {}
     for alpha, temperature, k in itertools.product(d.sweep_alphas, d.sweep_temperatures,
                                                    d.sweep_ks or (d.k,)):
@@ -89,12 +95,10 @@ def write_summary(reports: Path, rows: list[dict]) -> None:
     """Print the table and write reports/sweep.md and sweep.json (each renamed into place)."""
     text = table(rows)
     print("\n" + text)
-    reports.mkdir(parents=True, exist_ok=True)
+    make_folder(reports)
     for name, content in (("sweep.md", "# Sweep\n\n" + text),
                           ("sweep.json", json.dumps(rows, indent=2) + "\n")):
-        tmp = reports / (name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(reports / name)
+        write_atomic(reports / name, content)
 
 
 def main(cfg: Config) -> None:

@@ -110,7 +110,7 @@ def bad_shards(cache: LogitCache) -> tuple[int, ...]:
 
 def load_online_teacher(cfg: Config, *, vocab_size: int) -> torch.nn.Module:
     """The run's teacher, resident for online KD (as the logits job loads it)."""
-    device = resolve_device(cfg.student.device)
+    device = resolve_device(cfg.student.device, "student.device")
     source = resolve_teacher(cfg)
     teacher = load_teacher(source.model, adapter=source.adapter, device=device,
                            dtype=cfg.teacher.dtype if device.type == "cuda" else "fp32",

@@ -62,6 +62,14 @@ def test_saved_config_loads_back_identically(tmp_path):
     (["student.n_head=3"], "student.n_embd = 64 is not divisible by student.n_head = 3"),
     (["cache.value_code=int4"], "cache.value_code = 'int4' must be 'float16' or 'gap8'"),
     (["student.lr"], "is not of the form key=value"),
+    (["student.lr=.inf"], "student.lr = inf must be a finite number"),
+    (["student.lr=1e400"], "student.lr = inf must be a finite number"),
+    (["distill.temperature=.inf"], "distill.temperature = inf must be a finite number"),
+    (["distill.alpha=.nan"], "distill.alpha = nan must be a finite number"),
+    (["student.seed=-1"], "student.seed = -1 must be in [0, 2**32)"),
+    (["distill.run=a/b"], "distill.run = 'a/b' must be a plain folder name"),
+    (["student.device=gpu"], "student.device = 'gpu' must be 'auto', 'cpu'"),
+    (["student.dropout=1.5"], "student.dropout = 1.5 must be in [0, 1)"),
 ])
 def test_mistakes_name_the_key_and_the_file(overrides, message):
     with pytest.raises(ConfigError) as caught:

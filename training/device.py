@@ -10,17 +10,33 @@ import os
 import torch
 import torch.distributed as dist
 
+from configs import UserError
 
-def resolve_device(name: str) -> torch.device:
-    """'auto' is CUDA when available, else the CPU; anything else is passed to torch."""
+
+class DeviceUnavailable(UserError):
+    """The configured device does not exist on this machine or in this torch build."""
+
+
+def resolve_device(name: str, setting: str = "device") -> torch.device:
+    """'auto' is CUDA when available, else the CPU; any other name must be a device this torch
+    has (a `DeviceUnavailable` naming `setting`, the config key, otherwise)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type != "cpu":
+        module = getattr(torch, device.type, None)
+        available = module is not None and module.is_available()
+        count = module.device_count() if available and hasattr(module, "device_count") else 0
+        if not available or (device.index is not None and device.index >= count):
+            raise DeviceUnavailable(
+                f"device {name!r} is not available to this torch ({torch.__version__}, "
+                f"{count} {device.type} device(s)): set {setting} to 'cpu' or 'auto'")
+    return device
 
 
-def local_device(name: str) -> torch.device:
+def local_device(name: str, setting: str = "device") -> torch.device:
     """The device `name` names; an unindexed CUDA device is this process's GPU (LOCAL_RANK)."""
-    device = resolve_device(name)
+    device = resolve_device(name, setting)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device
@@ -31,10 +47,11 @@ def is_writer() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup_distributed(device_name: str) -> tuple[int, int, torch.device]:
+def setup_distributed(device_name: str, setting: str = "device"
+                      ) -> tuple[int, int, torch.device]:
     """(rank, world size, device); joins the process group when run under torchrun."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = local_device(device_name)
+    device = local_device(device_name, setting)
     if world_size == 1:
         return 0, 1, device
     if device.type == "cuda":

@@ -32,9 +32,11 @@ from configs import Config, StudentConfig, TeacherConfig, UserError
 from storage.cache import LogitCache
 from storage.errors import CorruptData
 from storage.reader import Batch, batches_per_epoch, stream_batches
-from storage.tokens import TokenStore, open_token_store
-from training.checkpoint import find_checkpoint, restore, save_checkpoint, save_final
-from training.device import autocast, autocast_dtype, barrier, setup_distributed, wrap_ddp
+from storage.tokens import TokenStore, check_one_generation, open_token_store
+from training.checkpoint import (changed_settings, check_resumable, find_checkpoint, restore,
+                                 run_lock, save_checkpoint, save_final, saved_step)
+from training.device import (autocast, autocast_dtype, barrier, is_writer as is_writer_process,
+                             setup_distributed, wrap_ddp)
 from training.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, same_temperature,
                              sampled_targets, shift_labels, teacher_buckets)
 from training.metrics import METRICS_FILE, append_metrics, truncate_metrics
@@ -75,9 +77,12 @@ class Cursor:
 
 
 def open_tokens(cfg: Config) -> tuple[TokenStore, TokenStore]:
-    """The run's train and validation token stores (a missing one says to run `make data`)."""
-    return tuple(open_token_store(cfg.run_path / "tokens" / f"{split}.zarr")
-                 for split in ("train", "val"))
+    """The run's train and validation token stores (a missing one says to run `make data`),
+    refused unless one `make data` run wrote both."""
+    stores = tuple(open_token_store(cfg.run_path / "tokens" / f"{split}.zarr")
+                   for split in ("train", "val"))
+    check_one_generation(list(stores))
+    return stores
 
 
 def fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens: TokenStore,
@@ -86,13 +91,22 @@ def fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens
 
     `model`: any causal LM returning `.logits` (B, L, V); only parameters that require grad
     are optimised (a PEFT adapter trains just its LoRA weights). distil None: cross-entropy only.
+    One process trains into `out_dir` at a time (checkpoint.run_lock); another is refused.
     """
+    out_dir = Path(out_dir)
+    with run_lock(out_dir) if is_writer_process() else contextlib.nullcontext():
+        return _fit(model, cfg=cfg, hp=hp, out_dir=out_dir, tokens=tokens,
+                    val_tokens=val_tokens, distil=distil)
+
+
+def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens: TokenStore,
+         val_tokens: TokenStore | None, distil: Distillation | None) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint drowns ours
-    rank, world_size, device = setup_distributed(hp.device)
+    section = "student" if hp is cfg.student else "teacher"
+    rank, world_size, device = setup_distributed(hp.device, f"{section}.device")
     is_writer = rank == 0
-    out_dir = Path(out_dir)
     micro = micro_batch_size(hp, world_size)
     skip = distil.skip_shards if distil else ()
     shard_sequences = distil.cache.shard_sequences if distil and distil.cache else 0
@@ -113,17 +127,31 @@ def fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens
                                           schedule=hp.schedule))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     torch.manual_seed(hp.seed + rank)  # dropout; the init came from the model's own seed
-    cursor = Cursor()
+    cursor, history, changes = Cursor(), [], {}
     checkpoint = out_dir / "checkpoint"
-    if (state := find_checkpoint(checkpoint)) is not None:
-        cursor = Cursor(**restore(state, model=model, optimizer=optimizer, scheduler=scheduler,
-                                  scaler=scaler, device=device))
+    if (found := find_checkpoint(checkpoint)) is not None:
+        changes = changed_settings(found, cfg, section=section)
+        if changes:  # checked before restoring: another shape would not even load
+            check_resumable(changes, checkpoint=found, step=saved_step(found), section=section,
+                            allowed=hp.resume_with_new_settings)
+        state = restore(found, model=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=scaler, device=device)
+        cursor, history = Cursor(**state["cursor"]), list(state.get("history", []))
+        if cursor.step > total_steps:
+            raise UserError(f"{found} is at step {cursor.step}, past the {total_steps} steps "
+                            f"this config trains: raise {section}.max_steps or epochs, or "
+                            f"delete {out_dir} to train anew")
+        if changes:
+            apply_hyperparameters(optimizer, scheduler, hp, step=cursor.step, total=total_steps)
+            history.append(f"from step {cursor.step}: " + ", ".join(
+                f"{key} {then!r} -> {now!r}" for key, (then, now) in changes.items()))
         if is_writer:
-            print(f"resuming {out_dir} from step {cursor.step} of {total_steps}")
+            print(f"resuming {out_dir} from step {cursor.step} of {total_steps}"
+                  + (f" ({history[-1]})" if changes else ""))
     elif is_writer:
         check_fresh_start(out_dir)
     if is_writer:
-        cfg.save(out_dir)
+        cfg.save(out_dir, notes=tuple(history))
         truncate_metrics(out_dir / METRICS_FILE, after_step=cursor.step)
     trained = wrap_ddp(model, device) if world_size > 1 else model
 
@@ -152,12 +180,15 @@ def fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens
             row.update(tokens_per_s=round(row.pop("step_tokens") / elapsed, 1),
                        elapsed_s=round(time.perf_counter() - started, 3))
             stopping = stop.agreed(device, world_size)
+            if changes:  # the first step under the new settings says what changed
+                row["settings_changed"] = {key: list(pair) for key, pair in changes.items()}
+                changes = {}
             if is_writer:
                 append_metrics(out_dir / METRICS_FILE, row)
             if last or stopping or (hp.checkpoint_every and cursor.step % hp.checkpoint_every == 0):
                 save_checkpoint(checkpoint, model=model, cfg=cfg, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, cursor=cursor,
-                                is_writer=is_writer, world_size=world_size)
+                                history=history, is_writer=is_writer, world_size=world_size)
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}",
                             **({"val_ppl": f"{row['val_ppl']:.2f}"} if "val_ppl" in row else {}))
             bar.update(1)
@@ -325,6 +356,17 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str) -> float:
     if schedule == "linear":
         return 1.0 - progress
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def apply_hyperparameters(optimizer: torch.optim.AdamW, scheduler, hp: Hyper, *, step: int,
+                          total: int) -> None:
+    """After restoring a checkpoint under new settings: the optimizer's lr and weight decay
+    become `hp`'s (the schedule's other settings are read from `hp` at every step)."""
+    decays = (hp.weight_decay, 0.0)  # make_optimizer's groups: matrices, then the rest
+    scheduler.base_lrs = [hp.lr] * len(optimizer.param_groups)
+    factor = lr_factor(step, warmup=hp.warmup_steps, total=total, schedule=hp.schedule)
+    for group, decay in zip(optimizer.param_groups, decays):
+        group.update(initial_lr=hp.lr, lr=hp.lr * factor, weight_decay=decay)
 
 
 def make_optimizer(model: torch.nn.Module, hp: Hyper) -> torch.optim.AdamW:

@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from configs import writing
+from storage.paths import write_atomic
+
 METRICS_FILE = "metrics.jsonl"
 
 TIMING_KEYS = ("tokens_per_s", "elapsed_s")
@@ -14,7 +17,7 @@ TIMING_KEYS = ("tokens_per_s", "elapsed_s")
 
 
 def append_metrics(path: Path, row: dict) -> None:
-    with path.open("a") as f:
+    with writing(path), path.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
 
@@ -25,9 +28,7 @@ def truncate_metrics(path: Path, *, after_step: int) -> None:
         return
     lines = [line for line in path.read_text().splitlines()
              if (row := _parse_row(line)) is not None and row["step"] <= after_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    tmp.replace(path)
+    write_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def _parse_row(line: str) -> dict | None:

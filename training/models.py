@@ -25,9 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from configs import Config, UserError
+from storage.paths import file_problem
 from training.tokenizer import looks_like_local_path
 
 TEACHER_DIR = "teacher"
@@ -55,6 +57,10 @@ def new_gpt2(*, vocab_size: int, seq_len: int, n_layer: int, n_embd: int, n_head
 
 class TeacherNotFound(UserError):
     """No model at the given path or hub name."""
+
+
+class ModelUnreadable(UserError):
+    """A model folder whose files are there but cannot be loaded (truncated, corrupt)."""
 
 
 class VocabularyMismatch(UserError):
@@ -121,12 +127,23 @@ def load_teacher(name_or_path: str, *, dtype: str = "fp32", quantization: str = 
 
 def _from_pretrained(auto_class, name_or_path: str, kwargs: dict):
     """from_pretrained with the user-fixable failures (missing folder, hub offline) as one line."""
-    if _looks_local(name_or_path):
+    if looks_local(name_or_path):
         folder = Path(name_or_path).expanduser()
         if not (folder / "config.json").is_file():
             what = "does not exist" if not folder.exists() else "holds no config.json"
             raise TeacherNotFound(f"teacher model folder {folder} {what}")
-        return auto_class.from_pretrained(str(folder), **kwargs)
+        weights = ("model.safetensors" if not (folder / "model.safetensors.index.json").is_file()
+                   else "model.safetensors.index.json")
+        for name in ("config.json", weights):
+            if problem := file_problem(folder / name):
+                raise ModelUnreadable(f"model folder {folder}: {name} {problem[1]}")
+        try:
+            return auto_class.from_pretrained(str(folder), **kwargs)
+        except (SafetensorError, OSError, ValueError, json.JSONDecodeError) as exc:
+            # a truncated or overwritten file in the folder; the loaders raise all of these
+            raise ModelUnreadable(f"model folder {folder}: config.json or {weights} cannot be "
+                                  f"loaded ({type(exc).__name__}: truncated, corrupt or "
+                                  "unreadable)") from None
     try:
         return auto_class.from_pretrained(name_or_path, **kwargs)
     except OSError as exc:
@@ -137,7 +154,7 @@ def _from_pretrained(auto_class, name_or_path: str, kwargs: dict):
         ) from None
 
 
-def _looks_local(name_or_path: str) -> bool:
+def looks_local(name_or_path: str) -> bool:
     """A folder that exists, or a name only a path looks like (hub ids are 'name' or 'org/name')."""
     return (Path(name_or_path).expanduser().exists() or looks_like_local_path(name_or_path)
             or name_or_path.endswith("/"))

@@ -1,6 +1,8 @@
 """Corpus stage: split, tokenizer, token stores, manifests; bad input ends with exit code 2."""
 
 import hashlib
+import json
+import shutil
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ from transformers import GPT2TokenizerFast
 from configs import load_config
 from precompute.corpus import prepare, read_source
 from training.tokenizer import fingerprint, load_tokenizer
-from storage.errors import StoreNotFound
+from storage.errors import CorruptData, StoreNotFound
 from storage.tokens import open_token_store, write_token_store
 from tests.conftest import REPO
 
@@ -135,3 +137,47 @@ def test_unfinished_store_is_not_mistaken_for_a_finished_one(tmp_path):
     (tmp_path / "u.zarr.partial").mkdir()
     with pytest.raises(StoreNotFound, match="unfinished"):
         open_token_store(tmp_path / "u.zarr")
+
+
+def test_a_hand_edited_token_manifest_is_refused(tmp_path):
+    manifest = {"tokenizer": {"fingerprint": "f", "vocab_size": 300}}
+    rows = np.arange(64, dtype=np.int64).reshape(4, 16)
+    write_token_store(tmp_path / "t.zarr", sequences=rows, manifest=manifest)
+    meta_file = tmp_path / "t.zarr" / "zarr.json"
+    meta = json.loads(meta_file.read_text())
+    meta["attributes"]["manifest"]["tokenizer"]["vocab_size"] = 30
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(CorruptData, match="manifest was edited"):
+        open_token_store(tmp_path / "t.zarr")
+    verify = subprocess.run([sys.executable, "-m", "storage", "verify", str(tmp_path / "t.zarr")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 2 and "manifest was edited" in verify.stderr, verify
+
+
+def test_stores_of_two_corpus_runs_side_by_side_are_refused(tmp_path):
+    """A rerun of `make data` with another vocabulary killed after writing train.zarr: the new
+    tokenizer and train store beside the old val store. Training and evaluation refuse it."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.train").write_text("".join(f"the child saw {i} red balls .\n"
+                                            for i in range(400)))
+    runs = {}
+    for name, vocab in (("old", 300), ("new", 320)):
+        runs[name] = tmp_path / name
+        prepare(load_config(DEMO, [f"data.dir={corpus}", f"run_dir={runs[name]}",
+                                   f"tokenizer.vocab_size={vocab}", "data.seq_len=16"]))
+    settings = [f"run_dir={runs['old']}", "data.seq_len=16", "student.device=cpu",
+                "distill.alpha=1", "student.max_steps=2"]
+    from student.train import train
+    train(load_config(DEMO, settings))  # a finished CE student of the old run, to evaluate
+    mixed = runs["old"]
+    for part in ("tokenizer", "tokens/train.zarr"):
+        shutil.rmtree(mixed / part)
+        shutil.copytree(runs["new"] / part, mixed / part)
+    for module in ("student.train", "student.evaluate"):
+        result = subprocess.run(
+            [sys.executable, "-m", module, "--config", str(DEMO), *settings,
+             "distill.run=again"], cwd=REPO, capture_output=True, text=True, timeout=300)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(lines) == 1, (module, result.stderr[-2000:])
+        assert "different `make data` runs" in lines[0], lines

@@ -11,6 +11,9 @@ from tests.reliability.world import World, build_world
 def pytest_addoption(parser):
     parser.addoption("--chaos-kills", type=int, default=10,
                      help="SIGKILLs in the kill-and-resume tests (default 10; make chaos: 40)")
+    parser.addoption("--fault-matrix", choices=("covering", "full"), default="covering",
+                     help="which cells of the fault matrix run (default covering; make chaos: "
+                          "full)")
 
 
 @pytest.fixture(scope="session")

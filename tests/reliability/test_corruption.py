@@ -143,3 +143,23 @@ def test_trainer_refuses_a_damaged_cache_unless_told_to_skip(world, run):
     assert "skipping 1 bad cache shard(s) [5]: 8 sequences, 256 tokens left out" in skipping.stdout
     assert (run / "students" / "skipping" / "model.safetensors").is_file()
     assert (run / "cache").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("array", ["ids", "logits", "lse"])
+def test_an_emptied_shard_file_is_named_skipped_and_rewritten(world, run, array):
+    """A shard file truncated to zero bytes: verify names it, training with skip_bad_shards
+    leaves its shard out, and rerunning the logits job writes it again, ending as a clean run."""
+    cache = run / "cache" / "train.zarr"
+    (cache / array / "c" / "2" / "0" / "0").write_bytes(b"")
+    result = verify(cache)
+    assert result.returncode == 2, result.stdout
+    assert result.stdout.startswith(f"shard 2: file {array}/c/2/0/0 is corrupt or truncated")
+    skipping = cli(world.command("student.train", run, "student.max_steps=0",
+                                 "distill.skip_bad_shards=true"))
+    assert skipping.returncode == 0, skipping.stderr[-2000:]
+    assert "skipping 1 bad cache shard(s) [2]" in skipping.stdout
+    rerun = cli(world.command("precompute.logits", run))
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"shard 2: file {array}/c/2/0/0" in rerun.stdout
+    assert verify(cache).returncode == 0
+    assert world.differences(cache) == []

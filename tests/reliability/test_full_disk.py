@@ -96,6 +96,8 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path):
     import errno
     import gc
 
+    import zarr
+
     from configs import load_config
     from precompute.logits import main
     from storage.cache import CacheWriter, _read_manifest
@@ -105,8 +107,8 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path):
         main(load_config(world.config, [f"run_dir={run}"]))
     assert failure.value.errno == errno.ENOSPC
     path = run / "cache" / "train.zarr"
-    group, manifest = _read_manifest(path)
-    writer = CacheWriter(path=path, manifest=manifest, group=group)
+    writer = CacheWriter(path=path, manifest=_read_manifest(path),
+                         group=zarr.open_group(path, mode="r+"))
     held = []
     for shard in writer.pending_shards():
         with writer.claim(shard, wait=False) as mine:

@@ -159,3 +159,17 @@ def test_reads_the_real_blimp_folders_without_malformed_lines(shared_data):
         assert len(files) == len(list(folder.glob("*.jsonl")))
         assert all(not f.malformed and 0 < len(f.pairs) <= 50 for f in files)
     assert files[0].pairs[0].field is None  # the supplement has no `field`
+
+
+def test_a_pair_longer_than_the_context_is_left_out_and_reported(tmp_path, tokenizer, capsys):
+    short_model = new_gpt2(vocab_size=len(tokenizer), seq_len=8, n_layer=1, n_embd=16,
+                           n_head=2, seed=1).eval()
+    long = "the cat sat on the mat . the dog ran to the park"
+    path = _write_jsonl(tmp_path / "mixed.jsonl", [
+        {"sentence_good": "the cat", "sentence_bad": "the cat sat on", "pair_id": 1},
+        {"sentence_good": long, "sentence_bad": long + " .", "pair_id": 2}])
+    result = score_pairs(short_model, tokenizer, [read_pair_file(path)])
+    entry = result["files"]["mixed"]
+    assert (entry["pairs"], entry["correct"], entry["too_long"]) == (1, 1, 1)
+    assert result["too_long"] == 1 and result["pairs"] == 1
+    assert "mixed: 1 pair(s) longer than the model's context" in capsys.readouterr().out

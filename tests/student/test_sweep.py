@@ -2,6 +2,9 @@
 
 import json
 
+import pytest
+
+from configs import UserError
 from student import sweep as sweeper
 from student import train as trainer
 from training import checkpoint as checkpoints
@@ -41,3 +44,14 @@ def test_grid_deduplicates_the_baseline_and_uses_sweep_ks(tmp_path):
     names = [trainer.run_name(point) for point in sweeper.grid(cfg)]
     assert names == ["baseline", "kd-a0.5-T1-k4", "kd-a0.5-T1-k16", "kd-a0.5-T2-k4",
                      "kd-a0.5-T2-k16"]
+
+
+def test_an_empty_grid_is_refused_and_keeps_the_last_report(tmp_path):
+    root = make_run(tmp_path, n_train=64)
+    sweeper.sweep(config(root, "student.max_steps=1", "distill.sweep_alphas=[0.5]",
+                         "distill.sweep_temperatures=[1.0]"))
+    report = (root / "reports" / "sweep.json").read_bytes()
+    for empty in ("distill.sweep_alphas=[]", "distill.sweep_temperatures=[]"):
+        with pytest.raises(UserError, match=f"{empty.split('=')[0]} is empty"):
+            sweeper.sweep(config(root, "student.max_steps=1", empty))
+    assert (root / "reports" / "sweep.json").read_bytes() == report

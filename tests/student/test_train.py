@@ -273,6 +273,7 @@ def test_corrupt_cache_is_refused_or_skipped(tmp_path, capsys):
     (["distill.alpha=1.5"], "distill.alpha = 1.5 must be in [0, 1]"),
     (["cache.k=64", "distill.k=16"], "distill.k = 16 is larger than the cached k = 8"),
     (["distill.mode=online", "teacher.model=/nonexistent/teacher"], "/nonexistent/teacher"),
+    (["student.device=cuda:3", "distill.run=on-gpu"], "device 'cuda:3' is not available"),
 ])
 def test_bad_inputs_exit_2_with_one_line(run_dir, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -315,3 +316,34 @@ def test_resume_drops_a_metrics_line_torn_by_a_kill(tmp_path):
     assert [row["step"] for row in metrics_log.read_metrics(path)] == [1, 2, 3]
     metrics_log.truncate_metrics(path, after_step=2)
     assert [row["step"] for row in metrics_log.read_metrics(path)] == [1, 2]
+
+
+class _RunsCode:
+    """Unpickling this runs `touch` on a marker file: what a hostile checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
+    root = make_run(tmp_path, n_train=32)
+    argv = ["--config", str(CONFIG), *overrides(root, "student.max_steps=2",
+                                                  "student.checkpoint_every=1")]
+    student = trainer.train(config(root, "student.max_steps=2", "student.checkpoint_every=1"))
+    (student / "config.json").unlink()  # unfinished again: the next run resumes
+    marker = tmp_path / "code-ran"
+    state = student / "checkpoint" / checkpoints.STATE_FILE
+    clean = state.read_bytes()
+    torch.save({**torch.load(state, weights_only=False), "payload": _RunsCode(marker)}, state)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(trainer.main, "train", argv=argv)
+    assert not marker.exists(), "resuming ran the checkpoint's code"
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "refusing to load" in err[-1], err
+    state.write_bytes(clean)  # what the trainer writes loads as tensors and numbers only
+    assert torch.load(state, weights_only=True)["cursor"]["step"] == 2

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import json
 import os
@@ -311,18 +312,30 @@ class _CacheBase:
         """Whether `shard` is marked done (a mark never written is not); None when its mark is
         there but cannot be read, which counts as not done: the shard is written again."""
         try:
-            return bool(self._done_reader().read(shard, shard + 1)[0])
+            return bool(self._done_reader.read(shard, shard + 1)[0])
         except ChunkError as exc:
             return False if exc.kind == "missing" else None
 
+    @functools.cached_property
     def _done_reader(self) -> RowReader:
         """The done array, read as every stored file is (storage.chunks)."""
-        if getattr(self, "_done_rows", None) is None:
-            try:
-                self._done_rows = RowReader(self.path / "done")
-            except ChunkError as exc:
-                raise _corrupt(self.path, "done/zarr.json", exc) from None
-        return self._done_rows
+        try:
+            return RowReader(self.path / "done")
+        except ChunkError as exc:
+            raise _corrupt(self.path, "done/zarr.json", exc) from None
+
+    def _read_problem(self, shard: int, name: str) -> Problem | None:
+        """Why shard `shard` of array `name` cannot be read, or None if it reads cleanly: the
+        shard is read whole as training reads it (chunks.RowReader: every chunk's checksum)."""
+        file = _shard_file(self.path, name, shard)
+        where = f"shard {shard}: file {file.relative_to(self.path)}"
+        start, stop = self.shard_rows(shard)
+        try:
+            RowReader(self.path / name).read(start, stop)  # a fresh reader: no cached index
+        except ChunkError as exc:
+            return Problem(f"{where} {exc.problem}", kind=exc.kind, shard=shard,
+                           file=str(file.relative_to(self.path)))
+        return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,15 +568,7 @@ class CacheWriter(_CacheBase):
         problems = []
         done = self.done_shards()
         for shard in np.flatnonzero(done).tolist():
-            start, stop = self.shard_rows(shard)
-            for name in DATA_ARRAYS:
-                file = _shard_file(self.path, name, shard)
-                try:
-                    RowReader(self.path / name).read(start, stop)
-                except ChunkError as exc:
-                    problems.append(Problem(f"shard {shard}: file {file.relative_to(self.path)} "
-                                            f"{exc.problem}", kind=exc.kind, shard=shard,
-                                            file=str(file.relative_to(self.path))))
+            problems += filter(None, (self._read_problem(shard, name) for name in DATA_ARRAYS))
             if problems and problems[-1].shard == shard:
                 mark = _shard_file(self.path, "done", shard)
                 mark.unlink()
@@ -683,19 +688,6 @@ class LogitCache(_CacheBase):
         if not self.done[shard]:
             raise CorruptData(f"logit cache {self.path}: shard {shard} is not written "
                               "(rerun `make teacher-logits`)")
-
-    def _read_problem(self, shard: int, name: str) -> Problem | None:
-        """Why shard `shard` of array `name` cannot be read, or None if it reads cleanly: the
-        shard is read whole as training reads it (chunks.RowReader: every chunk's checksum)."""
-        file = _shard_file(self.path, name, shard)
-        where = f"shard {shard}: file {file.relative_to(self.path)}"
-        start, stop = self.shard_rows(shard)
-        try:
-            RowReader(self.path / name).read(start, stop)  # a fresh reader: no cached index
-        except ChunkError as exc:
-            return Problem(f"{where} {exc.problem}", kind=exc.kind, shard=shard,
-                           file=str(file.relative_to(self.path)))
-        return None
 
     def verify(self, *, progress: bool = False) -> list[Problem]:
         """Every problem found, one each naming the shard: manifest unreadable or edited, shard

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from configs import writing
+from configs import flatten, writing
 from storage.chunks import ChunkError, RowReader, read_metadata
 from storage.errors import CorruptData, ManifestMismatch, Problem, StoreNotFound
 from storage.paths import make_folder
@@ -170,16 +170,9 @@ def check_one_generation(stores: list[TokenStore]) -> None:
     new train store beside an old validation store. Stores of one run share a `generation`."""
     first, *rest = stores
     for store in rest:
-        for what, key in (("generation", ("generation",)),
-                          ("tokenizer", ("tokenizer", "fingerprint"))):
-            a, b = (_get(s.manifest, key) for s in (first, store))
+        for what, key in (("generation", "generation"), ("tokenizer", "tokenizer.fingerprint")):
+            a, b = (flatten(s.manifest).get(key) for s in (first, store))
             if a != b:
                 raise ManifestMismatch(
                     f"token stores {first.path} and {store.path} come from different `make "
                     f"data` runs (their {what} differs); rerun `make data` to rebuild both")
-
-
-def _get(tree: dict, keys: tuple[str, ...]):
-    for key in keys:
-        tree = tree.get(key) if isinstance(tree, dict) else None
-    return tree

@@ -11,9 +11,9 @@ SHARED_DATA = Path(os.environ.get("BABYLM_KD_SHARED_DATA",
 
 
 def sibling_run(run_dir: Path, sibling: Path) -> Path:
-    """`sibling`, a run directory sharing `run_dir`'s token stores and teacher (symlinks), for a
-    second cache of the same teacher."""
-    for shared in ("tokens", "teacher"):
+    """`sibling`, a run directory sharing `run_dir`'s tokenizer, token stores and teacher
+    (symlinks), for a second cache of the same teacher."""
+    for shared in ("tokenizer", "tokens", "teacher"):
         (sibling / shared).parent.mkdir(parents=True, exist_ok=True)
         (sibling / shared).symlink_to(run_dir / shared)
     return sibling

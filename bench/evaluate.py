@@ -46,14 +46,16 @@ def run(*, n_pairs: int = 10_000,
         remaining -= len(files[-1].pairs)
     sentences = [s for f in files for p in f.pairs for s in (p.good, p.bad)]
     tokenizer = train_bpe(sentences, vocab_size=2048, min_frequency=2)
-    model = new_gpt2(vocab_size=len(tokenizer), seq_len=128, n_layer=2, n_embd=64, n_head=2).eval()
+    model = new_gpt2(vocab_size=len(tokenizer), n_positions=128, n_layer=2, n_embd=64, n_head=2).eval()
     default_threads = torch.get_num_threads()
     rows = []
     for n_threads, batch_size in settings:
         torch.set_num_threads(n_threads)
-        score_pairs(model, tokenizer, files[:3], batch_size=batch_size)  # warm-up allocations
+        score_pairs(model, tokenizer, files[:3], conventions=("ours",),
+                    batch_size=batch_size)  # warm-up allocations
         start = time.perf_counter()
-        result = score_pairs(model, tokenizer, files, batch_size=batch_size, device="cpu")
+        result = score_pairs(model, tokenizer, files, conventions=("ours",),
+                             batch_size=batch_size, device="cpu")["ours"]
         seconds = time.perf_counter() - start
         rows.append({"threads": n_threads, "batch_size": batch_size, "pairs": result["pairs"],
                      "sentences": len(set(sentences)), "seconds": round(seconds, 2),

@@ -142,24 +142,27 @@ def make_teacher(folder: Path, shapes: Shapes, device: str) -> Path:
 
 
 def make_run(run: Path, shapes: Shapes) -> None:
-    """Random token stores (train, val) in `run`, unless it has them."""
+    """Random token stores (train, val) and their tokenizer in `run`, unless it has them."""
     from storage.tokens import write_token_store
+    from training.tokenizer import fingerprint, synthetic_tokenizer
 
     if (run / "tokens" / "train.zarr").exists():
         return
+    tokenizer = synthetic_tokenizer(shapes.vocab)  # the ids stand for no text
+    tokenizer.save_pretrained(str(run / "tokenizer"))
     rng = np.random.default_rng(0)
     for split, n in (("train", shapes.sequences), ("val", max(shapes.student_batch, 64))):
         write_token_store(run / "tokens" / f"{split}.zarr",
                           sequences=rng.integers(0, shapes.vocab, (n, shapes.seq_len)),
-                          manifest={"tokenizer": {"fingerprint": "gpu-check", "eos_id": 0,
-                                                  "vocab_size": shapes.vocab}})
+                          manifest={"tokenizer": {"fingerprint": fingerprint(tokenizer),
+                                                  "eos_id": 0, "vocab_size": shapes.vocab}})
 
 
 def config(run: Path, teacher_dir: Path, shapes: Shapes, *extra: str):
     return load_config(CONFIG_DIR / "demo.yaml", [
         f"run_dir={run}", f"data.seq_len={shapes.seq_len}", "teacher.from_scratch=false",
         f"teacher.model={teacher_dir}", f"cache.k={shapes.k}", f"cache.batch_size={shapes.batch}",
-        "cache.chunk_sequences=32", "cache.shard_chunks=8",
+        "cache.chunk_sequences=32", "cache.shard_chunks=8", "student.save_at_words=[]",
         *extra])
 
 

@@ -59,6 +59,7 @@ def settings(root: Path, data_dir: Path, *, teacher_epochs: float, student_epoch
             "student.n_layer=2", "student.n_embd=64", "student.n_head=2", "student.dropout=0",
             "student.lr=2e-3", "student.batch_size=16", f"student.epochs={student_epochs}",
             "student.warmup_steps=50", "student.eval_every=0", "student.checkpoint_every=0",
+            "student.save_at_words=[]",
             "student.device=cpu", "distill.alpha=0.5", *extra]
 
 

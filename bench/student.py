@@ -95,7 +95,7 @@ def overrides(root: Path, *extra: str) -> list[str]:
             f"student.n_layer={s['n_layer']}", f"student.n_embd={s['n_embd']}",
             f"student.n_head={s['n_head']}", "student.dropout=0", "student.batch_size=16",
             "student.lr=3e-3", "student.warmup_steps=20", "student.eval_every=0",
-            "student.checkpoint_every=0", f"cache.k={CACHE_K}",
+            "student.checkpoint_every=0", "student.save_at_words=[]", f"cache.k={CACHE_K}",
             f"cache.temperatures=[{', '.join(map(str, TEMPERATURES))}]",
             "teacher.from_scratch=false", f"teacher.model={root / 'teacher'}",
             f"teacher.n_layer={t['n_layer']}", f"teacher.n_embd={t['n_embd']}",
@@ -120,14 +120,18 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     from training.loop import fit, open_tokens
     from training.metrics import read_metrics
     from training.models import new_gpt2
+    from training.tokenizer import fingerprint, synthetic_tokenizer
 
-    manifest = {"tokenizer": {"fingerprint": "markov-512", "vocab_size": VOCAB, "eos_id": 0}}
+    tokenizer = synthetic_tokenizer(VOCAB)  # the ids stand for no text
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    manifest = {"tokenizer": {"fingerprint": fingerprint(tokenizer), "vocab_size": VOCAB,
+                              "eos_id": 0}}
     for split, n, seed in (("train", 2048, 1), ("val", 128, 2)):
         write_token_store(root / "tokens" / f"{split}.zarr",
                           sequences=markov_tokens(n, seed=seed), manifest=manifest)
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root, f"teacher.max_steps={teacher_steps}"))
     tokens, val = open_tokens(cfg)
-    model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, seed=1, **TEACHER)
+    model = new_gpt2(vocab_size=VOCAB, n_positions=SEQ_LEN, seed=1, **TEACHER)
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     store = open_token_store(root / "tokens" / "train.zarr")
@@ -230,7 +234,7 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     cached = distillation(gap8, tokens, vocab_size=VOCAB)
     online = distillation(cfg.replace(**{"distill.mode": "online"}), tokens, vocab_size=VOCAB)
     batch = next(stream_batches(tokens=tokens, cache=cached.cache, batch_size=16, seed=0, epoch=0))
-    model = new_gpt2(vocab_size=VOCAB, seq_len=SEQ_LEN, **STUDENT)
+    model = new_gpt2(vocab_size=VOCAB, n_positions=SEQ_LEN, **STUDENT)
     optimizer = make_optimizer(model, cfg.student)
     modes = {"CE baseline": None, CACHED_KD: cached, "online KD (T=2)": online}
     seconds = {mode: [] for mode in modes}
@@ -272,7 +276,7 @@ def loop_rows(runs: dict[str, tuple[Config, bool]], *, steps: int, warmup: int =
     first = next(iter(runs.values()))[0]
     tokens, _ = open_tokens(first)
     hp = first.student
-    model = new_gpt2(vocab_size=tokens.vocab_size, seq_len=tokens.seq_len, n_layer=hp.n_layer,
+    model = new_gpt2(vocab_size=tokens.vocab_size, n_positions=tokens.seq_len, n_layer=hp.n_layer,
                      n_embd=hp.n_embd, n_head=hp.n_head, dropout=hp.dropout, seed=hp.seed)
     optimizer = make_optimizer(model, hp)
     prepared = {}

@@ -43,7 +43,7 @@ def run(*, n_layer: int = 6, n_embd: int = 384, n_head: int = 6, vocab_size: int
 
     with tempfile.TemporaryDirectory(prefix="bench-teacher-job-") as tmp:
         root = Path(tmp)
-        new_gpt2(vocab_size=vocab_size, seq_len=seq_len, n_layer=n_layer, n_embd=n_embd,
+        new_gpt2(vocab_size=vocab_size, n_positions=seq_len, n_layer=n_layer, n_embd=n_embd,
                  n_head=n_head).save_pretrained(root / "teacher")
         tokens = np.random.default_rng(0).integers(0, vocab_size, (n_sequences, seq_len))
         for name, rows in (("tokens.zarr", tokens), ("warmup-tokens.zarr", tokens[:batch_size])):

@@ -54,6 +54,9 @@ class DataConfig:
     """Folder of `*.dev` files, used when validation is 'dev'. Empty: `<dir>/../dev`."""
     seq_len: int = 128
     """Tokens per packed sequence (row of the token store)."""
+    document: str = "file"
+    """What `<|endoftext|>` separates in the token store: 'file' (each corpus file is one
+    document, its lines joined by newlines) or 'line' (every line is a document)."""
     generated_words: int = 300_000
     """Size of the built-in corpus, in words, when `dir` is empty."""
     seed: int = 0
@@ -81,6 +84,9 @@ class TeacherConfig:
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
+    n_positions: int = 1024
+    """Context length of a teacher trained from scratch, independent of data.seq_len: clients
+    may score texts longer than the training rows."""
     dtype: str = "fp32"
     """Weights for the logits job and evaluation: fp32, fp16 or bf16."""
     quantization: str = "none"
@@ -152,11 +158,19 @@ class CacheConfig:
     """Token stores to cache: 'train', and optionally 'val'."""
 
 
+BABYLM_MILESTONES = (*range(1_000_000, 10_000_001, 1_000_000),
+                     *range(20_000_000, 100_000_001, 10_000_000))
+"""The BabyLM 2025 checkpoint schedule, in words seen: every 1M up to 10M, every 10M to 100M."""
+
+
 @dataclass(frozen=True)
 class StudentConfig:
     n_layer: int = 12
     n_embd: int = 768
     n_head: int = 12
+    n_positions: int = 1024
+    """Context length (as GPT-2 Small), independent of data.seq_len: clients may score texts
+    longer than the training rows."""
     dropout: float = 0.1
     lr: float = 2.5e-4
     batch_size: int = 32
@@ -180,6 +194,10 @@ class StudentConfig:
     device: str = "auto"
     shuffle_buffer: int = 256
     """Sequences shuffled together in memory by the streaming reader."""
+    save_at_words: tuple[int, ...] = BABYLM_MILESTONES
+    """Words seen at which to save a complete model folder `checkpoints/chck_<N>M/` (`<N>K`
+    below a million); those beyond the run's length are never reached. Words are counted
+    exactly: the token store holds the words starting in each row. Empty: none."""
     resume_with_new_settings: bool = False
     """Resume a checkpoint made with other settings, continuing under this config's from the
     checkpoint's step (recorded in config.yaml and metrics.jsonl). Off: such a resume is refused.
@@ -208,7 +226,9 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     minimal_pairs: str = ""
-    """Folder of BLiMP-style `*.jsonl` minimal-pair files (empty: the demo's own, if any)."""
+    """Folder of BLiMP-style `*.jsonl` minimal-pair files, scored as one suite; or a folder of
+    such folders (e.g. BLiMP and the BLiMP supplement), each its own suite, reported apart.
+    Empty: the demo's own, if any."""
     batch_size: int = 64
     max_pairs_per_file: int = 0
     """Score at most this many pairs per file (0: all)."""
@@ -282,6 +302,9 @@ _RULES = [
     ("data.val_fraction", lambda v: 0 < v < 1, "between 0 and 1 (exclusive)"),
     ("data.validation", lambda v: v in ("split", "dev"), "'split' or 'dev'"),
     ("data.generated_words", lambda v: v > 0, "positive"),
+    ("data.document", lambda v: v in ("file", "line"), "'file' or 'line'"),
+    ("student.save_at_words", lambda v: all(w > 0 and w % 1000 == 0 for w in v),
+     "a list of positive multiples of 1000 (names are chck_<N>K or chck_<N>M)"),
     ("tokenizer.kind", lambda v: v in ("bpe", "gpt2"), "'bpe' or 'gpt2'"),
     ("tokenizer.vocab_size", lambda v: 260 <= v <= 1_000_000, "between 260 and 1000000"),
     ("tokenizer.min_frequency", lambda v: v >= 1, "at least 1"),
@@ -319,7 +342,8 @@ _POSITIVE = [
     "teacher.n_layer", "teacher.n_embd", "teacher.n_head", "teacher.lora_r", "teacher.lora_alpha",
     "teacher.batch_size", "teacher.grad_accum", "cache.chunk_sequences", "cache.shard_chunks",
     "cache.batch_size", "student.n_layer", "student.n_embd", "student.n_head", "student.batch_size",
-    "student.grad_accum", "student.shuffle_buffer", "eval.batch_size", "teacher.lr", "student.lr",
+    "student.grad_accum", "student.shuffle_buffer", "eval.batch_size", "teacher.n_positions",
+    "student.n_positions", "teacher.lr", "student.lr",
     "teacher.epochs", "student.epochs",
 ]
 _NON_NEGATIVE = [
@@ -389,6 +413,9 @@ def _build(raw: dict, source: str) -> Config:
         if section.n_embd % section.n_head:
             raise ConfigError(f"{source}: {name}.n_embd = {section.n_embd} is not divisible by "
                               f"{name}.n_head = {section.n_head}")
+        if section.n_positions < config.data.seq_len:
+            raise ConfigError(f"{source}: {name}.n_positions = {section.n_positions} is shorter "
+                              f"than the training rows (data.seq_len = {config.data.seq_len})")
         if section.batch_size % section.grad_accum:
             raise ConfigError(f"{source}: {name}.batch_size = {section.batch_size} is not divisible "
                               f"by {name}.grad_accum = {section.grad_accum}")

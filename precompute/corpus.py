@@ -6,8 +6,10 @@ file's lines, so dialogue stays coherent on both sides. With `data.validation: d
 `*.dev` files are the validation set instead. With `data.dir` empty, the built-in generated
 corpus is written to `<run>/corpus/` and used.
 
-Each file is one document: its lines joined by newlines, followed by `<|endoftext|>`. The
-document stream is packed into rows of `seq_len` tokens; the last partial row is dropped.
+Each file is one document: its lines joined by newlines, followed by `<|endoftext|>` (with
+`data.document: line`, every line is a document). The document stream is packed into rows of
+`seq_len` tokens; the last partial row is dropped. The token store also records the words that
+start in each row, for counting words seen exactly.
 Outputs: `<run>/tokens/{train,val}.txt` (the combined texts, for inspection),
 `<run>/tokenizer/`, `<run>/tokens/{train,val}.zarr` and the resolved config.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,20 +107,26 @@ def split_documents(cfg: Config, corpus_dir: Path) -> tuple[dict[str, list[list[
     return documents, {"source_files": [f.facts() for f in train_files], "split_rule": rule}
 
 
-def pack(documents: list[list[str]], tokenizer, seq_len: int) -> tuple[np.ndarray, int]:
+def pack(documents: list[list[str]], tokenizer, seq_len: int
+         ) -> tuple[np.ndarray, int, np.ndarray]:
     """Tokenize documents, join them with end-of-text, pack rows of `seq_len`.
 
-    Returns the (N, seq_len) rows and the UTF-8 bytes of the text behind the kept tokens (the
-    dropped tail is decoded to subtract its bytes exactly).
+    Returns the (N, seq_len) rows, the UTF-8 bytes of the text behind the kept tokens (the
+    dropped tail is decoded to subtract its bytes exactly) and (N,) the whitespace-separated
+    words starting in each row (a word starts in the row of the token holding its first
+    character).
     """
     lines = [line + "\n" for doc in documents for line in doc]
     encodings = tokenizer.backend_tokenizer.encode_batch(lines, add_special_tokens=False)
     eos = tokenizer.eos_token_id
-    stream, position = [], 0
+    stream, starts, position = [], [], 0
     for doc in documents:
-        for encoding in encodings[position:position + len(doc)]:
+        for line, encoding in zip(lines[position:position + len(doc)],
+                                  encodings[position:position + len(doc)]):
             stream.extend(encoding.ids)
+            starts.append(word_starts(line, encoding.offsets))
         stream.append(eos)
+        starts.append(np.zeros(1, np.int64))
         position += len(doc)
     tokens = np.asarray(stream, dtype=np.int64)
     n_rows = len(tokens) // seq_len
@@ -127,7 +136,23 @@ def pack(documents: list[list[str]], tokenizer, seq_len: int) -> tuple[np.ndarra
     text_bytes = sum(len(line.encode()) for line in lines)
     dropped = tokens[n_rows * seq_len:]
     text_bytes -= len(tokenizer.decode(dropped[dropped != eos].tolist()).encode())
-    return tokens[:n_rows * seq_len].reshape(n_rows, seq_len), text_bytes
+    words = np.concatenate(starts)[:n_rows * seq_len].reshape(n_rows, seq_len).sum(axis=1)
+    return tokens[:n_rows * seq_len].reshape(n_rows, seq_len), text_bytes, words
+
+
+def word_starts(line: str, offsets: list[tuple[int, int]]) -> np.ndarray:
+    """Per token of `line`: how many whitespace-separated words start in it (`str.split`'s
+    words; a character split over several byte-level tokens counts in the first)."""
+    firsts = [match.start() for match in re.finditer(r"\S+", line)]
+    ends = np.fromiter((end for _, end in offsets), dtype=np.int64, count=len(offsets))
+    owners = np.searchsorted(ends, firsts, side="right")  # the first token ending past it
+    return np.bincount(owners, minlength=len(offsets))[:len(offsets)]
+
+
+def as_documents(documents: list[list[str]], unit: str) -> list[list[str]]:
+    """data.document: 'file' keeps each file's lines together; 'line' makes every line a
+    document (an `<|endoftext|>` after each)."""
+    return documents if unit == "file" else [[line] for doc in documents for line in doc]
 
 
 def corpus_dir(cfg: Config) -> Path:
@@ -152,27 +177,30 @@ def prepare(cfg: Config) -> dict[str, Path]:
     """
     source_dir = corpus_dir(cfg)
     documents, facts = split_documents(cfg, source_dir)
+    documents = {split: as_documents(docs, cfg.data.document) for split, docs in documents.items()}
     tokenizer = build_tokenizer(cfg.tokenizer, (line for doc in documents["train"] for line in doc))
     packed = {split: pack(documents[split], tokenizer, cfg.data.seq_len) for split in SPLITS}
     # Both stores carry one generation: consumers refuse a train and val of different runs.
     generation = hashlib.sha256("|".join(
         [tokenizer_facts(tokenizer)["fingerprint"]]
-        + [tokens_fingerprint(rows) for rows, _ in packed.values()]).encode()).hexdigest()
+        + [tokens_fingerprint(rows) for rows, _, _ in packed.values()]).encode()).hexdigest()
     out = cfg.run_path / "tokens"
     make_folder(out)
     tokenizer.save_pretrained(str(tokenizer_dir(cfg.run_path)))
     stores = {}
-    for split, (rows, text_bytes) in packed.items():
+    for split, (rows, text_bytes, words) in packed.items():
         with writing(out / f"{split}.txt"):
             (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc)
                                                            for doc in documents[split]))
         stores[split] = out / f"{split}.zarr"
-        store = write_token_store(stores[split], sequences=rows, manifest={
+        store = write_token_store(stores[split], sequences=rows, words=words, manifest={
             "split": split, "generation": generation, "corpus_dir": str(source_dir), **facts,
-            "tokenizer": tokenizer_facts(tokenizer), "text_bytes": text_bytes,
+            "document": cfg.data.document, "tokenizer": tokenizer_facts(tokenizer),
+            "text_bytes": text_bytes,
         })
-        print(f"{split}: {store.n_sequences:,} sequences x {store.seq_len} tokens "
-              f"({text_bytes / store.n_sequences / store.seq_len:.2f} bytes/token) -> {store.path}")
+        print(f"{split}: {store.n_sequences:,} sequences x {store.seq_len} tokens, "
+              f"{int(words.sum()):,} words ({text_bytes / store.n_sequences / store.seq_len:.2f} "
+              f"bytes/token) -> {store.path}")
     cfg.save(out)
     return stores
 

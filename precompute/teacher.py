@@ -75,7 +75,9 @@ def train_teacher(cfg: Config) -> Path:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"teacher: {method} training of {_base_name(cfg, method)}, "
           f"{trainable:,} trainable parameters")
-    fit(model, cfg=cfg, hp=cfg.teacher, out_dir=out, tokens=tokens, val_tokens=val_tokens)
+    fit(model, cfg=cfg, hp=cfg.teacher, out_dir=out, tokens=tokens, val_tokens=val_tokens,
+        card={"kind": "teacher", "method": method, "base": _base_name(cfg, method),
+              "token_store": tokens.fingerprint[:16]})
     if is_writer():
         if method == "lora":
             merge_adapter(model, out)
@@ -92,7 +94,7 @@ def build_model(cfg: Config, *, method: str, tokens: TokenStore) -> torch.nn.Mod
     """The model to train: a new GPT-2, the pretrained teacher, or it wrapped with LoRA."""
     t = cfg.teacher
     if method == "scratch":
-        return new_gpt2(vocab_size=tokens.vocab_size, seq_len=tokens.seq_len, n_layer=t.n_layer,
+        return new_gpt2(vocab_size=tokens.vocab_size, n_positions=t.n_positions, n_layer=t.n_layer,
                         n_embd=t.n_embd, n_head=t.n_head, seed=t.seed,
                         eos_token_id=tokens.manifest["tokenizer"].get("eos_id", 0))
     if method == "qlora" and t.adapter:

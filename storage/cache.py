@@ -166,7 +166,7 @@ def _short(value) -> str:
     return ".../" + "/".join(Path(text).parts[-2:]) if "/" in text else text[:21] + "..."
 
 
-def _read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> dict:
     """The cache's manifest; a missing cache is StoreNotFound, a damaged one CorruptData."""
     root = path / "zarr.json"
     if not (root.exists() or root.is_symlink()):
@@ -247,6 +247,11 @@ class _CacheBase:
     @property
     def temperatures(self) -> tuple[float, ...]:
         return tuple(self.manifest["temperatures"])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 of the manifest: names this cache (its teacher, inputs, k, selection, code)."""
+        return manifest_digest(self.manifest)
 
     @property
     def value_code(self) -> str:
@@ -428,7 +433,7 @@ def _build_empty(tmp: Path, manifest: dict) -> None:
 
 
 def _resume(path: Path, wanted: dict) -> "CacheWriter":
-    found = _read_manifest(path)
+    found = read_manifest(path)
     differing = _differing_keys(wanted, found)
     if differing:
         flat_w, flat_f = flatten(wanted), flatten(found)
@@ -598,7 +603,7 @@ def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
     CorruptData (unreadable or hand-edited manifest).
     """
     path = Path(path)
-    manifest = _read_manifest(path)
+    manifest = read_manifest(path)
     cache = LogitCache(path=path, manifest=manifest)
     if token_store is not None:
         checks = (
@@ -693,7 +698,7 @@ class LogitCache(_CacheBase):
         """Every problem found, one each naming the shard: manifest unreadable or edited, shard
         not done, shard file missing, truncated or failing its checksum."""
         try:
-            _read_manifest(self.path)
+            read_manifest(self.path)
         except StorageError as exc:
             return [getattr(exc, "problem", None) or Problem(str(exc), kind="manifest")]
         problems = []

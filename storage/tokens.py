@@ -74,6 +74,17 @@ class TokenStore:
     def tokenizer_fingerprint(self) -> str:
         return self.manifest["tokenizer"]["fingerprint"]
 
+    def words_per_row(self) -> np.ndarray | None:
+        """int64 (N,): words starting in each row; None for a store written without them."""
+        if not (self.path / "words").is_dir():
+            return None
+        try:
+            return RowReader(self.path / "words").read(0, self.n_sequences).astype(np.int64)
+        except ChunkError as exc:
+            file = str(exc.file.relative_to(self.path))
+            message = f"token store {self.path}: file {file} {exc.problem}"
+            raise CorruptData(message, problem=Problem(message, kind=exc.kind, file=file)) from None
+
     @property
     def chunk_rows(self) -> int:
         return self.rows.chunk_shape[0]
@@ -92,8 +103,9 @@ class TokenStore:
 
 
 def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict,
-                      chunk_rows: int = 256) -> TokenStore:
-    """Write `sequences` (N, L) with `manifest` (source files, split, tokenizer, text_bytes, ...).
+                      words: np.ndarray | None = None, chunk_rows: int = 256) -> TokenStore:
+    """Write `sequences` (N, L) with `manifest` (source files, split, tokenizer, text_bytes, ...)
+    and `words` (N,), the words starting in each row (None: a store without word counts).
 
     The format fields (version, N, seq_len, fingerprint) are filled in here. An existing store at
     `path` is replaced only once the new one is complete.
@@ -111,7 +123,10 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
         "n_tokens": int(sequences.size),
         "dtype": sequences.dtype.name,
         "fingerprint": tokens_fingerprint(sequences),
+        **({"words": int(words.sum())} if words is not None else {}),
     }
+    if words is not None and words.shape != sequences.shape[:1]:
+        raise ValueError(f"words must be one count per row, got {words.shape}")
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with writing(partial):
@@ -119,6 +134,9 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
         rows = min(chunk_rows, sequences.shape[0])
         group.create_array("tokens", data=sequences, chunks=(rows, sequences.shape[1]),
                            compressors=checked_compressors())
+        if words is not None:
+            group.create_array("words", data=words.astype(np.uint32), chunks=words.shape,
+                               compressors=checked_compressors())
         group.attrs.update({"manifest": full_manifest,
                             "manifest_sha256": manifest_digest(full_manifest)})
     if path.exists():

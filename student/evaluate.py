@@ -7,12 +7,14 @@ on `student.device`, then writes `RUN/reports/results.json`, `report.md` and tra
 Language-model metrics: `training.scoring.lm_metrics` on the validation token store
 `tokens/val.zarr`.
 
-Minimal pairs (`read_pair_dir`, `score_pairs`) in BLiMP's jsonl format (`sentence_good`,
-`sentence_bad`, optional `field`, `UID`, `pairID` or `pair_id`): every token of a sentence is
-scored after a prepended BOS (`<|endoftext|>`) token; a pair is right when the good sentence's
-summed log-probability is strictly higher. Ties count as wrong and are reported separately.
-Accuracy is reported per file (phenomenon), per field (the mean over files of each file's accuracy
-on its pairs of that field), and as the macro average over files.
+Minimal pairs (`read_suites`, `score_pairs`) in BLiMP's jsonl format (`sentence_good`,
+`sentence_bad`, optional `field`, `UID`, `pairID` or `pair_id`), one suite per folder (BLiMP and
+the BLiMP supplement are reported apart, as the BabyLM tables do). A pair is right when the good
+sentence's summed log-probability is higher, under three conventions (CONVENTIONS): ours (every
+token after a prepended BOS, ties wrong), lm-evaluation-harness's and the BabyLM 2025
+pipeline's, so scores compare with the leaderboards. Accuracy is reported per file
+(phenomenon), per field (the mean over files of each file's accuracy on its pairs of that
+field), and as the macro average over files. Each model card gets the scores (`record_scores`).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ from tqdm.auto import tqdm
 
 from configs import Config, UserError
 from storage.errors import ManifestMismatch
-from storage.paths import file_problem, make_folder
+from storage.paths import file_problem, make_folder, write_atomic
 from storage.tokens import check_one_generation, open_token_store
+from training.checkpoint import TOKENIZER_FILE, is_finished
 from training.device import resolve_device
+from training.model_card import CARD, read_card_facts, render_card
 from training.models import TEACHER_INFO, load_teacher, looks_local, resolve_teacher
 from training.scoring import lm_metrics, token_logprobs
 from training.tokenizer import fingerprint, load_tokenizer
@@ -42,40 +46,67 @@ MAX_TIE_IDS = 20
 
 # ----------------------------------------------------------------------------- scoring sentences
 
-def sentence_logprobs(model, tokenizer, sentences: list[str], *, batch_size: int = 64,
-                      device: str | torch.device = "cpu", desc: str = "sentences") -> np.ndarray:
-    """Summed log-probability of each sentence, every token scored after a prepended BOS.
+CONVENTIONS = ("ours", "lm_eval", "babylm2025")
+"""How a sentence is encoded and a pair decided, as each scorer does it:
+  * ours: BOS + the sentence (no special tokens, no leading space); a tie is wrong.
+  * lm_eval: lm-evaluation-harness's BLiMP (an empty context, so its prefix token: BOS, else
+    EOS; then " " + sentence, the target delimiter); argmax picks the first of equals, so a
+    tie goes to the good sentence.
+  * babylm2025: the BabyLM 2025 pipeline: `tokenizer(sentence)` with the tokenizer's own
+    special tokens, tokens 1..n scored (so the first word counts only when the tokenizer
+    prepends a BOS, as ours do); a tie goes to the good sentence (torch.max: the first).
+Every token of an encoding after the first is scored."""
+TIES_RIGHT = {"ours": False, "lm_eval": True, "babylm2025": True}
 
-    Sentences are sorted by length (longest first, so memory trouble shows at once) and batched
-    right-padded with an attention mask. A sentence longer than the model's context (with its
-    BOS) is not scored: its entry is NaN. Returns (S,) float64.
-    """
+
+def encode(tokenizer, sentences: list[str], convention: str) -> list[tuple[int, ...]]:
+    """Token ids of each sentence as `convention` scores it (see CONVENTIONS)."""
+    if convention == "babylm2025":
+        return [tuple(ids) for ids in tokenizer(list(sentences))["input_ids"]]
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if bos is None:
         raise UserError(f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token")
+    texts = [" " + s for s in sentences] if convention == "lm_eval" else list(sentences)
+    return [(bos, *ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def sequence_logprobs(model, sequences: list[tuple[int, ...]], *, batch_size: int = 64,
+                      device: str | torch.device = "cpu", desc: str = "sentences") -> np.ndarray:
+    """Summed log-probability of tokens 1..n of each id sequence, given the tokens before.
+
+    Sequences are sorted by length (longest first, so memory trouble shows at once) and batched
+    right-padded with an attention mask. One longer than the model's context is not scored: its
+    entry is NaN. Returns (S,) float64.
+    """
     context = getattr(model.config, "n_positions", None) or getattr(
         model.config, "max_position_embeddings", None) or 1 << 30
-    encoded = [[bos, *ids]
-               for ids in tokenizer(list(sentences), add_special_tokens=False)["input_ids"]]
-    scores = np.full(len(encoded), np.nan)
-    order = sorted((i for i in range(len(encoded)) if len(encoded[i]) <= context),
-                   key=lambda i: -len(encoded[i]))
+    scores = np.full(len(sequences), np.nan)
+    order = sorted((i for i in range(len(sequences)) if len(sequences[i]) <= context),
+                   key=lambda i: -len(sequences[i]))
     device = torch.device(device)
     model.eval()
     with torch.inference_mode(), tqdm(total=len(order), desc=desc, unit="sent",
                                       leave=False) as bar:
         for start in range(0, len(order), batch_size):
             batch = order[start:start + batch_size]
-            width = len(encoded[batch[0]])
-            ids = torch.full((len(batch), width), bos, dtype=torch.long)
+            width = len(sequences[batch[0]])
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             for row, index in enumerate(batch):
-                ids[row, :len(encoded[index])] = torch.tensor(encoded[index])
-                mask[row, :len(encoded[index])] = 1
+                ids[row, :len(sequences[index])] = torch.tensor(sequences[index])
+                mask[row, :len(sequences[index])] = 1
             sums = token_logprobs(model, ids.to(device), mask.to(device)).double().sum(-1)
             scores[batch] = sums.cpu().numpy()
             bar.update(len(batch))
     return scores
+
+
+def sentence_logprobs(model, tokenizer, sentences: list[str], *, convention: str = "ours",
+                      batch_size: int = 64, device: str | torch.device = "cpu",
+                      desc: str = "sentences") -> np.ndarray:
+    """Summed log-probability of each sentence under `convention` (NaN past the context)."""
+    return sequence_logprobs(model, encode(tokenizer, sentences, convention),
+                             batch_size=batch_size, device=device, desc=desc)
 
 
 # ----------------------------------------------------------------------------- minimal-pair files
@@ -143,32 +174,49 @@ def read_pair_dir(directory: Path | str, *, max_pairs_per_file: int = 0) -> list
                            max_pairs=max_pairs_per_file) for path in paths]
 
 
-def score_pairs(model, tokenizer, files: list[PairFile], *, batch_size: int = 64,
+def score_pairs(model, tokenizer, files: list[PairFile], *,
+                conventions: tuple[str, ...] = CONVENTIONS, batch_size: int = 64,
                 device: str | torch.device = "cpu", desc: str = "pairs") -> dict:
-    """Accuracy of `model` on minimal-pair files (see module doc for the rule and the averages).
+    """Accuracy of `model` on minimal-pair files under each convention (CONVENTIONS; see the
+    module doc for the averages): {convention: result}.
 
-    Each distinct sentence is scored once. A pair with a side longer than the model's context is
-    left out of every count and reported (`too_long`, with a warning). Returns {"files": {name:
-    {"pairs", "correct", "ties", "accuracy", "tie_ids", "too_long"}}, "fields": {field:
-    accuracy}, "macro_accuracy", "pairs", "correct", "ties", "too_long"}; files without scored
-    pairs are left out of the averages.
+    Each distinct token sequence is scored once (conventions that encode a sentence alike share
+    its score). A pair with a side longer than the model's context is left out of every count
+    and reported (`too_long`, with a warning). A result is {"files": {name: {"pairs",
+    "correct", "ties", "accuracy", "tie_ids", "too_long"}}, "fields": {field: accuracy},
+    "macro_accuracy", "pairs", "correct", "ties", "too_long"}; files without scored pairs are
+    left out of the averages.
     """
     sentences = sorted({s for f in files for p in f.pairs for s in (p.good, p.bad)})
-    scores = dict(zip(sentences, sentence_logprobs(model, tokenizer, sentences,
-                                                   batch_size=batch_size, device=device, desc=desc)))
+    encoded = {convention: encode(tokenizer, sentences, convention) for convention in conventions}
+    distinct = sorted({ids for sequences in encoded.values() for ids in sequences})
+    logprob = dict(zip(distinct, sequence_logprobs(model, distinct, batch_size=batch_size,
+                                                   device=device, desc=desc)))
+    results = {}
+    for convention in conventions:
+        scores = {s: logprob[ids] for s, ids in zip(sentences, encoded[convention])}
+        results[convention] = pair_accuracy(files, scores, ties_right=TIES_RIGHT[convention],
+                                            warn=convention == conventions[0])
+    return results
+
+
+def pair_accuracy(files: list[PairFile], scores: dict[str, float], *, ties_right: bool,
+                  warn: bool = True) -> dict:
+    """Accuracies from each sentence's score (see score_pairs); a tie is right when `ties_right`."""
     per_file, field_accuracies, too_long = {}, defaultdict(list), 0
     for pair_file in files:
         pairs = [p for p in pair_file.pairs
                  if not (np.isnan(scores[p.good]) or np.isnan(scores[p.bad]))]
         skipped = len(pair_file.pairs) - len(pairs)
-        if skipped:
+        if skipped and warn:
             print(f"warning: {pair_file.name}: {skipped} pair(s) longer than the model's context "
                   "were left out")
-            too_long += skipped
+        too_long += skipped
         if not pairs:
             continue
         margins = np.array([scores[p.good] - scores[p.bad] for p in pairs])
-        right, tie = margins > 0, margins == 0
+        tie = margins == 0
+        right = (margins >= 0) if ties_right else (margins > 0)
         per_file[pair_file.name] = {
             "pairs": len(margins), "correct": int(right.sum()), "ties": int(tie.sum()),
             "accuracy": float(right.mean()),
@@ -190,6 +238,21 @@ def score_pairs(model, tokenizer, files: list[PairFile], *, batch_size: int = 64
     }
 
 
+def read_suites(folder: Path | str, *, max_pairs_per_file: int = 0) -> dict[str, list[PairFile]]:
+    """{suite name: its files}: a folder holding `*.jsonl` is one suite named after it; a folder
+    of such folders (BLiMP beside the BLiMP supplement) gives one suite per sub-folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"minimal-pairs folder {folder} does not exist")
+    if any(folder.glob("*.jsonl")):
+        return {folder.name: read_pair_dir(folder, max_pairs_per_file=max_pairs_per_file)}
+    suites = {sub.name: read_pair_dir(sub, max_pairs_per_file=max_pairs_per_file)
+              for sub in sorted(folder.iterdir()) if sub.is_dir() and any(sub.rglob("*.jsonl"))}
+    if not suites:
+        raise UserError(f"no *.jsonl minimal-pair files in {folder}")
+    return suites
+
+
 # ----------------------------------------------------------------------------- models of a run
 
 @dataclass(frozen=True)
@@ -204,20 +267,14 @@ class ModelEntry:
     """PEFT LoRA folder applied on top of `source` (a teacher fine-tuned with LoRA/QLoRA)."""
 
 
-def has_weights(folder: Path) -> bool:
-    """A finished save_pretrained folder (the trainer writes these last; checkpoint/ is separate)."""
-    return (folder / "config.json").is_file() and any(
-        (folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
-
-
 def unfinished_students(cfg: Config) -> list[str]:
     """A line for each folder under students/ without a finished model, saying which file of it
     is missing or damaged (a run still training or killed, or a model file lost)."""
     students, lines = cfg.run_path / "students", []
     for folder in sorted(students.iterdir() if students.is_dir() else []):
-        if folder.is_dir() and not has_weights(folder):
+        if folder.is_dir() and not is_finished(folder):
             file, (_, problem) = next(
-                ((name, found) for name in ("config.json", "model.safetensors")
+                ((name, found) for name in ("config.json", "model.safetensors", TOKENIZER_FILE)
                  if (found := file_problem(folder / name))), ("model", ("", "is incomplete")))
             lines.append(f"students/{folder.name} has no finished model ({file} {problem})")
     return lines
@@ -234,11 +291,11 @@ def find_models(cfg: Config) -> list[ModelEntry]:
     if (run / "teacher" / TEACHER_INFO).is_file():
         source = resolve_teacher(cfg)
         entries.append(ModelEntry("teacher", "teacher", source.model, source.adapter))
-    elif has_weights(run / "teacher"):
+    elif is_finished(run / "teacher"):
         entries.append(ModelEntry("teacher", "teacher", str(run / "teacher")))
     students = run / "students"
     for folder in sorted(students.iterdir() if students.is_dir() else []):
-        if has_weights(folder):
+        if is_finished(folder):
             entries.append(ModelEntry(f"students/{folder.name}", "student", str(folder)))
     for name in cfg.eval.models:  # checked before any model is scored
         if looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
@@ -322,11 +379,11 @@ def evaluate_run(cfg: Config) -> dict:
                         "and eval.models is empty" + "".join(f"; {line}" for line in unfinished))
     notes += [f"not evaluated: {line}" for line in unfinished]
     pair_dir, pair_note = pairs_folder(cfg)
-    pair_files = read_pair_dir(pair_dir, max_pairs_per_file=cfg.eval.max_pairs_per_file) \
-        if pair_dir else []
+    suites = read_suites(pair_dir, max_pairs_per_file=cfg.eval.max_pairs_per_file) \
+        if pair_dir else {}
     if pair_note:
         notes.append(pair_note)
-    malformed = [line for f in pair_files for line in f.malformed]
+    malformed = [line for files in suites.values() for f in files for line in f.malformed]
     for line in malformed[:10]:
         print(f"warning: skipped malformed minimal pair {line}")
     if len(malformed) > 10:
@@ -350,12 +407,13 @@ def evaluate_run(cfg: Config) -> dict:
                                    desc=f"{entry.name} val")
         elif val is not None:
             row["lm_skipped"] = "the model's own tokenizer differs from the run's"
-        if pair_files and tokenizer is None:
+        if suites and tokenizer is None:
             row["minimal_pairs_skipped"] = f"no tokenizer (none in {run / 'tokenizer'} or beside the model)"
-        elif pair_files:
-            row["minimal_pairs"] = score_pairs(model, tokenizer, pair_files,
-                                               batch_size=cfg.eval.batch_size, device=device,
-                                               desc=f"{entry.name} pairs")
+        elif suites:
+            row["minimal_pairs"] = {
+                suite: score_pairs(model, tokenizer, files, batch_size=cfg.eval.batch_size,
+                                   device=device, desc=f"{entry.name} {suite}")
+                for suite, files in suites.items()}
         rows.append(row)
         del model
     return {
@@ -364,11 +422,28 @@ def evaluate_run(cfg: Config) -> dict:
         "device": str(device),
         "val_store": str(val_path) if val is not None else None,
         "minimal_pairs_dir": str(pair_dir) if pair_dir else None,
-        "minimal_pairs_files": {f.name: len(f.pairs) for f in pair_files},
+        "minimal_pairs_files": {suite: {f.name: len(f.pairs) for f in files}
+                                for suite, files in suites.items()},
+        "conventions": list(CONVENTIONS),
         "malformed_lines": malformed,
         "notes": notes,
         "models": rows,
     }
+
+
+def record_scores(folder: Path, row: dict) -> None:
+    """Add the validation perplexity and minimal-pair macro accuracies of `row` to the model card
+    in `folder` (left alone when the folder has no card of ours)."""
+    facts = read_card_facts(folder)
+    if not facts:
+        return
+    if "lm" in row:
+        facts["val_perplexity"] = row["lm"]["perplexity"]
+    if "minimal_pairs" in row:
+        facts["minimal_pairs"] = {
+            suite: {convention: result["macro_accuracy"] for convention, result in by.items()}
+            for suite, by in row["minimal_pairs"].items()}
+    write_atomic(folder / CARD, render_card(folder.name, facts))
 
 
 def check_writable(folder: Path) -> None:
@@ -387,6 +462,10 @@ def main(cfg: Config) -> None:
     for note in results["notes"]:
         print(note)
     report = write_report(cfg.run_path, results)
+    for row in results["models"]:  # after the report: a failed evaluation changes no folder
+        if row["kind"] != "extra":
+            record_scores(Path(row["path"]) if row["kind"] == "student"
+                          else cfg.run_path / "teacher", row)
     print_summary(results, report)
 
 

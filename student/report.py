@@ -3,8 +3,8 @@
 `write_report(run_path, results)` takes the results of `student.evaluate.evaluate_run` and adds
   * the comparison table (model, params, val loss, perplexity, bits/byte, minimal-pair macro
     accuracy, change of perplexity against the CE baseline: the student trained with alpha = 1);
-  * training curves from `students/*/metrics.jsonl` and `teacher/metrics.jsonl` (train loss and
-    val loss against tokens seen), one PNG per run plus one PNG comparing all runs;
+  * figures (`plot_curves`): validation loss against tokens seen for every student with the
+    teacher's as a line, minimal-pair accuracy per field, and each run's training curves;
   * the logit cache's facts (k, value code, teacher, bytes/token) when `cache/train.zarr` exists.
 `python -m student.report --config CONFIG` rebuilds report.md and the PNGs from an existing
 results.json without evaluating again.
@@ -45,7 +45,7 @@ def table_rows(results: dict) -> list[dict]:
                      if r["name"] == base), None)
     rows = []
     for row in results["models"]:
-        lm, pairs = row.get("lm") or {}, row.get("minimal_pairs") or {}
+        lm, pairs = row.get("lm") or {}, first_suite(row).get("ours") or {}
         ppl = lm.get("perplexity")
         rows.append({
             "model": row["name"], "params": row.get("params"), "val_loss": lm.get("loss"),
@@ -71,6 +71,12 @@ def _cells(row: dict) -> list[str]:
                                                           is not None else "")]
 
 
+def first_suite(row: dict) -> dict:
+    """{convention: result} of the model's first minimal-pair suite (empty when none was scored)."""
+    suites = row.get("minimal_pairs") or {}
+    return next(iter(suites.values()), {})
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
@@ -91,14 +97,24 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot_curves(run_path: Path, out_dir: Path) -> list[str]:
-    """PNGs of train and val loss vs tokens for every run with metrics.jsonl; returns file names."""
+def plot_curves(run_path: Path, out_dir: Path, results: dict) -> list[str]:
+    """The report's figures; returns their file names, the answer first:
+      * validation.png: validation loss against tokens seen for every student (the CE baseline
+        among them) on one axis, zoomed to where they differ, the teacher's value as a line;
+      * pairs.png: minimal-pair accuracy per field (our convention) for each model;
+      * curves_<run>.png: each run's train loss (and CE) and validation loss."""
     runs = {}
     for path in [run_path / "teacher" / "metrics.jsonl",
                  *sorted((run_path / "students").glob("*/metrics.jsonl"))]:
         if path.is_file() and (rows := read_metrics(path)):
             runs[str(path.parent.relative_to(run_path))] = rows
     written = []
+    students = {name: rows for name, rows in runs.items() if name.startswith("students/")}
+    if any(_series(rows, "val_loss")[0] for rows in students.values()):
+        plot_validation(students, results, out_dir / "validation.png")
+        written.append("validation.png")
+    if plot_pairs(results, out_dir / "pairs.png"):
+        written.append("pairs.png")
     for name, rows in runs.items():
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(*_series(rows, "loss"), label="train loss", linewidth=1)
@@ -107,19 +123,77 @@ def plot_curves(run_path: Path, out_dir: Path) -> list[str]:
         ax.plot(*_series(rows, "val_loss"), "o-", label="val loss")
         _finish(fig, ax, name, out_dir / f"curves_{name.replace('/', '_')}.png")
         written.append(f"curves_{name.replace('/', '_')}.png")
-    if len(runs) > 1:
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for name, rows in runs.items():
-            line, = ax.plot(*_series(rows, "ce"), linewidth=1, alpha=0.6, label=f"{name} train CE")
-            ax.plot(*_series(rows, "val_loss"), "o-", color=line.get_color(), label=f"{name} val")
-        _finish(fig, ax, "all runs", out_dir / "curves_all.png")
-        written.append("curves_all.png")
     return written
+
+
+def plot_validation(students: dict[str, list[dict]], results: dict, path: Path) -> None:
+    """Validation loss against tokens seen, one line per student; the y axis spans the second
+    half of training, where the runs differ, and the teacher's loss is a line on it (or, when
+    far below, a legend entry)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    late = []
+    for name, rows in students.items():
+        tokens, losses = _series(rows, "val_loss")
+        if tokens:
+            ax.plot(tokens, losses, "o-", markersize=3, linewidth=1.2,
+                    label=name.removeprefix("students/"))
+            late += [v for t, v in zip(tokens, losses) if t >= tokens[-1] / 2]
+    low, high = (min(late), max(late)) if late else (0.0, 1.0)
+    margin = max(0.05 * (high - low), 1e-3)
+    ax.set_ylim(low - margin, high + margin)
+    teacher = next((r.get("lm", {}).get("loss") for r in results["models"]
+                    if r["kind"] == "teacher" and r.get("lm")), None)
+    if teacher is not None and low - margin <= teacher <= high + margin:
+        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
+    elif teacher is not None:  # off the zoomed axis: said in the legend, not drawn
+        where = "below" if teacher < low else "above"
+        ax.plot([], [], "k--", linewidth=1, label=f"teacher {teacher:.3f} ({where} the axis)")
+    ax.set_ylabel("validation loss (nats/token)")
+    _finish(fig, ax, "validation loss while training", path)
+
+
+def plot_pairs(results: dict, path: Path) -> bool:
+    """Grouped bars: minimal-pair accuracy per field (per suite when a suite has no fields),
+    our convention, one bar per model. False (nothing drawn) without minimal-pair scores."""
+    scored = [r for r in results["models"] if r.get("minimal_pairs")]
+    if not scored:
+        return False
+    suites = list(results["minimal_pairs_files"])
+    groups = []  # (label, suite, field or None)
+    for suite in suites:
+        fields = sorted({f for r in scored
+                         for f in ((r["minimal_pairs"].get(suite) or {}).get("ours") or {})
+                         .get("fields", {})})
+        prefix = f"{suite}: " if len(suites) > 1 else ""
+        groups += [(prefix + field, suite, field) for field in fields] or [(suite, suite, None)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(groups) * max(1, len(scored)) / 3), 4.5))
+    width = 0.8 / len(scored)
+    for i, row in enumerate(scored):
+        values = []
+        for _, suite, field in groups:
+            result = (row["minimal_pairs"].get(suite) or {}).get("ours") or {}
+            value = result.get("fields", {}).get(field) if field else result.get("macro_accuracy")
+            values.append(float("nan") if value is None else 100 * value)
+        ax.bar([g + i * width - 0.4 + width / 2 for g in range(len(groups))], values, width,
+               label=row["name"])
+    ax.set_xticks(range(len(groups)), [label for label, _, _ in groups], rotation=20,
+                  ha="right", fontsize=8)
+    ax.axhline(50, color="grey", linewidth=0.8, linestyle=":")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("minimal pairs per field (ours)")
+    ax.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.tight_layout()
+    with writing(path):
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def _finish(fig, ax, title: str, path: Path) -> None:
     ax.set_xlabel("tokens seen")
-    ax.set_ylabel("loss (nats/token)")
+    if not ax.get_ylabel():
+        ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -168,7 +242,7 @@ def write_report(run_path: Path | str, results: dict) -> Path:
     out = run_path / "reports"
     make_folder(out)
     results = {**results, "baseline": baseline_name(results), "table": table_rows(results),
-               "curves": plot_curves(run_path, out), "cache": cache_facts(run_path)}
+               "curves": plot_curves(run_path, out, results), "cache": cache_facts(run_path)}
     write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     report = out / "report.md"
     write_atomic(report, render_markdown(results))
@@ -205,7 +279,7 @@ def render_markdown(results: dict) -> str:
                       f"- {cache['bytes_on_disk'] / 1e6:.1f} MB on disk for {cache['tokens']:,} "
                       f"positions: {per_token:.1f} bytes/token; shards done {cache['shards_done']}"]
     if results["curves"]:
-        parts += ["", "## Training curves", ""] + [f"![{name}]({name})" for name in results["curves"]]
+        parts += ["", "## Figures", ""] + [f"![{name}]({name})" for name in results["curves"]]
     return "\n".join(parts) + "\n"
 
 
@@ -213,19 +287,33 @@ def _pairs_sections(results: dict) -> list[str]:
     scored = [r for r in results["models"] if r.get("minimal_pairs")]
     if not scored:
         return []
+    suites = results["minimal_pairs_files"]
+    conventions = results.get("conventions") or ["ours"]
     parts = ["", "## Minimal pairs", "", f"Folder: `{results['minimal_pairs_dir']}`; "
-             f"{sum(results['minimal_pairs_files'].values())} pairs in "
-             f"{len(results['minimal_pairs_files'])} files; "
-             f"{len(results['malformed_lines'])} malformed lines skipped."]
-    fields = sorted({f for r in scored for f in r["minimal_pairs"]["fields"]})
-    if fields:
-        parts += ["", markdown_table(["field", *(r["name"] for r in scored)], [
-            [field, *(_percent(r["minimal_pairs"]["fields"].get(field)) for r in scored)]
-            for field in fields])]
-    files = list(results["minimal_pairs_files"])
-    parts += ["", markdown_table(["phenomenon (ties)", *(r["name"] for r in scored)], [
-        [name, *(_file_cell(r["minimal_pairs"]["files"].get(name)) for r in scored)]
-        for name in files])]
+             + "; ".join(f"{suite}: {sum(files.values())} pairs in {len(files)} files"
+                         for suite, files in suites.items())
+             + f"; {len(results['malformed_lines'])} malformed lines skipped.", "",
+             "Macro accuracy over phenomena under each scorer's convention: `ours` (BOS, no "
+             "leading space, ties wrong), `lm_eval` (lm-evaluation-harness: a leading space, ties "
+             "right), `babylm2025` (the BabyLM 2025 pipeline: the tokenizer's own encoding, ties "
+             "right).", "",
+             markdown_table(["model", *(f"{suite} {c}" for suite in suites for c in conventions)],
+                            [[r["name"], *(_percent(((r["minimal_pairs"].get(suite) or {})
+                                                     .get(c) or {}).get("macro_accuracy"))
+                                           for suite in suites for c in conventions)]
+                             for r in scored])]
+    for suite, files in suites.items():
+        by_model = [(r["name"], (r["minimal_pairs"].get(suite) or {}).get("ours") or {})
+                    for r in scored]
+        parts += ["", f"### {suite} (ours)"]
+        fields = sorted({f for _, result in by_model for f in result.get("fields", {})})
+        if fields:
+            parts += ["", markdown_table(["field", *(name for name, _ in by_model)], [
+                [field, *(_percent(result.get("fields", {}).get(field)) for _, result in by_model)]
+                for field in fields])]
+        parts += ["", markdown_table(["phenomenon (ties)", *(name for name, _ in by_model)], [
+            [name, *(_file_cell(result.get("files", {}).get(name)) for _, result in by_model)]
+            for name in files])]
     return parts
 
 

@@ -17,7 +17,7 @@ from configs import Config, UserError
 from configs.cli import run
 from storage.cache import LogitCache, open_cache
 from storage.paths import make_folder, write_atomic
-from student.train import student_dir, train
+from student.train import as_cached, cache_path, student_dir, train
 from training.checkpoint import is_finished
 from training.loop import open_tokens
 from training.metrics import METRICS_FILE, read_metrics
@@ -43,7 +43,7 @@ def grid(cfg: Config) -> list[Config]:
 
 def sweep(cfg: Config) -> list[dict]:
     """Train every grid point (skipping finished ones); returns the summary rows."""
-    points = grid(cfg)
+    points = grid(as_cached(cfg))
     cache = shared_cache(cfg) if any(p.distill.alpha < 1 for p in points) else None
     rows = []
     for i, point in enumerate(points, 1):
@@ -62,7 +62,7 @@ def shared_cache(cfg: Config) -> LogitCache | None:
     if cfg.distill.mode != "cached":
         return None
     tokens, _ = open_tokens(cfg)
-    path = cfg.run_path / "cache" / "train.zarr"
+    path = cache_path(cfg)
     if not (path / "zarr.json").is_file():
         return None  # train() says what to run
     return open_cache(path, token_store=tokens, vocab_size=tokens.vocab_size)

@@ -17,7 +17,7 @@ import torch
 
 from configs import Config, UserError
 from configs.cli import run
-from storage.cache import LogitCache, open_cache
+from storage.cache import LogitCache, open_cache, read_manifest
 from storage.tokens import TokenStore
 from training.checkpoint import is_finished
 from training.device import resolve_device
@@ -27,7 +27,9 @@ from training.models import load_teacher, new_gpt2, resolve_teacher
 
 
 def run_name(cfg: Config) -> str:
-    """distill.run, or derived: 'baseline' (alpha = 1), 'kd-a0.5-T2-k32', 'online-a0.5-T2'."""
+    """distill.run, or derived: 'baseline' (alpha = 1), 'kd-a0.5-T2-k32' (top-32),
+    'kd-a0.5-T2-s64' (64 draws), 'online-a0.5-T2'. Give it a config `as_cached` resolved, so the
+    name says what the cache holds rather than what the config asked for."""
     d = cfg.distill
     if d.run:
         return d.run
@@ -35,7 +37,34 @@ def run_name(cfg: Config) -> str:
         return "baseline"
     if d.mode == "online":
         return f"online-a{d.alpha:g}-T{d.temperature:g}"
-    return f"kd-a{d.alpha:g}-T{d.temperature:g}-k{d.k or cfg.cache.k}"
+    letter = "s" if cfg.cache.selection == "sample" else "k"
+    return f"kd-a{d.alpha:g}-T{d.temperature:g}-{letter}{d.k or cfg.cache.k}"
+
+
+def cache_path(cfg: Config) -> Path:
+    return cfg.run_path / "cache" / "train.zarr"
+
+
+def as_cached(cfg: Config) -> Config:
+    """`cfg` with its cache section as the run's cache records it (k, selection, draws' temperature
+    and seed, value code, stored temperatures) when the student distils from that cache: its name,
+    config.yaml and model card then say what it read. Unchanged for the CE baseline, online KD,
+    or before the cache exists (training then says to make it)."""
+    path = cache_path(cfg)
+    if cfg.distill.alpha == 1 or cfg.distill.mode != "cached" or not (path / "zarr.json").is_file():
+        return cfg
+    manifest = read_manifest(path)
+    if cfg.distill.k > manifest["k"]:
+        raise UserError(f"distill.k = {cfg.distill.k} is larger than the cached k = "
+                        f"{manifest['k']} of {path}")
+    selection = manifest.get("selection") or {"kind": "topk"}
+    recorded = {"cache.k": manifest["k"], "cache.selection": selection["kind"],
+                "cache.value_code": manifest["value_code"],
+                "cache.temperatures": list(manifest["temperatures"])}
+    if selection["kind"] == "sample":
+        recorded.update({"cache.sample_temperature": selection["temperature"],
+                         "cache.sample_seed": selection["seed"]})
+    return cfg.replace(**recorded)
 
 
 def student_dir(cfg: Config) -> Path:
@@ -47,6 +76,7 @@ def train(cfg: Config, *, cache: LogitCache | None = None) -> Path:
 
     `cache`: an already opened logit cache to share (the sweep opens it once).
     """
+    cfg = as_cached(cfg)
     out = student_dir(cfg)
     if is_finished(out):
         print(f"{out} is already trained (delete it to train again)")
@@ -55,11 +85,35 @@ def train(cfg: Config, *, cache: LogitCache | None = None) -> Path:
     vocab_size = train_tokens.vocab_size
     distil = distillation(cfg, train_tokens, vocab_size=vocab_size, cache=cache)
     s = cfg.student
-    model = new_gpt2(vocab_size=vocab_size, seq_len=train_tokens.seq_len, n_layer=s.n_layer,
+    model = new_gpt2(vocab_size=vocab_size, n_positions=s.n_positions, n_layer=s.n_layer,
                      n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout, seed=s.seed,
                      eos_token_id=train_tokens.manifest["tokenizer"].get("eos_id", 0))
     return fit(model, cfg=cfg, hp=s, out_dir=out, tokens=train_tokens, val_tokens=val_tokens,
-               distil=distil)
+               distil=distil, card=card(cfg, train_tokens, distil))
+
+
+def card(cfg: Config, tokens: TokenStore, distil: Distillation | None) -> dict:
+    """How the student is made, for its model card: the teacher and the cache it read (from the
+    cache's manifest), or the online teacher; alpha and T; the token store."""
+    d = cfg.distill
+    facts = {"kind": "student", "mode": "ce-baseline" if distil is None else d.mode}
+    if distil is not None and distil.cache is not None:
+        cache, teacher = distil.cache, distil.cache.manifest.get("teacher") or {}
+        selection = cache.selection
+        facts.update({
+            "teacher": teacher.get("name") if isinstance(teacher, dict) else str(teacher),
+            "teacher_fingerprint": teacher.get("fingerprint") if isinstance(teacher, dict)
+            else None,
+            "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
+            "selection": "topk" if selection["kind"] == "topk" else
+            f"sample ({cache.k} draws at T = {selection['temperature']:g})",
+            "k": distil.k, "value_code": cache.value_code})
+    elif distil is not None:
+        source = resolve_teacher(cfg)
+        facts["teacher"] = source.model + (f" + adapter {source.adapter}" if source.adapter else "")
+    if distil is not None:
+        facts.update({"alpha": d.alpha, "temperature": d.temperature})
+    return {**facts, "token_store": tokens.fingerprint[:16], "seq_len": tokens.seq_len}
 
 
 def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
@@ -72,7 +126,7 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
         return Distillation(alpha=d.alpha, temperature=d.temperature,
                             teacher=load_online_teacher(cfg, vocab_size=vocab_size))
     if cache is None:  # else the caller (the sweep) opened it against the same token store
-        path = cfg.run_path / "cache" / "train.zarr"
+        path = cache_path(cfg)
         if not (path / "zarr.json").is_file():
             raise UserError(f"no logit cache at {path}: run `make teacher-logits` first "
                             "(or distill.alpha=1 for the CE baseline)")

@@ -104,6 +104,27 @@ def test_summary_judges_the_real_text_quality_against_online_kd():
     assert speed == ["met", "NOT met", "NOT met"]
 
 
+def test_sentence_start_bench_compares_the_two_packings(tmp_path, shared_data):
+    from bench import sentence_start
+
+    tiny = ("tokenizer.vocab_size=512", "student.n_layer=1", "student.n_embd=16",
+            "student.n_head=2", "student.warmup_steps=2")
+    suites = {"blimp": shared_data / "blimp" / "blimp_filtered"}
+    rows = sentence_start.run(data_dir=shared_data / "babylm" / "2024" / "train_10M",
+                              suites=suites, student_epochs=0.02, max_pairs=3, extra=tiny,
+                              root=tmp_path)
+    stores = {(r["data.document"], r["split"]): r for r in rows if r["section"] == "token stores"}
+    assert stores[("line", "train")]["eos"] > 100 * stores[("file", "train")]["eos"]
+    words = [stores[(document, "train")]["words"] for document in ("file", "line")]
+    assert abs(words[0] - words[1]) < 128  # the same text, less each store's dropped last row
+    pairs = [r for r in rows if r.get("context")]
+    assert {(r["trained on"], r["context"]) for r in pairs if "accuracy" in r} == {
+        (d, c) for d in sentence_start.PACKINGS for c in sentence_start.CONTEXTS}
+    assert all(0 <= r["accuracy"] <= 100 for r in pairs if "accuracy" in r)
+    assert len([r for r in rows if r["section"].startswith("validation")]) == 4
+    assert "### line minus file" in sentence_start.markdown(rows)
+
+
 def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
     tiny = ("tokenizer.vocab_size=512", "teacher.n_layer=1", "teacher.n_embd=32",
             "teacher.n_head=2", "student.n_layer=1", "student.n_embd=16", "student.n_head=2",

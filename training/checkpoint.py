@@ -28,15 +28,18 @@ from safetensors import SafetensorError
 from configs import Config, UserError, flatten
 from storage.paths import file_problem, make_folder
 from training.device import barrier
+from training.model_card import CARD
 
 STATE_FILE = "trainer_state.pt"
 LOCK_FILE = ".lock"
 
 
-FIXED_KEYS = ("n_layer", "n_embd", "n_head", "batch_size", "grad_accum", "seed")
+FIXED_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "batch_size", "grad_accum",
+              "seed")
 """Settings no resume may change: the model's and the optimizer's shapes, and the data order the
 checkpoint's cursor points into (as do every `data.` and `tokenizer.` setting)."""
-NEUTRAL_KEYS = ("device", "eval_every", "checkpoint_every", "resume_with_new_settings", "run",
+NEUTRAL_KEYS = ("device", "eval_every", "checkpoint_every", "save_at_words",
+                "resume_with_new_settings", "run",
                 "sweep_alphas", "sweep_temperatures", "sweep_ks", "splits", "batch_size")
 """Settings that do not change what a checkpoint continues (where to run, how often to log or
 save, the sweep's grid, the logits job's own batch); `batch_size` only outside the trained
@@ -71,13 +74,19 @@ def save_checkpoint(folder: Path, *, model, cfg: Config, optimizer, scheduler, s
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                         "rng": rng_states(), "history": list(history)}, state)
             (tmp / STATE_FILE).write_bytes(state.getvalue())
-        old = folder.with_name(folder.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
     barrier(world_size)
+
+
+def swap_in(tmp: Path, folder: Path) -> None:
+    """Replace `folder` by the finished folder `tmp`: the old one is renamed aside first and
+    removed last, so a crash between the renames leaves a whole one (`<folder>.old`)."""
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def find_checkpoint(folder: Path) -> Path | None:
@@ -202,17 +211,44 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_final(model, out_dir: Path) -> None:
-    """save_pretrained into a temporary folder, then move the files in, config.json last
-    (its presence with the weights marks the student as finished)."""
+TOKENIZER_FILE = "tokenizer.json"
+MILESTONES_DIR = "checkpoints"
+
+
+def save_final(model, out_dir: Path, *, tokenizer_dir: Path, card: str) -> None:
+    """The complete model folder (`write_model_files`) written into a temporary folder, then its
+    files moved into `out_dir`, config.json last: its presence marks the run finished."""
     tmp = out_dir / ".final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with removed_on_failure(tmp):
-        unwrap(model).save_pretrained(tmp)
+    write_model_files(model, tmp, tokenizer_dir=tokenizer_dir, card=card)
     files = sorted(tmp.iterdir(), key=lambda f: f.name == "config.json")
     for file in files:
         file.replace(out_dir / file.name)
     tmp.rmdir()
+
+
+def save_milestone(model, folder: Path, *, tokenizer_dir: Path, card: str) -> None:
+    """A complete model folder at `folder` (e.g. checkpoints/chck_1M), written beside it and
+    renamed into place, replacing one an earlier attempt of the same step wrote."""
+    make_folder(folder.parent)
+    tmp = folder.with_name(folder.name + ".tmp")
+    write_model_files(model, tmp, tokenizer_dir=tokenizer_dir, card=card)
+    swap_in(tmp, folder)
+
+
+def write_model_files(model, tmp: Path, *, tokenizer_dir: Path, card: str) -> None:
+    """Into the fresh folder `tmp`: save_pretrained (config.json, safetensors weights, or a PEFT
+    adapter), generation_config.json, the run's tokenizer files and the model card, so that any
+    Hugging Face client loads the folder with nothing added by hand. Removed on any failure."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    with removed_on_failure(tmp):
+        bare = unwrap(model)
+        bare.save_pretrained(tmp)
+        if not (tmp / "generation_config.json").is_file() and hasattr(bare, "generation_config"):
+            bare.generation_config.save_pretrained(tmp)
+        for file in sorted(Path(tokenizer_dir).iterdir()):
+            if file.is_file():
+                shutil.copyfile(file, tmp / file.name)
+        (tmp / CARD).write_text(card)
 
 
 @contextlib.contextmanager
@@ -261,8 +297,10 @@ def run_lock(out_dir: Path) -> Iterator[None]:
 
 
 def is_finished(out: Path) -> bool:
-    """A final model was saved (config.json is moved into place last)."""
-    return (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    """A complete model folder: config.json (moved into place last), weights and tokenizer. A
+    folder of an earlier version without its tokenizer is not: rerunning completes it."""
+    return all((out / name).is_file() for name in ("config.json", TOKENIZER_FILE)) and any(
+        (out / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json"))
 
 
 def unwrap(model):

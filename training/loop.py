@@ -6,9 +6,10 @@ full-vocabulary KL as the reference), and the teacher when it is fine-tuned or t
 scratch (a LoRA-wrapped or 4-bit model, CE only). `Distillation` says what the teacher
 contributes; None trains on cross-entropy alone.
 
-A run's folder gets the final model (save_pretrained: config.json + model.safetensors),
-config.yaml (the resolved config), metrics.jsonl (training/metrics.py) and checkpoint/
-(training/checkpoint.py). A rerun resumes from the last checkpoint and ends with the same
+A run's folder gets the final model as a complete model folder (weights, config.json,
+generation_config.json, the run's tokenizer and a model card: training/checkpoint.py), config.yaml
+(the resolved config), metrics.jsonl (training/metrics.py), checkpoint/ and, at the words seen
+in `save_at_words`, complete model folders `checkpoints/chck_<N>M/` (the BabyLM milestones). A rerun resumes from the last checkpoint and ends with the same
 weights as an uninterrupted run (CPU, same seed). Ctrl-C or SIGTERM stops after writing a
 checkpoint. Under `torchrun` each rank trains on its disjoint share of every batch (DDP) and
 only rank 0 writes.
@@ -24,22 +25,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from configs import Config, StudentConfig, TeacherConfig, UserError
 from storage.cache import LogitCache
-from storage.errors import CorruptData
+from storage.errors import CorruptData, ManifestMismatch
 from storage.reader import Batch, batches_per_epoch, stream_batches
 from storage.tokens import TokenStore, check_one_generation, open_token_store
-from training.checkpoint import (changed_settings, check_resumable, find_checkpoint, restore,
-                                 run_lock, save_checkpoint, save_final, saved_step)
+from training.checkpoint import (MILESTONES_DIR, changed_settings, check_resumable,
+                                 find_checkpoint, restore, run_lock, save_checkpoint, save_final,
+                                 save_milestone, saved_step, unwrap)
 from training.device import (autocast, autocast_dtype, barrier, is_writer as is_writer_process,
                              setup_distributed, wrap_ddp)
 from training.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, same_temperature,
                              sampled_targets, shift_labels, teacher_buckets)
-from training.metrics import METRICS_FILE, append_metrics, truncate_metrics
+from training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
+from training.model_card import render_card
+from training.tokenizer import fingerprint, load_tokenizer, tokenizer_dir
 
 
 Hyper = StudentConfig | TeacherConfig
@@ -74,6 +79,8 @@ class Cursor:
     epoch: int = 0
     batch: int = 0
     tokens: int = 0
+    words: int = 0
+    """Words seen: the words starting in every row trained on, every rank's, repeats counted."""
 
 
 def open_tokens(cfg: Config) -> tuple[TokenStore, TokenStore]:
@@ -86,21 +93,24 @@ def open_tokens(cfg: Config) -> tuple[TokenStore, TokenStore]:
 
 
 def fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens: TokenStore,
-        val_tokens: TokenStore | None, distil: Distillation | None = None) -> Path:
+        val_tokens: TokenStore | None, distil: Distillation | None = None,
+        card: dict | None = None) -> Path:
     """Train `model` on `tokens` with the settings `hp`; write `out_dir` (see module doc).
 
     `model`: any causal LM returning `.logits` (B, L, V); only parameters that require grad
     are optimised (a PEFT adapter trains just its LoRA weights). distil None: cross-entropy only.
+    `card`: how the model was made, for the model card of every folder written (tokens and
+    words seen, steps and validation perplexity are added here).
     One process trains into `out_dir` at a time (checkpoint.run_lock); another is refused.
     """
     out_dir = Path(out_dir)
     with run_lock(out_dir) if is_writer_process() else contextlib.nullcontext():
         return _fit(model, cfg=cfg, hp=hp, out_dir=out_dir, tokens=tokens,
-                    val_tokens=val_tokens, distil=distil)
+                    val_tokens=val_tokens, distil=distil, card=card or {})
 
 
 def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, tokens: TokenStore,
-         val_tokens: TokenStore | None, distil: Distillation | None) -> Path:
+         val_tokens: TokenStore | None, distil: Distillation | None, card: dict) -> Path:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint drowns ours
@@ -118,6 +128,13 @@ def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, token
                         f"of {hp.batch_size}: lower the batch size")
     total_steps = hp.max_steps or max(1, round(hp.epochs * per_epoch))
     amp_dtype = autocast_dtype(hp.precision, device)
+    tokenizer_dir = run_tokenizer(cfg, tokens)
+    words = tokens.words_per_row()
+    milestones = sorted(getattr(hp, "save_at_words", ()))  # students only
+    if milestones and words is None:
+        raise UserError(f"{tokens.path} holds no word counts (written by an earlier version): "
+                        f"rerun `make data`, or set {section}.save_at_words=[] to save no "
+                        "milestones")
 
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
         model.to(device)
@@ -165,8 +182,10 @@ def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, token
     with stop, contextlib.closing(data), bar:
         while cursor.step < total_steps:
             step_start = time.perf_counter()
+            words_before = cursor.words
             row = train_step(trained, optimizer, scaler, data, distil, hp=hp, cursor=cursor,
-                             device=device, amp_dtype=amp_dtype, world_size=world_size)
+                             device=device, amp_dtype=amp_dtype, world_size=world_size,
+                             words=words)
             scheduler.step()
             cursor.step += 1
             row.update(step=cursor.step, epoch=round(cursor.epoch + cursor.batch / (
@@ -185,6 +204,12 @@ def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, token
                 changes = {}
             if is_writer:
                 append_metrics(out_dir / METRICS_FILE, row)
+                for reached in (m for m in milestones if words_before < m <= cursor.words):
+                    save_milestone(model, out_dir / MILESTONES_DIR / milestone_name(reached),
+                                   tokenizer_dir=tokenizer_dir, card=render_card(
+                                       f"{out_dir.name} at {milestone_name(reached)}",
+                                       card_facts(card, model, cursor, row=row,
+                                                  counted_words=True)))
             if last or stopping or (hp.checkpoint_every and cursor.step % hp.checkpoint_every == 0):
                 save_checkpoint(checkpoint, model=model, cfg=cfg, optimizer=optimizer,
                                 scheduler=scheduler, scaler=scaler, cursor=cursor,
@@ -195,7 +220,11 @@ def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, token
             if stopping and not last:
                 raise KeyboardInterrupt
     if is_writer:
-        save_final(model, out_dir)
+        last_val = next((r for r in reversed(read_metrics(out_dir / METRICS_FILE))
+                         if "val_ppl" in r), {})
+        save_final(model, out_dir, tokenizer_dir=tokenizer_dir,
+                   card=render_card(out_dir.name, card_facts(
+                       card, model, cursor, row=last_val, counted_words=words is not None)))
         print(f"{out_dir}: {cursor.step} steps, {cursor.tokens:,} tokens"
               + (f", val loss {row['val_loss']:.4f}, ppl {row['val_ppl']:.2f}" if "val_loss" in row else ""))
     barrier(world_size)
@@ -204,8 +233,10 @@ def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, token
 
 def train_step(model, optimizer, scaler, data: Iterator[tuple[int, int, Batch]],
                distil: Distillation | None, *, hp: Hyper, cursor: Cursor, device: torch.device,
-               amp_dtype: torch.dtype | None, world_size: int) -> dict:
+               amp_dtype: torch.dtype | None, world_size: int,
+               words: np.ndarray | None = None) -> dict:
     """One optimizer step over `hp.grad_accum` micro-batches; returns the step's metrics.
+    `words`: the words starting in each row of the token store, for the words seen.
 
     Each micro-batch's loss is its token sum over the step's token count, so the gradient is the
     mean over every token of the step whatever the split (ranks hold equal token counts: packed
@@ -217,7 +248,7 @@ def train_step(model, optimizer, scaler, data: Iterator[tuple[int, int, Batch]],
         batches.append(batch)
         cursor.epoch, cursor.batch = epoch, index + 1
     step_tokens = sum(int(b.tokens.shape[0] * (b.tokens.shape[1] - 1)) for b in batches)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, kl, tokens
+    sums = torch.zeros(5, dtype=torch.float64)  # loss, ce, kl, tokens, words
     for i, batch in enumerate(batches):
         sync = i == len(batches) - 1 or world_size == 1
         with (contextlib.nullcontext() if sync else model.no_sync()):
@@ -225,7 +256,9 @@ def train_step(model, optimizer, scaler, data: Iterator[tuple[int, int, Batch]],
             scaler.scale(terms.loss * (terms.n_tokens / step_tokens)).backward()
         sums += torch.tensor([float(terms.loss.detach()) * terms.n_tokens,
                               float(terms.ce) * terms.n_tokens, float(terms.kl) * terms.n_tokens,
-                              terms.n_tokens], dtype=torch.float64)
+                              terms.n_tokens,
+                              0 if words is None else int(words[batch.indices].sum())],
+                             dtype=torch.float64)
     scaler.unscale_(optimizer)
     if hp.grad_clip:
         torch.nn.utils.clip_grad_norm_(
@@ -236,9 +269,10 @@ def train_step(model, optimizer, scaler, data: Iterator[tuple[int, int, Batch]],
     if world_size > 1:
         dist.all_reduce(sums)
     cursor.tokens += int(sums[3])
+    cursor.words += int(sums[4])
     loss, ce, kl = (float(v / sums[3]) for v in sums[:3])
-    return {"tokens": cursor.tokens, "loss": loss, "ce": ce, "kl": kl,
-            "step_tokens": int(sums[3])}
+    return {"tokens": cursor.tokens, **({"words": cursor.words} if words is not None else {}),
+            "loss": loss, "ce": ce, "kl": kl, "step_tokens": int(sums[3])}
 
 
 def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: torch.device,
@@ -296,6 +330,32 @@ def validate(model, val_tokens: TokenStore, *, micro: int, device: torch.device,
         dist.all_reduce(sums)
     model.train(was_training)
     return float(sums[0] / max(sums[1], 1))
+
+
+def run_tokenizer(cfg: Config, tokens: TokenStore) -> Path:
+    """The run's tokenizer folder, which every model folder gets a copy of; refused when missing
+    or not the tokenizer `tokens` was made with (checked before any training)."""
+    folder = tokenizer_dir(cfg.run_path)
+    if fingerprint(load_tokenizer(cfg.run_path)) != tokens.tokenizer_fingerprint:
+        raise ManifestMismatch(f"{folder} is not the tokenizer {tokens.path} was made with: "
+                               "rerun `make data` to rebuild both")
+    return folder
+
+
+def milestone_name(words: int) -> str:
+    """The BabyLM revision name of a checkpoint at `words` seen: chck_1M, chck_20M, chck_500K."""
+    return f"chck_{words // 1_000_000}M" if words % 1_000_000 == 0 else f"chck_{words // 1000}K"
+
+
+def card_facts(card: dict, model, cursor: Cursor, *, row: dict, counted_words: bool) -> dict:
+    """The facts of a model card: how the model was made (`card`), its shape, and how far it
+    trained (steps, tokens and words seen, the validation perplexity of `row` if it has one)."""
+    config = unwrap(model).config
+    return {**card, "architecture": config.model_type,
+            "parameters": sum(p.numel() for p in unwrap(model).parameters()),
+            "n_positions": getattr(config, "n_positions", None), "steps": cursor.step,
+            "tokens_seen": cursor.tokens, "words_seen": cursor.words if counted_words else None,
+            "val_perplexity": row.get("val_ppl")}
 
 
 def prefetch_depth(device: torch.device) -> int:

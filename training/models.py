@@ -40,14 +40,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def new_gpt2(*, vocab_size: int, seq_len: int, n_layer: int, n_embd: int, n_head: int,
+def new_gpt2(*, vocab_size: int, n_positions: int, n_layer: int, n_embd: int, n_head: int,
              dropout: float = 0.0, seed: int = 0, eos_token_id: int = 0) -> GPT2LMHeadModel:
     """A randomly initialised GPT-2 (tied input/output embeddings, GPT-2's init) from `seed`.
 
-    `eos_token_id` doubles as BOS: the token store joins documents with it.
+    `n_positions`: the context length, at least the training rows' length (clients may score
+    longer texts). `eos_token_id` doubles as BOS: the token store joins documents with it.
     """
     config = GPT2Config(
-        vocab_size=vocab_size, n_positions=seq_len, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
         resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
         bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
     )

@@ -8,7 +8,7 @@ import hashlib
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import ByteLevelBPETokenizer
+from tokenizers import ByteLevelBPETokenizer, processors
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from configs import TokenizerConfig, UserError
@@ -21,7 +21,7 @@ def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int) -> P
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=min_frequency,
                             special_tokens=[END_OF_TEXT], show_progress=False)
-    return _wrap(PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer))
+    return with_special_tokens(PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer))
 
 
 def gpt2_tokenizer(path: str) -> PreTrainedTokenizerFast:
@@ -41,7 +41,7 @@ def gpt2_tokenizer(path: str) -> PreTrainedTokenizerFast:
     except OSError:
         raise UserError(f"cannot load tokenizer '{path}' (offline, or no such model): set "
                         "tokenizer.path to a local folder with vocab.json and merges.txt") from None
-    return _wrap(tokenizer)
+    return with_special_tokens(tokenizer)
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -49,10 +49,37 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1
 
 
-def _wrap(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+def with_special_tokens(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """`<|endoftext|>` as every special token, and prepended to each text encoded with special
+    tokens (the default of `tokenizer(text)`).
+
+    The BOS matters to clients that score a sentence as the tokenizer encodes it: the BabyLM 2025
+    pipeline scores tokens 1..n of `tokenizer(sentence)`, so without a BOS the first word would
+    never be scored. Packing the corpus and our own scoring encode without special tokens.
+    """
     tokenizer.add_special_tokens({"eos_token": END_OF_TEXT, "bos_token": END_OF_TEXT,
                                   "unk_token": END_OF_TEXT, "pad_token": END_OF_TEXT})
+    backend = tokenizer.backend_tokenizer
+    bos = processors.TemplateProcessing(
+        single=f"{END_OF_TEXT} $A", pair=f"{END_OF_TEXT} $A {END_OF_TEXT} $B",
+        special_tokens=[(END_OF_TEXT, tokenizer.convert_tokens_to_ids(END_OF_TEXT))])
+    existing = backend.post_processor  # byte-level offset handling, kept
+    backend.post_processor = bos if existing is None else processors.Sequence([existing, bos])
     return tokenizer
+
+
+def synthetic_tokenizer(vocab_size: int, *, seed: int = 0) -> PreTrainedTokenizerFast:
+    """A tokenizer of exactly `vocab_size` entries for token stores whose ids stand for no text
+    (benchmarks and tests): `<|endoftext|>` (id 0) and whole words `w1`.. in a seeded order
+    (another seed, another tokenizer), set up as every tokenizer here is."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    order = np.random.default_rng(seed).permutation(np.arange(1, vocab_size))
+    words = {END_OF_TEXT: 0, **{f"w{word}": int(i) for i, word in enumerate(order, start=1)}}
+    backend = Tokenizer(models.WordLevel(words, unk_token=END_OF_TEXT))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return with_special_tokens(PreTrainedTokenizerFast(tokenizer_object=backend))
 
 
 def build_tokenizer(cfg: TokenizerConfig, train_texts: Iterable[str]) -> PreTrainedTokenizerFast:

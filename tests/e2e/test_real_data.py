@@ -1,5 +1,6 @@
-"""End to end on the real BabyLM 2023 data and BLiMP, through the public entry points only:
-data -> teacher -> cache -> baseline -> distil -> evaluate, each a `python -m` process."""
+"""End to end on the real BabyLM 2023 data, BLiMP and its supplement, through the public entry
+points only: data -> teacher -> cache -> baseline -> distil -> evaluate, each a `python -m`
+process; then every model folder it wrote loads in Hugging Face's Auto classes."""
 
 import json
 import subprocess
@@ -11,21 +12,27 @@ from tests.conftest import REPO
 
 BLIMP_PHENOMENA = ["anaphor_gender_agreement", "determiner_noun_agreement_1",
                    "regular_plural_subject_verb_agreement_1"]
+SUPPLEMENT_PHENOMENA = ["hypernym", "turn_taking"]
+SENTENCES = ["The child said hello to her mom.", "  where's the ball?", "Naïve cafés, 42 times!"]
 
 
 @pytest.mark.slow
 def test_pipeline_on_babylm_2023(shared_data, tmp_path):
     pairs = tmp_path / "blimp-subset"
-    pairs.mkdir()
-    for name in BLIMP_PHENOMENA:  # a few phenomena, read in place through links
-        (pairs / f"{name}.jsonl").symlink_to(shared_data / "blimp" / "blimp_filtered" / f"{name}.jsonl")
+    for suite, names in (("blimp_filtered", BLIMP_PHENOMENA),
+                         ("supplement_filtered", SUPPLEMENT_PHENOMENA)):
+        (pairs / suite).mkdir(parents=True)
+        for name in names:  # a few phenomena, read in place through links
+            (pairs / suite / f"{name}.jsonl").symlink_to(
+                shared_data / "blimp" / suite / f"{name}.jsonl")
     run_dir = tmp_path / "run"
     common = [
         "--config", str(REPO / "configs" / "demo.yaml"), f"run_dir={run_dir}",
         f"data.dir={shared_data / 'babylm' / '2023' / 'train_10M'}", "tokenizer.vocab_size=1024",
         "teacher.n_layer=2", "teacher.n_embd=64", "teacher.n_head=2", "teacher.max_steps=40",
         "student.n_layer=1", "student.n_embd=32", "student.n_head=2", "student.max_steps=20",
-        "cache.k=16", "cache.splits=[train]", "distill.temperature=2",
+        "student.save_at_words=[10000, 20000]", "cache.k=16", "cache.splits=[train]",
+        "distill.temperature=2",
         f"eval.minimal_pairs={pairs}", "eval.max_pairs_per_file=100",
     ]
     for module, extra in [("precompute.corpus", []), ("precompute.teacher", []),
@@ -40,7 +47,41 @@ def test_pipeline_on_babylm_2023(shared_data, tmp_path):
     assert {"teacher", "students/baseline"} <= set(models) and len(models) == 3
     for entry in models.values():
         assert 1 < entry["lm"]["perplexity"] < 1024
-        accuracies = entry["minimal_pairs"]["files"]
-        assert sorted(accuracies) == sorted(BLIMP_PHENOMENA)
-        assert all(0 <= f["accuracy"] <= 1 and f["pairs"] == 100 for f in accuracies.values())
+        suites = entry["minimal_pairs"]
+        assert list(suites) == ["blimp_filtered", "supplement_filtered"]  # reported apart
+        for suite, names in (("blimp_filtered", BLIMP_PHENOMENA),
+                             ("supplement_filtered", SUPPLEMENT_PHENOMENA)):
+            assert list(suites[suite]) == ["ours", "lm_eval", "babylm2025"]
+            for result in suites[suite].values():
+                assert sorted(result["files"]) == sorted(names)
+                assert all(0 <= f["accuracy"] <= 1 and f["pairs"] == 100
+                           for f in result["files"].values())
     assert (run_dir / "reports" / "report.md").is_file()
+    assert_every_model_folder_loads(run_dir, models)
+
+
+def assert_every_model_folder_loads(run_dir, models):
+    """Teacher, students and their milestones: AutoTokenizer encodes as the run's tokenizer,
+    AutoModelForCausalLM loads, and each final card carries its minimal-pair scores."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.model_card import read_card_facts
+    from training.tokenizer import load_tokenizer
+
+    reference = load_tokenizer(run_dir)
+    students = sorted((run_dir / "students").iterdir())
+    milestones = [m for student in students for m in sorted((student / "checkpoints").iterdir())]
+    assert [m.name for m in milestones] == ["chck_10K", "chck_20K"] * 2
+    for folder in [run_dir / "teacher", *students, *milestones]:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        for text in SENTENCES:
+            assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        ids = tokenizer(" ".join(SENTENCES * 12), return_tensors="pt")["input_ids"]
+        assert ids.shape[1] > 128 and torch.isfinite(model(ids).logits).all()  # past seq_len
+    for folder in [run_dir / "teacher", *students]:
+        name = "teacher" if folder.name == "teacher" else f"students/{folder.name}"
+        scores = read_card_facts(folder)["minimal_pairs"]
+        assert scores["blimp_filtered"]["ours"] == \
+            models[name]["minimal_pairs"]["blimp_filtered"]["ours"]["macro_accuracy"]

@@ -66,6 +66,28 @@ def test_split_keeps_each_files_order_and_takes_its_tail(tmp_path):
     assert "number 95" not in train_text
 
 
+@pytest.mark.parametrize("document, separators", [("file", 2), ("line", 190)])
+def test_documents_are_files_or_lines_and_words_are_counted(tmp_path, document, separators):
+    """data.document: an <|endoftext|> after each file, or after each line; either way the
+    words starting in the rows add up to the words of the kept text."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for source in ("a", "b"):
+        (corpus / f"{source}.train").write_text(
+            "".join(f"{source} line number {i} .\n" for i in range(100)))
+    cfg = load_config(DEMO, [f"data.dir={corpus}", f"run_dir={tmp_path / 'run'}",
+                             "tokenizer.vocab_size=300", "data.seq_len=16",
+                             f"data.document={document}"])
+    prepare(cfg)
+    store = open_token_store(tmp_path / "run" / "tokens" / "train.zarr")
+    tokenizer = load_tokenizer(tmp_path / "run")
+    rows = store.read(0, store.n_sequences)
+    kept = (rows == tokenizer.eos_token_id).sum()
+    assert store.manifest["document"] == document and kept in (separators, separators - 1)
+    text = tokenizer.decode(rows.ravel().tolist(), skip_special_tokens=True)
+    assert store.words_per_row().sum() == len(text.split()) > 5 * 150
+
+
 def test_gpt2_tokenizer_ids_match_gpt2_tokenizer_fast(shared_data, tmp_path):
     corpus = shared_data / "babylm" / "2024" / "train_10M"
     gpt2_dir = shared_data / "gpt2-tokenizer"
@@ -79,7 +101,19 @@ def test_gpt2_tokenizer_ids_match_gpt2_tokenizer_fast(shared_data, tmp_path):
     lines = [line.strip() for line in first_file.read_text().splitlines() if line.strip()][:20]
     expected = reference("".join(line + "\n" for line in lines))["input_ids"]
     assert store.read(0, 1)[0].tolist() == expected[:store.seq_len]
-    assert load_tokenizer(tmp_path)("Hello world")["input_ids"] == [15496, 995]
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer("Hello world", add_special_tokens=False)["input_ids"] == [15496, 995]
+    # Encoded with its special tokens (as the BabyLM 2025 pipeline does), it prepends a BOS.
+    assert tokenizer("Hello world")["input_ids"] == [50256, 15496, 995]
+    # Words seen are counted exactly: the words starting in each row sum to the words of the
+    # kept text (an <|endoftext|> separates like whitespace).
+    rows = store.read(0, store.n_sequences).astype(np.int64)
+    eos = tokenizer.eos_token_id
+    words = store.words_per_row()
+    assert words.shape == (store.n_sequences,) and words.sum() == store.manifest["words"]
+    assert words.sum() == len(tokenizer.convert_tokens_to_string(
+        [tokenizer.convert_ids_to_tokens(int(t)) if t != eos else " " for t in rows.ravel()]
+    ).split()) > 100_000
 
 
 def test_dev_files_as_validation(shared_data, tmp_path):

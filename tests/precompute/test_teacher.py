@@ -50,11 +50,15 @@ def test_from_scratch_teacher_trains_and_feeds_the_logits_job(tmp_path, capsys):
                       "teacher.n_head=2", *TRAINING)
     out = train_teacher(cfg)
     info = json.loads((out / "teacher.json").read_text())
-    assert info["method"] == "scratch" and info["tokenizer_fingerprint"] == "tiny-tokenizer"
+    store = open_token_store(run / "tokens" / "train.zarr")
+    assert info["method"] == "scratch"
+    assert info["tokenizer_fingerprint"] == store.tokenizer_fingerprint
     assert set(info["val"]) >= {"loss", "perplexity", "bits_per_byte"} and info["val"]["loss"] > 0
     assert [row["step"] for row in metrics(out)] == [1, 2, 3]
     model = load_teacher(str(out))
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (2, 64, 300)
+    assert model.config.n_positions == 1024  # teacher.n_positions, not the rows' 32
+    assert_loads_in_clients(out, run)
     assert resolve_teacher(cfg).model == str(out)
     fill_caches(cfg)
     manifest = open_cache(run / "cache" / "train.zarr").manifest
@@ -85,6 +89,8 @@ def test_lora_is_merged_into_a_plain_model(tmp_path, base):
     assert resolve_teacher(cfg) == TeacherSource(str(out), info=resolve_teacher(cfg).info)
     merged = load_teacher(str(out))
     assert not any("lora" in name for name, _ in merged.named_parameters())
+    client = assert_loads_in_clients(out, tmp_path)  # the merged, full-precision model
+    torch.testing.assert_close(logits(client), logits(merged))
     with_adapter = load_teacher(str(base), adapter=str(out / "adapter"))
     torch.testing.assert_close(logits(merged), logits(with_adapter), rtol=1e-4, atol=1e-4)
     assert (logits(merged) - logits(load_teacher(str(base)))).abs().max() > 1e-4
@@ -107,6 +113,27 @@ def test_qlora_keeps_an_adapter_on_the_4bit_base(tmp_path, base):
     assert (logits(quantized) - logits(merged)).abs().max() < 0.5
     assert (logits(merged) - logits(load_teacher(str(base)))).abs().max() > 1e-4
     assert metrics(out)[-1]["step"] == 3
+    # Clients load the folder as an adapter whose config names the base (a folder that loads);
+    # transformers applies it unmerged on the full-precision base.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str(base)
+    client = assert_loads_in_clients(out, tmp_path)
+    torch.testing.assert_close(logits(client), logits(merged), rtol=1e-4, atol=1e-4)
+
+
+def assert_loads_in_clients(folder, run):
+    """The teacher folder loads with AutoTokenizer (the run's token ids) and AutoModelForCausalLM
+    and carries a model card; returns the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.tokenizer import load_tokenizer
+
+    tokenizer, reference = AutoTokenizer.from_pretrained(folder), load_tokenizer(run)
+    for text in ("w1 w2 w3", "w17 w4"):
+        assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    assert "babylm_kd:" in (folder / "README.md").read_text()
+    assert (folder / "generation_config.json").is_file()
+    return AutoModelForCausalLM.from_pretrained(folder).eval()
 
 
 def test_evaluation_of_a_pretrained_teacher_is_the_students_lm_metrics(tmp_path, base):

@@ -1,5 +1,6 @@
-"""Shared helpers of the teacher tests: a tiny run directory (token stores, no tokenizer needed)
-and tiny random GPT-2 teachers saved with save_pretrained. Nothing is downloaded."""
+"""Shared helpers of the teacher tests: a tiny run directory (a real word-level tokenizer and
+token stores of a learnable synthetic pattern) and tiny random GPT-2 teachers saved
+with save_pretrained. Nothing is downloaded."""
 
 from __future__ import annotations
 
@@ -30,25 +31,31 @@ def learnable_tokens(n: int, *, vocab: int = VOCAB, seq_len: int = SEQ_LEN, seed
 
 def write_tokens(path: Path, *, n: int, vocab: int = VOCAB, seq_len: int = SEQ_LEN, seed: int = 0,
                  tokenizer_fingerprint: str = "tiny-tokenizer", chunk_rows: int = 64):
+    """A token store of `learnable_tokens`; its word counts say a word starts at every token
+    whose id is a multiple of 4 (any fixed rule does: training sums them per row)."""
+    rows = learnable_tokens(n, vocab=vocab, seq_len=seq_len, seed=seed)
     manifest = {"tokenizer": {"fingerprint": tokenizer_fingerprint, "vocab_size": vocab, "eos_id": 0},
                 "text_bytes": n * seq_len * 3}
-    return write_token_store(path, sequences=learnable_tokens(n, vocab=vocab, seq_len=seq_len, seed=seed),
+    return write_token_store(path, sequences=rows, words=(rows % 4 == 0).sum(axis=1),
                              manifest=manifest, chunk_rows=chunk_rows)
 
 
 def tiny_run(root: Path, *, n_train: int = 256, n_val: int = 64, vocab: int = VOCAB,
-             tokenizer_fingerprint: str = "tiny-tokenizer") -> Path:
-    """A run directory with tokens/train.zarr and tokens/val.zarr."""
-    write_tokens(root / "tokens" / "train.zarr", n=n_train, vocab=vocab, seed=1,
-                 tokenizer_fingerprint=tokenizer_fingerprint)
-    write_tokens(root / "tokens" / "val.zarr", n=n_val, vocab=vocab, seed=2,
-                 tokenizer_fingerprint=tokenizer_fingerprint)
+             tokenizer_seed: int = 0) -> Path:
+    """A run directory with tokenizer/, tokens/train.zarr and tokens/val.zarr."""
+    from training.tokenizer import fingerprint, synthetic_tokenizer, tokenizer_dir
+
+    tokenizer = synthetic_tokenizer(vocab, seed=tokenizer_seed)
+    tokenizer.save_pretrained(str(tokenizer_dir(root)))
+    for split, n, seed in (("train", n_train, 1), ("val", n_val, 2)):
+        write_tokens(root / "tokens" / f"{split}.zarr", n=n, vocab=vocab, seed=seed,
+                     tokenizer_fingerprint=fingerprint(tokenizer))
     return root
 
 
 def save_teacher(folder: Path, *, vocab: int = VOCAB, n_layer: int = 2, n_embd: int = 64,
                  n_head: int = 2, seed: int = 0) -> Path:
-    new_gpt2(vocab_size=vocab, seq_len=SEQ_LEN, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+    new_gpt2(vocab_size=vocab, n_positions=SEQ_LEN, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
              seed=seed).save_pretrained(folder)
     return folder
 

@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from tests.precompute.tiny_teacher import save_teacher, write_tokens
+from training.tokenizer import fingerprint, load_tokenizer, synthetic_tokenizer
 from tests.reliability.world import PYTHON, REPO, VOCAB, World, cli, message_lines, snapshot
 
 DOC = REPO / "docs" / "bad-inputs.md"
@@ -88,10 +89,13 @@ def other_teacher(case: Path, world: World) -> None:
 
 
 def store_of(**kwargs) -> Callable[[Path, World], None]:
-    """Replace the run's train token store with another one (other vocabulary, length, rows)."""
+    """Replace the run's train token store with another one (other vocabulary, length, rows),
+    recorded as made with the run's tokenizer."""
     def setup(case: Path, world: World) -> None:
         shutil.rmtree(case / "run" / "tokens" / "train.zarr", ignore_errors=True)
-        write_tokens(case / "run" / "tokens" / "train.zarr", **kwargs)
+        made_with = fingerprint(load_tokenizer(case / "run"))
+        write_tokens(case / "run" / "tokens" / "train.zarr", tokenizer_fingerprint=made_with,
+                     **kwargs)
     return setup
 
 
@@ -102,7 +106,9 @@ def run_teacher_with_other_tokenizer(case: Path, world: World) -> None:
 
 
 def run_teacher(case: Path, world: World) -> None:
-    save_teacher(case / "run" / "teacher", vocab=VOCAB, n_layer=2, n_embd=32, n_head=2)
+    """A complete teacher folder, as a user may place one (no teacher.json)."""
+    folder = save_teacher(case / "run" / "teacher", vocab=VOCAB, n_layer=2, n_embd=32, n_head=2)
+    synthetic_tokenizer(VOCAB).save_pretrained(str(folder))
 
 
 def edit_cache_manifest(case: Path, world: World) -> None:
@@ -148,7 +154,8 @@ CORPUS_CASES = [
          "precompute.corpus", config(CORPUS), "too few to split",
          corpus(a_train=GOOD_LINES.encode(), b_train=b"just one line\n")),
     Case("corpus-too-short", "corpus shorter than one sequence", "precompute.corpus",
-         config(CORPUS, "data.seq_len=100000"), "fewer than one sequence",
+         config(CORPUS, "data.seq_len=100000", "teacher.n_positions=100000",
+                "student.n_positions=100000"), "fewer than one sequence",
          corpus(a_train=GOOD_LINES.encode())),
     Case("dev-folder-missing", "validation from *.dev files, but there is no dev folder",
          "precompute.corpus", config(CORPUS, "data.validation=dev"), "does not exist",

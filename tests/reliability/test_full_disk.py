@@ -100,14 +100,14 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path):
 
     from configs import load_config
     from precompute.logits import main
-    from storage.cache import CacheWriter, _read_manifest
+    from storage.cache import CacheWriter, read_manifest
 
     run = world.new_run(tmp_path / "run")
     with disk_full_after(60), pytest.raises(OSError) as failure:
         main(load_config(world.config, [f"run_dir={run}"]))
     assert failure.value.errno == errno.ENOSPC
     path = run / "cache" / "train.zarr"
-    writer = CacheWriter(path=path, manifest=_read_manifest(path),
+    writer = CacheWriter(path=path, manifest=read_manifest(path),
                          group=zarr.open_group(path, mode="r+"))
     held = []
     for shard in writer.pending_shards():

@@ -29,6 +29,7 @@ import yaml
 
 from storage.cache import VOLATILE_KEYS
 from tests.precompute.tiny_teacher import save_teacher, write_tokens
+from training.tokenizer import fingerprint, synthetic_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -70,8 +71,9 @@ class World:
     """How long the reference job took (model load to finish)."""
 
     def new_run(self, run: Path) -> Path:
-        """A run directory holding a copy of the world's token stores."""
+        """A run directory holding a copy of the world's tokenizer and token stores."""
         shutil.copytree(self.tokens, run / "tokens")
+        shutil.copytree(self.root / "tokenizer", run / "tokenizer")
         return run
 
     def command(self, module: str, run: Path | str, *overrides: str) -> list[str]:
@@ -86,8 +88,11 @@ class World:
 def build_world(root: Path) -> World:
     teacher = save_teacher(root / "teacher", vocab=VOCAB, n_layer=2, n_embd=32, n_head=2, seed=3)
     tokens = root / "tokens"
-    write_tokens(tokens / "train.zarr", n=N_TRAIN, vocab=VOCAB, seed=1)
-    write_tokens(tokens / "val.zarr", n=N_VAL, vocab=VOCAB, seed=2)
+    tokenizer = synthetic_tokenizer(VOCAB)
+    tokenizer.save_pretrained(str(root / "tokenizer"))
+    for split, n, seed in (("train", N_TRAIN, 1), ("val", N_VAL, 2)):
+        write_tokens(tokens / f"{split}.zarr", n=n, vocab=VOCAB, seed=seed,
+                     tokenizer_fingerprint=fingerprint(tokenizer))
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_settings(teacher), sort_keys=False))
     reference = root / "reference"

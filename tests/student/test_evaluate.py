@@ -9,7 +9,8 @@ import torch
 
 from training.tokenizer import train_bpe
 from storage.tokens import write_token_store
-from student.evaluate import read_pair_dir, read_pair_file, score_pairs, sentence_logprobs
+from student.evaluate import (CONVENTIONS, encode, read_pair_dir, read_pair_file, read_suites,
+                              score_pairs, sentence_logprobs, sequence_logprobs)
 from training.models import new_gpt2
 from training.scoring import lm_metrics
 
@@ -24,7 +25,7 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return new_gpt2(vocab_size=len(tokenizer), seq_len=64, n_layer=2, n_embd=32, n_head=2,
+    return new_gpt2(vocab_size=len(tokenizer), n_positions=64, n_layer=2, n_embd=32, n_head=2,
                     seed=1).eval()
 
 
@@ -37,7 +38,7 @@ def _store(path, rows: np.ndarray, vocab_size: int, text_bytes: int | None = Non
 
 def test_uniform_model_has_perplexity_equal_to_vocabulary(tmp_path):
     vocab = 500
-    model = new_gpt2(vocab_size=vocab, seq_len=16, n_layer=2, n_embd=32, n_head=2).eval()
+    model = new_gpt2(vocab_size=vocab, n_positions=16, n_layer=2, n_embd=32, n_head=2).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0: the uniform distribution
     rows = np.random.default_rng(0).integers(0, vocab, size=(10, 16))
@@ -107,20 +108,49 @@ def test_four_pair_file_has_known_accuracy(tmp_path, tokenizer, model):
     path = _write_jsonl(tmp_path / "lengths.jsonl", [
         {"sentence_good": g, "sentence_bad": b, "field": "morphology" if i < 2 else "syntax",
          "UID": "lengths", "pairID": str(i)} for i, (g, b, _) in enumerate(pairs)])
-    result = score_pairs(model, tokenizer, [read_pair_file(path)], batch_size=3)
+    result = score_pairs(model, tokenizer, [read_pair_file(path)], batch_size=3)["ours"]
     entry = result["files"]["lengths"]
     assert (entry["pairs"], entry["correct"], entry["ties"]) == (4, 3, 0)
     assert entry["accuracy"] == 0.75 == result["macro_accuracy"]
     assert result["fields"] == {"morphology": 1.0, "syntax": 0.5}
 
 
-def test_tie_counts_wrong_and_is_reported(tmp_path, tokenizer, model):
+def test_tie_counts_wrong_in_ours_right_in_the_other_conventions(tmp_path, tokenizer, model):
     path = _write_jsonl(tmp_path / "tie.jsonl", [
         {"sentence_good": "the dog ran", "sentence_bad": "the dog ran", "pair_id": 7},
         {"sentence_good": "the dog", "sentence_bad": "the dog ran to the park", "pair_id": 8}])
-    entry = score_pairs(model, tokenizer, [read_pair_file(path)])["files"]["tie"]
+    results = score_pairs(model, tokenizer, [read_pair_file(path)])
+    assert set(results) == set(CONVENTIONS)
+    entry = results["ours"]["files"]["tie"]
     assert (entry["correct"], entry["ties"], entry["accuracy"]) == (1, 1, 0.5)
     assert entry["tie_ids"] == [7]
+    for convention in ("lm_eval", "babylm2025"):
+        entry = results[convention]["files"]["tie"]
+        assert (entry["correct"], entry["ties"], entry["accuracy"]) == (2, 1, 1.0)
+
+
+def test_each_convention_scores_the_tokens_its_scorer_does(tokenizer, model):
+    """ours: BOS + sentence; lm_eval: BOS + " " + sentence; babylm2025: the tokenizer's own
+    encoding (ours prepends BOS), every token after the first scored."""
+    sentences = ["the cat sat on the mat .", "a bird"]
+    bos = tokenizer.bos_token_id
+    plain = tokenizer(sentences, add_special_tokens=False)["input_ids"]
+    spaced = tokenizer([" " + s for s in sentences], add_special_tokens=False)["input_ids"]
+    assert encode(tokenizer, sentences, "ours") == [(bos, *ids) for ids in plain]
+    assert encode(tokenizer, sentences, "lm_eval") == [(bos, *ids) for ids in spaced]
+    assert encode(tokenizer, sentences, "babylm2025") == encode(tokenizer, sentences, "ours")
+    assert spaced[0] != plain[0]  # the leading space is its own byte-level token or merged
+    direct = [sequence_logprobs(model, [ids])[0] for ids in encode(tokenizer, sentences, "lm_eval")]
+    assert sentence_logprobs(model, tokenizer, sentences, convention="lm_eval") == \
+        pytest.approx(direct, abs=1e-4)
+
+
+def test_a_folder_of_folders_is_one_suite_each(tmp_path):
+    for suite in ("blimp", "supplement"):
+        (tmp_path / suite).mkdir()
+        _write_jsonl(tmp_path / suite / "a.jsonl", [{"sentence_good": "x y", "sentence_bad": "y x"}])
+    assert list(read_suites(tmp_path)) == ["blimp", "supplement"]
+    assert list(read_suites(tmp_path / "blimp")) == ["blimp"]
 
 
 def test_malformed_lines_are_reported_with_file_and_line_and_skipped(tmp_path, tokenizer, model):
@@ -137,7 +167,7 @@ def test_malformed_lines_are_reported_with_file_and_line_and_skipped(tmp_path, t
     assert [line.split(": ")[0] for line in parsed.malformed] == [
         f"{path}:2", f"{path}:3", f"{path}:4", f"{path}:6"]
     assert "sentence_bad" in parsed.malformed[1]
-    assert score_pairs(model, tokenizer, [parsed])["files"]["broken"]["pairs"] == 2
+    assert score_pairs(model, tokenizer, [parsed])["ours"]["files"]["broken"]["pairs"] == 2
 
 
 def test_both_pair_id_spellings_and_max_pairs(tmp_path):
@@ -162,13 +192,13 @@ def test_reads_the_real_blimp_folders_without_malformed_lines(shared_data):
 
 
 def test_a_pair_longer_than_the_context_is_left_out_and_reported(tmp_path, tokenizer, capsys):
-    short_model = new_gpt2(vocab_size=len(tokenizer), seq_len=8, n_layer=1, n_embd=16,
+    short_model = new_gpt2(vocab_size=len(tokenizer), n_positions=8, n_layer=1, n_embd=16,
                            n_head=2, seed=1).eval()
     long = "the cat sat on the mat . the dog ran to the park"
     path = _write_jsonl(tmp_path / "mixed.jsonl", [
         {"sentence_good": "the cat", "sentence_bad": "the cat sat on", "pair_id": 1},
         {"sentence_good": long, "sentence_bad": long + " .", "pair_id": 2}])
-    result = score_pairs(short_model, tokenizer, [read_pair_file(path)])
+    result = score_pairs(short_model, tokenizer, [read_pair_file(path)])["ours"]
     entry = result["files"]["mixed"]
     assert (entry["pairs"], entry["correct"], entry["too_long"]) == (1, 1, 1)
     assert result["too_long"] == 1 and result["pairs"] == 1

@@ -40,7 +40,7 @@ def fake_run(tmp_path_factory):
     rows = ids[:len(ids) // 32 * 32].reshape(-1, 32)
     write_token_store(run / "tokens" / "val.zarr", sequences=rows, manifest={
         "tokenizer": tokenizer_facts(tokenizer), "text_bytes": len(TEXT.encode())})
-    shape = dict(vocab_size=len(tokenizer), seq_len=32, n_layer=2, n_head=2,
+    shape = dict(vocab_size=len(tokenizer), n_positions=32, n_layer=2, n_head=2,
                  eos_token_id=tokenizer.eos_token_id)
     new_gpt2(n_embd=64, seed=0, **shape).save_pretrained(run / "teacher")
     (run / "teacher" / "teacher.json").write_text("{}")  # what `make teacher` leaves when done
@@ -48,6 +48,7 @@ def fake_run(tmp_path_factory):
     for name, alpha, seed in (("ce", 1.0, 1), ("kd-a0.5", 0.5, 2)):
         folder = run / "students" / name
         new_gpt2(n_embd=32, seed=seed, **shape).save_pretrained(folder)
+        tokenizer.save_pretrained(str(folder))  # a complete folder has its tokenizer
         (folder / "config.yaml").write_text(yaml.safe_dump(
             {"distill": {"alpha": alpha, "temperature": 2.0, "k": 0}, "cache": {"k": 32}}))
         _metrics(folder, alpha=alpha)
@@ -72,11 +73,15 @@ def test_make_eval_writes_results_report_and_curves(fake_run):
     results = json.loads((reports / "results.json").read_text())
     names = [m["name"] for m in results["models"]]
     assert names == ["teacher", "students/ce", "students/kd-a0.5"]
+    assert results["conventions"] == ["ours", "lm_eval", "babylm2025"]
     for model in results["models"]:
-        files = model["minimal_pairs"]["files"]
-        assert set(files) == {"agreement", "order"}
-        assert all(entry["pairs"] == 3 and 0 <= entry["accuracy"] <= 1 for entry in files.values())
-        assert set(model["minimal_pairs"]["fields"]) == {"morphology", "syntax"}
+        assert list(model["minimal_pairs"]) == ["my_pairs"]  # one suite: the folder holds jsonl
+        for result in model["minimal_pairs"]["my_pairs"].values():
+            files = result["files"]
+            assert set(files) == {"agreement", "order"}
+            assert all(entry["pairs"] == 3 and 0 <= entry["accuracy"] <= 1
+                       for entry in files.values())
+            assert set(result["fields"]) == {"morphology", "syntax"}
         assert model["lm"]["perplexity"] > 1 and model["lm"]["bits_per_byte"] > 0
     assert results["malformed_lines"] == [f"{fake_run / 'my_pairs' / 'order.jsonl'}:4: not JSON "
                                           "(Expecting value)"]
@@ -90,11 +95,13 @@ def test_make_eval_writes_results_report_and_curves(fake_run):
     assert results["cache"] is None
 
     pngs = sorted(p.name for p in reports.glob("*.png"))
-    assert pngs == ["curves_all.png", "curves_students_ce.png", "curves_students_kd-a0.5.png",
-                    "curves_teacher.png"]
+    assert pngs == ["curves_students_ce.png", "curves_students_kd-a0.5.png",
+                    "curves_teacher.png", "pairs.png", "validation.png"]
+    assert results["curves"][:2] == ["validation.png", "pairs.png"]  # the answer first
     assert all((reports / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
     report = (reports / "report.md").read_text()
-    assert "| students/kd-a0.5 |" in report and "![curves_all.png](curves_all.png)" in report
+    assert "| students/kd-a0.5 |" in report and "![validation.png](validation.png)" in report
+    assert "| model | my_pairs ours | my_pairs lm_eval | my_pairs babylm2025 |" in report
     settings = report.split("## Training settings")[1]  # k = 0 in a config means the cached k
     assert "| students/kd-a0.5 | 0.5 | 2.0 | 32 |" in settings
     assert "| students/ce | 1.0 | 2.0 | - |" in settings
@@ -118,7 +125,8 @@ def test_demo_pairs_are_the_default_and_absence_is_said(fake_run, tmp_path):
     finally:
         (demo_pairs / "demo.jsonl").unlink()
     assert results["minimal_pairs_dir"] == str(demo_pairs)
-    assert results["models"][0]["minimal_pairs"]["files"]["demo"]["pairs"] == 2  # max_pairs_per_file
+    pairs = results["models"][0]["minimal_pairs"]["minimal_pairs"]["ours"]
+    assert pairs["files"]["demo"]["pairs"] == 2  # max_pairs_per_file
 
 
 def test_unreadable_cache_is_described_not_fatal(fake_run, tmp_path):
@@ -153,7 +161,7 @@ def test_cache_facts_come_from_the_manifest(tmp_path):
 def test_extra_model_with_its_own_tokenizer_skips_lm_metrics_but_scores_pairs(fake_run, tmp_path):
     other = train_bpe([TEXT], vocab_size=280, min_frequency=1)
     folder = tmp_path / "other-model"
-    new_gpt2(vocab_size=len(other), seq_len=32, n_layer=2, n_embd=32, n_head=2,
+    new_gpt2(vocab_size=len(other), n_positions=32, n_layer=2, n_embd=32, n_head=2,
              eos_token_id=other.eos_token_id).save_pretrained(folder)
     other.save_pretrained(str(folder))
     cfg = load_config(CONFIG_DIR / "demo.yaml", [
@@ -162,4 +170,4 @@ def test_extra_model_with_its_own_tokenizer_skips_lm_metrics_but_scores_pairs(fa
     extra = evaluate_run(cfg)["models"][-1]
     assert extra["name"] == str(folder) and extra["kind"] == "extra"
     assert "lm" not in extra and "tokenizer differs" in extra["lm_skipped"]
-    assert extra["minimal_pairs"]["pairs"] == 6
+    assert extra["minimal_pairs"]["my_pairs"]["ours"]["pairs"] == 6

@@ -23,6 +23,7 @@ from student import train as trainer
 from training import checkpoint as checkpoints
 from training import loop
 from training import metrics as metrics_log
+from training.model_card import read_card_facts
 from tests.precompute.tiny_teacher import save_teacher, tiny_overrides, tiny_run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,12 +136,21 @@ def test_cached_kd_follows_online_kd_with_k_equal_vocabulary(tmp_path):
 def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
     root = make_run(tmp_path, k=32, n_train=64, sampling=Sampling(temperature=2.0, seed=0))
     for temperature in (2.0, 1.0):  # the draws' own temperature, and reweighted
-        cfg = config(root, "cache.k=32", f"distill.temperature={temperature}",
-                     "student.max_steps=12")
+        # The config says top-8 (tiny_overrides): what the student read is the cache's manifest.
+        cfg = config(root, f"distill.temperature={temperature}", "student.max_steps=12")
+        assert (cfg.cache.k, cfg.cache.selection) == (8, "topk")
+        cfg = trainer.as_cached(cfg)
         tokens, _ = loop.open_tokens(cfg)
         distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
         assert distil.reads_values == (temperature != 2.0)  # at T_s the ids alone are read
         out = trainer.train(cfg)
+        assert out.name == f"kd-a0.5-T{temperature:g}-s32"
+        saved = load_config(out / "config.yaml")
+        assert (saved.cache.k, saved.cache.selection, saved.cache.sample_temperature) == (
+            32, "sample", 2.0)
+        card = read_card_facts(out)
+        assert (card["k"], card["selection"]) == (32, "sample (32 draws at T = 2)")
+        assert card["cache_fingerprint"] == distil.cache.fingerprint
         rows = metrics(out)
         assert all(r["kl"] > 0 for r in rows)
         assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
@@ -174,9 +184,10 @@ def test_fit_trains_a_lora_wrapped_model_with_ce(tmp_path):
 
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(run_dir):
-    """SIGKILL after a checkpoint, resume; Ctrl-C (exit 130), resume: same weights and metrics."""
+    """SIGKILL after a checkpoint, resume; Ctrl-C (exit 130), resume: same weights and metrics,
+    and the same word-milestone folders (the tiny stores count ~125 words a step)."""
     steps = ["student.max_steps=240", "student.checkpoint_every=40", "student.eval_every=60",
-             "student.dropout=0.1"]
+             "student.dropout=0.1", "student.save_at_words=[4000, 9000, 17000, 25000]"]
     straight = trainer.train(config(run_dir, *steps, "distill.run=straight"))
     broken = run_dir / "students" / "broken"
     command = [sys.executable, "-m", "student.train", "--config", str(CONFIG),
@@ -199,6 +210,14 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(run_dir):
     a, b = weights(straight), weights(broken)
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
     assert without_timing(metrics(straight)) == without_timing(metrics(broken))
+    names = sorted(p.name for p in (straight / "checkpoints").iterdir())
+    assert names == ["chck_17K", "chck_25K", "chck_4K", "chck_9K"]
+    assert sorted(p.name for p in (broken / "checkpoints").iterdir()) == names
+    for name in names:
+        a, b = (weights(run / "checkpoints" / name) for run in (straight, broken))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+        cards = [(run / "checkpoints" / name / "README.md").read_text() for run in (straight, broken)]
+        assert cards[0] == cards[1].replace("broken", "straight")
 
 
 def _wait_for_new_checkpoint(folder: Path, proc: subprocess.Popen) -> None:
@@ -222,7 +241,7 @@ from training import loop
 from training.models import new_gpt2
 cfg = load_config(CONFIG_DIR / "demo.yaml", sys.argv[2:])
 tokens, val = loop.open_tokens(cfg)
-model = new_gpt2(vocab_size=tokens.vocab_size, seq_len=tokens.seq_len, n_layer=2, n_embd=32, n_head=2)
+model = new_gpt2(vocab_size=tokens.vocab_size, n_positions=tokens.seq_len, n_layer=2, n_embd=32, n_head=2)
 distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
 loop.fit(model, cfg=cfg, hp=cfg.student, out_dir=cfg.run_path / "students" / "ddp",
          tokens=tokens, val_tokens=val, distil=distil)
@@ -286,7 +305,7 @@ def test_bad_inputs_exit_2_with_one_line(run_dir, capsys, extra, message):
 def test_cache_for_other_inputs_or_missing_cache_exit_2(tmp_path):
     root = make_run(tmp_path, n_train=32)
     other = tmp_path / "other"
-    tiny_run(other, n_train=32, tokenizer_fingerprint="another-tokenizer")
+    tiny_run(other, n_train=32, tokenizer_seed=1)
     (other / "cache").symlink_to(root / "cache")
     for run_root, message in ((other, "was made for another tokenizer"),
                               (tmp_path / "nocache", "make teacher-logits")):

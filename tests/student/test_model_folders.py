@@ -29,17 +29,20 @@ REPO = Path(__file__).resolve().parents[2]
 SENTENCES = ["The dog runs.", "the cats sleep near the old house", "A bird, café-au-lait!"]
 
 
+def settings(root: Path) -> list[str]:
+    return [f"run_dir={root}", "data.generated_words=6000", "data.seq_len=32",
+            "tokenizer.vocab_size=300", "student.n_layer=1", "student.n_embd=32",
+            "student.n_head=2", "student.n_positions=256", "student.batch_size=8",
+            "student.max_steps=40", "student.eval_every=20", "student.device=cpu",
+            "student.save_at_words=[1000, 2000, 1000000]", "distill.alpha=1"]
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """`make data` on a small generated corpus (a 300-entry byte-level BPE), then a CE baseline
     student with milestones at 1,000 and 2,000 words."""
     root = tmp_path_factory.mktemp("folders")
-    settings = [f"run_dir={root}", "data.generated_words=6000", "data.seq_len=32",
-                "tokenizer.vocab_size=300", "student.n_layer=1", "student.n_embd=32",
-                "student.n_head=2", "student.n_positions=256", "student.batch_size=8",
-                "student.max_steps=40", "student.eval_every=20", "student.device=cpu",
-                "student.save_at_words=[1000, 2000, 1000000]", "distill.alpha=1"]
-    cfg = load_config(CONFIG_DIR / "demo.yaml", settings)
+    cfg = load_config(CONFIG_DIR / "demo.yaml", settings(root))
     torch.set_num_threads(1)
     prepare(cfg)
     trainer.train(cfg)
@@ -118,3 +121,26 @@ def test_lm_evaluation_harness_scores_a_student_as_evaluate_does(run, tmp_path):
     accuracy = score_pairs(model, tokenizer, [read_pair_file(data)])["lm_eval"]["macro_accuracy"]
     assert results["results"]["kd_pairs"]["acc,none"] == pytest.approx(accuracy)
     assert theirs[-1, 0] == theirs[-1, 1]  # the forced tie, counted right by both
+
+
+def test_a_folder_without_its_tokenizer_is_completed_by_a_rerun(run, tmp_path, capsys):
+    """A student folder of an earlier version (weights, no tokenizer) is not finished: the rerun
+    resumes at its last step and writes the complete folder, weights unchanged."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from training.checkpoint import is_finished
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    folder = copy / "students" / "baseline"
+    before = load_file(folder / "model.safetensors")
+    for name in ("tokenizer.json", "tokenizer_config.json", "README.md"):
+        (folder / name).unlink()
+    assert not is_finished(folder)
+    trainer.train(load_config(CONFIG_DIR / "demo.yaml", settings(copy)))
+    assert "resuming" in capsys.readouterr().out and is_finished(folder)
+    after = load_file(folder / "model.safetensors")
+    assert all(torch.equal(before[key], after[key]) for key in before)
+    assert read_card_facts(folder)["steps"] == 40

@@ -85,18 +85,15 @@ def encodings(tokenizer, sentences: list[str]) -> dict[str, list[tuple[int, ...]
 
 def pair_rows(model, tokenizer, suites: dict, *, student: str) -> list[dict]:
     """One row per (suite, context): macro accuracy (ties wrong) of `model`."""
-    from student.evaluate import pair_accuracy, sequence_logprobs
+    from student.evaluate import accuracy_by_encoding, pair_sentences
 
     rows = []
     for suite, files in suites.items():
-        sentences = sorted({s for f in files for p in f.pairs for s in (p.good, p.bad)})
-        encoded = encodings(tokenizer, sentences)
-        distinct = sorted({ids for sequences in encoded.values() for ids in sequences})
-        logprob = dict(zip(distinct, sequence_logprobs(model, distinct, batch_size=64,
-                                                       desc=f"{student} {suite}")))
-        for context in CONTEXTS:
-            scores = {s: logprob[ids] for s, ids in zip(sentences, encoded[context])}
-            result = pair_accuracy(files, scores, ties_right=False)
+        sentences = pair_sentences(files)
+        results = accuracy_by_encoding(model, files, sentences, encodings(tokenizer, sentences),
+                                       ties_right=dict.fromkeys(CONTEXTS, False),
+                                       desc=f"{student} {suite}")
+        for context, result in results.items():
             rows.append({"section": "minimal pairs (macro accuracy over files, %)",
                          "trained on": student, "suite": suite, "context": context,
                          "accuracy": round(100 * result["macro_accuracy"], 2),

@@ -187,17 +187,31 @@ def score_pairs(model, tokenizer, files: list[PairFile], *,
     "macro_accuracy", "pairs", "correct", "ties", "too_long"}; files without scored pairs are
     left out of the averages.
     """
-    sentences = sorted({s for f in files for p in f.pairs for s in (p.good, p.bad)})
+    sentences = pair_sentences(files)
     encoded = {convention: encode(tokenizer, sentences, convention) for convention in conventions}
+    return accuracy_by_encoding(model, files, sentences, encoded,
+                                ties_right={c: TIES_RIGHT[c] for c in conventions},
+                                batch_size=batch_size, device=device, desc=desc)
+
+
+def pair_sentences(files: list[PairFile]) -> list[str]:
+    """Every distinct sentence of the pairs, sorted."""
+    return sorted({s for f in files for p in f.pairs for s in (p.good, p.bad)})
+
+
+def accuracy_by_encoding(model, files: list[PairFile], sentences: list[str],
+                         encoded: dict[str, list[tuple[int, ...]]], *,
+                         ties_right: dict[str, bool], batch_size: int = 64,
+                         device: str | torch.device = "cpu", desc: str = "pairs") -> dict:
+    """{name: pair_accuracy result} for each way `encoded[name]` of encoding `sentences`; each
+    distinct id sequence is scored once, whichever encodings share it."""
     distinct = sorted({ids for sequences in encoded.values() for ids in sequences})
     logprob = dict(zip(distinct, sequence_logprobs(model, distinct, batch_size=batch_size,
                                                    device=device, desc=desc)))
-    results = {}
-    for convention in conventions:
-        scores = {s: logprob[ids] for s, ids in zip(sentences, encoded[convention])}
-        results[convention] = pair_accuracy(files, scores, ties_right=TIES_RIGHT[convention],
-                                            warn=convention == conventions[0])
-    return results
+    first = next(iter(encoded))
+    return {name: pair_accuracy(files, {s: logprob[ids] for s, ids in zip(sentences, sequences)},
+                                ties_right=ties_right[name], warn=name == first)
+            for name, sequences in encoded.items()}
 
 
 def pair_accuracy(files: list[PairFile], scores: dict[str, float], *, ties_right: bool,

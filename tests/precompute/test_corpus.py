@@ -50,12 +50,17 @@ def test_babylm_2023_stores_list_sources_and_reproduce(shared_data, tmp_path):
     assert again.tokenizer_fingerprint == train.tokenizer_fingerprint
 
 
-def test_split_keeps_each_files_order_and_takes_its_tail(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
+def numbered_corpus(folder):
+    """Two files, a.train and b.train, of 100 numbered 5-word lines each."""
+    folder.mkdir()
     for source in ("a", "b"):
-        (corpus / f"{source}.train").write_text(
+        (folder / f"{source}.train").write_text(
             "".join(f"{source} line number {i} .\n" for i in range(100)))
+    return folder
+
+
+def test_split_keeps_each_files_order_and_takes_its_tail(tmp_path):
+    corpus = numbered_corpus(tmp_path / "corpus")
     cfg = load_config(DEMO, [f"data.dir={corpus}", f"run_dir={tmp_path / 'run'}",
                              "tokenizer.vocab_size=300", "data.seq_len=16"])
     prepare(cfg)
@@ -70,11 +75,7 @@ def test_split_keeps_each_files_order_and_takes_its_tail(tmp_path):
 def test_documents_are_files_or_lines_and_words_are_counted(tmp_path, document, separators):
     """data.document: an <|endoftext|> after each file, or after each line; either way the
     words starting in the rows add up to the words of the kept text."""
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for source in ("a", "b"):
-        (corpus / f"{source}.train").write_text(
-            "".join(f"{source} line number {i} .\n" for i in range(100)))
+    corpus = numbered_corpus(tmp_path / "corpus")
     cfg = load_config(DEMO, [f"data.dir={corpus}", f"run_dir={tmp_path / 'run'}",
                              "tokenizer.vocab_size=300", "data.seq_len=16",
                              f"data.document={document}"])

@@ -10,6 +10,9 @@ ARGS ?=
 TORCH_SPEC ?= $(if $(shell command -v nvidia-smi 2>/dev/null),,torch==2.13.0)
 BABYLM_DIR ?=
 BLIMP_DIR ?=
+# With several named teachers (`teachers:` in the config): TEACHER=NAME makes or caches that one
+# alone; empty, every one in turn.
+TEACHER ?=
 
 .PHONY: install test demo data teacher teacher-logits baseline distill sweep eval bench chaos clean
 
@@ -30,10 +33,10 @@ data:
 	$(PY) -m precompute.corpus --config $(CONFIG) $(ARGS)
 
 teacher:
-	$(PY) -m precompute.teacher --config $(CONFIG) $(ARGS)
+	$(PY) -m precompute.teacher --config $(CONFIG) $(if $(TEACHER),--teacher $(TEACHER),) $(ARGS)
 
 teacher-logits:
-	$(PY) -m precompute.logits --config $(CONFIG) $(ARGS)
+	$(PY) -m precompute.logits --config $(CONFIG) $(if $(TEACHER),--teacher $(TEACHER),) $(ARGS)
 
 baseline:
 	$(PY) -m student.train --config $(CONFIG) distill.alpha=1 $(ARGS)

@@ -1,4 +1,4 @@
-"""`make bench` (`python -m bench`): the five CPU benchmarks in one run, one summary of their
+"""`make bench` (`python -m bench`): the six CPU benchmarks in one run, one summary of their
 headline figures against the project's targets, and bench/results.md.
 
     python -m bench [--only cache,student] [--teacher DIR --tokens STORE] [--out FILE]
@@ -9,7 +9,8 @@ Benchmarks (each in a fresh process, one after another, so that none inherits an
 threads, allocator or page cache): `bench.cache` (bytes/token and read/write speed of the logit
 cache on a real trained teacher), `bench.teacher_job` (the logits job against the teacher's bare
 compute), `bench.student` (CE vs cached vs online KD: speed, memory, quality), `bench.real_text`
-(top-k and sampled caches vs online KD, quality on BabyLM text; the longest), `bench.evaluate`
+(top-k and sampled caches vs online KD, quality on BabyLM text; the longest), `bench.ensemble`
+(two teachers' caches mixed, LLaMA students, against the online ensembles), `bench.evaluate`
 (minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
 
 bench.cache needs a trained teacher: without --teacher/--tokens and without runs/demo/teacher,
@@ -36,13 +37,13 @@ from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 
-from bench import cache, evaluate, real_text, student, teacher_job
+from bench import cache, ensemble, evaluate, real_text, student, teacher_job
 from bench.tables import markdown_table
 from configs import CONFIG_DIR, UserError, load_config
 from configs.cli import reproducible_cpu_math
 
 BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student,
-           "real_text": real_text, "evaluate": evaluate}
+           "real_text": real_text, "ensemble": ensemble, "evaluate": evaluate}
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).with_name("results.md")
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         "student": dict(steps=args.student_steps, speed_steps=args.speed_steps,
                         teacher_steps=args.teacher_steps),
         "real_text": {},
+        "ensemble": {},
         "evaluate": dict(n_pairs=args.pairs),
     }
     results, seconds, errors = {}, {}, {}
@@ -212,7 +214,7 @@ def summary(results: dict[str, list[dict]], errors: dict[str, str] | None = None
     rows: list[dict] = []
     for name, figures in (("cache", _cache_figures), ("teacher_job", _job_figures),
                           ("student", _student_figures), ("real_text", _real_text_figures),
-                          ("evaluate", _evaluate_figures)):
+                          ("ensemble", _ensemble_figures), ("evaluate", _evaluate_figures)):
         if name in results:
             try:
                 rows += figures(results[name], results)
@@ -398,6 +400,51 @@ def _real_text_figures(rows: list[dict], _results) -> list[dict]:
                         ">= 0.95", row["vs_ce"] >= 0.95))
     out.append(_row("BabyLM text: cache bytes/token", "; ".join(
         f"{name} {value:.1f}" for name, value in size.items())))
+    return out
+
+
+def _ensemble_figures(rows: list[dict], _results) -> list[dict]:
+    """Ensembles of cached teachers (LLaMA students): the cached ensemble against the online
+    probability mixture, the logit average beside it, whether the ensemble beats the best single
+    teacher, and the LLaMA student's loop speed and memory against CE."""
+    students = {r["run"]: r for r in rows if r["section"].startswith("students")}
+    online = students["online ensemble, probability mixture"]
+    cached = students[ensemble.ENSEMBLE]
+    weighted = [r for name, r in students.items() if name.startswith("cached ensemble, weights")]
+    best_weighted = min([cached, *weighted], key=lambda r: r["val_ppl"])
+    singles = [r for name, r in students.items() if name.startswith("cached KD, ")
+               and r is not cached]
+    best_single = min(singles, key=lambda r: r["val_ppl"])
+    logit_average = students["online ensemble, logit average"]
+    out = [_vs_online("BabyLM text, LLaMA student: val perplexity, cached ensemble (2 x 64 draws, "
+                      "equal weights) vs online probability-mixture ensemble",
+                      cached["val_ppl"], online["val_ppl"]),
+           _row("BabyLM text, LLaMA student: online logit-average ensemble vs online probability "
+                "mixture", f"{logit_average['vs_online_mixture_%']:+.2f} % (val ppl "
+                f"{logit_average['val_ppl']:.3f} vs {online['val_ppl']:.3f}; BLiMP "
+                f"{logit_average['blimp_%']:.2f} vs {online['blimp_%']:.2f} %)"),
+           _row("BabyLM text, LLaMA student: best cached ensemble vs best single cached teacher "
+                "(a finding)", f"{best_weighted['run']} {best_weighted['val_ppl']:.3f} vs "
+                f"{best_single['run']} {best_single['val_ppl']:.3f} "
+                f"({100 * (best_weighted['val_ppl'] / best_single['val_ppl'] - 1):+.2f} %; BLiMP "
+                f"{best_weighted['blimp_%']:.2f} vs {best_single['blimp_%']:.2f} %; CE "
+                f"{students[ensemble.CE]['val_ppl']:.3f})")]
+    loop = {r["run"]: r for r in rows if r["section"].startswith("loop")}
+    for name in (ensemble.SINGLE, ensemble.ENSEMBLE):
+        row = loop[name]
+        out.append(_row(f"BabyLM text: LLaMA {row['student']} {name} tokens/s / CE tokens/s "
+                        "(training step with reading)",
+                        f"{row['vs_ce']:.3f} (median of {row['processes']} processes, "
+                        f"{row['vs_ce_range']}; {_n(row['tokens_per_s'])} vs "
+                        f"{_n(loop[ensemble.CE]['tokens_per_s'])})", ">= 0.95",
+                        row["vs_ce"] >= 0.95))
+    memory = {r["run"]: r for r in rows if r["section"].startswith("memory")}
+    for name in (ensemble.SINGLE, ensemble.ENSEMBLE):
+        row = memory[name]
+        out.append(_row(f"BabyLM text: LLaMA student {name} peak RSS / CE (whole process)",
+                        f"{row['rss_vs_ce']:.3f} ({row['process_peak_rss_mb']:.1f} vs "
+                        f"{memory[ensemble.CE]['process_peak_rss_mb']:.1f} MB)", "<= 1.1",
+                        row["rss_vs_ce"] <= 1.1))
     return out
 
 

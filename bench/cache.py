@@ -85,8 +85,8 @@ def _read_speeds(path: Path, store, *, random_reads: int = 200, repeats: int = 3
         return n * length
 
     def shuffled(epoch):
-        return length * sum(batch.ids.shape[0] for batch in stream_batches(
-            tokens=store, cache=cache, batch_size=32, seed=0, epoch=epoch,
+        return length * sum(batch.tokens.shape[0] for batch in stream_batches(
+            tokens=store, caches=(cache,), batch_size=32, seed=0, epoch=epoch,
             block_rows=cache.chunk_sequences))
 
     def single(epoch):

@@ -22,7 +22,7 @@ import torch
 from bench import SHARED_DATA
 from bench.tables import markdown_table
 from student.evaluate import read_pair_dir, score_pairs
-from training.models import new_gpt2
+from training.models import new_model
 from training.tokenizer import train_bpe
 
 
@@ -46,7 +46,7 @@ def run(*, n_pairs: int = 10_000,
         remaining -= len(files[-1].pairs)
     sentences = [s for f in files for p in f.pairs for s in (p.good, p.bad)]
     tokenizer = train_bpe(sentences, vocab_size=2048, min_frequency=2)
-    model = new_gpt2(vocab_size=len(tokenizer), n_positions=128, n_layer=2, n_embd=64, n_head=2).eval()
+    model = new_model(vocab_size=len(tokenizer), n_positions=128, n_layer=2, n_embd=64, n_head=2).eval()
     default_threads = torch.get_num_threads()
     rows = []
     for n_threads, batch_size in settings:

@@ -119,7 +119,7 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     from precompute.logits import Sampling, write_cache
     from training.loop import fit, open_tokens
     from training.metrics import read_metrics
-    from training.models import new_gpt2
+    from training.models import new_model
     from training.tokenizer import fingerprint, synthetic_tokenizer
 
     tokenizer = synthetic_tokenizer(VOCAB)  # the ids stand for no text
@@ -131,7 +131,7 @@ def build(root: Path, *, teacher_steps: int) -> dict:
                           sequences=markov_tokens(n, seed=seed), manifest=manifest)
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root, f"teacher.max_steps={teacher_steps}"))
     tokens, val = open_tokens(cfg)
-    model = new_gpt2(vocab_size=VOCAB, n_positions=SEQ_LEN, seed=1, **TEACHER)
+    model = new_model(vocab_size=VOCAB, n_positions=SEQ_LEN, seed=1, **TEACHER)
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     store = open_token_store(root / "tokens" / "train.zarr")
@@ -183,9 +183,9 @@ def loop_worker(runs: dict[str, tuple[list[str], bool]], steps: int) -> None:
     print(json.dumps(loop_rows(resolved, steps=steps)))
 
 
-def _subprocess_call(function: str, *args):
-    """bench.student's `function`(*args) in a fresh process: what its last line of JSON says."""
-    code = (f"import sys, json; from bench.student import {function}; "
+def _subprocess_call(function: str, *args, module: str = "bench.student"):
+    """`module`'s `function`(*args) in a fresh process: what its last line of JSON says."""
+    code = (f"import sys, json; from {module} import {function}; "
             f"{function}(*json.loads(sys.argv[1]))")
     result = subprocess.run([sys.executable, "-c", code, json.dumps(args)],
                             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
@@ -226,15 +226,15 @@ def step_rows(root: Path, repeats: int = 30) -> list[dict]:
     from storage.reader import stream_batches
     from student.train import distillation
     from training.loop import batch_losses, make_optimizer, open_tokens
-    from training.models import new_gpt2
+    from training.models import new_model
 
     cfg = load_config(CONFIG_DIR / "demo.yaml", overrides(root))
     tokens, _ = open_tokens(cfg)
     gap8 = load_config(CONFIG_DIR / "demo.yaml", overrides(sibling(root, "gap8")))
     cached = distillation(gap8, tokens, vocab_size=VOCAB)
     online = distillation(cfg.replace(**{"distill.mode": "online"}), tokens, vocab_size=VOCAB)
-    batch = next(stream_batches(tokens=tokens, cache=cached.cache, batch_size=16, seed=0, epoch=0))
-    model = new_gpt2(vocab_size=VOCAB, n_positions=SEQ_LEN, **STUDENT)
+    batch = next(stream_batches(tokens=tokens, caches=cached.caches, batch_size=16, seed=0, epoch=0))
+    model = new_model(vocab_size=VOCAB, n_positions=SEQ_LEN, **STUDENT)
     optimizer = make_optimizer(model, cfg.student)
     modes = {"CE baseline": None, CACHED_KD: cached, "online KD (T=2)": online}
     seconds = {mode: [] for mode in modes}
@@ -269,15 +269,14 @@ def loop_rows(runs: dict[str, tuple[Config, bool]], *, steps: int, warmup: int =
 
     from student.train import distillation
     from training.loop import Cursor, make_optimizer, micro_batches, open_tokens, train_step
-    from training.models import new_gpt2
+    from training.models import new_model_of
     from training.native import torch_ops_only
 
     cpu = torch.device("cpu")
     first = next(iter(runs.values()))[0]
     tokens, _ = open_tokens(first)
     hp = first.student
-    model = new_gpt2(vocab_size=tokens.vocab_size, n_positions=tokens.seq_len, n_layer=hp.n_layer,
-                     n_embd=hp.n_embd, n_head=hp.n_head, dropout=hp.dropout, seed=hp.seed)
+    model = new_model_of(hp, vocab_size=tokens.vocab_size, eos_token_id=0)
     optimizer = make_optimizer(model, hp)
     prepared = {}
     for name, (cfg, _) in runs.items():

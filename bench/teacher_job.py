@@ -39,12 +39,12 @@ def run(*, n_layer: int = 6, n_embd: int = 384, n_head: int = 6, vocab_size: int
         shard_chunks: int = 2, repeats: int = 2, device: str = "cpu") -> list[dict]:
     """Rows {measurement, tokens_per_s, vs_topk_lse, vs_forward, peak_rss_mb, ...}."""
     from storage.tokens import write_token_store
-    from training.models import new_gpt2
+    from training.models import new_model
 
     with tempfile.TemporaryDirectory(prefix="bench-teacher-job-") as tmp:
         root = Path(tmp)
-        new_gpt2(vocab_size=vocab_size, n_positions=seq_len, n_layer=n_layer, n_embd=n_embd,
-                 n_head=n_head).save_pretrained(root / "teacher")
+        new_model(vocab_size=vocab_size, n_positions=seq_len, n_layer=n_layer, n_embd=n_embd,
+                  n_head=n_head).save_pretrained(root / "teacher")
         tokens = np.random.default_rng(0).integers(0, vocab_size, (n_sequences, seq_len))
         for name, rows in (("tokens.zarr", tokens), ("warmup-tokens.zarr", tokens[:batch_size])):
             write_token_store(root / name, sequences=rows, manifest={

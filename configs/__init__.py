@@ -75,15 +75,32 @@ class TokenizerConfig:
     """Minimum pair frequency for a BPE merge."""
 
 
+ARCHITECTURES = ("gpt2", "llama")
+"""Model families a new model is built as (`training.models.new_model`); any other causal LM
+through `config_path`."""
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
+    name: str = ""
+    """The teacher's name: it lives in `teachers/<name>/` and its cache in `caches/<name>/`.
+    Empty (a config with a single `teacher:` section): `teacher/` and `cache/`. Set for each
+    entry of `teachers:` from its key."""
     model: str = "gpt2-large"
     """Hub name or local folder of the pretrained teacher (ignored when from_scratch)."""
     from_scratch: bool = False
-    """Train a randomly initialised GPT-2 of the shape below instead of loading `model`."""
+    """Train a randomly initialised model of the shape below instead of loading `model`."""
+    architecture: str = "gpt2"
+    """Family of a teacher trained from scratch: 'gpt2' or 'llama' (RoPE, RMSNorm, SwiGLU)."""
+    config_path: str = ""
+    """A from-scratch teacher built from this config.json (any transformers causal LM) instead of
+    `architecture` and the shape below; the vocabulary and special ids come from the run."""
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
+    intermediate_size: int = 0
+    """Width of the MLP (0: the family's default, 4 x n_embd for GPT-2, 8/3 x n_embd rounded up
+    to a multiple of 64 for LLaMA's SwiGLU, the same parameters as GPT-2's)."""
     n_positions: int = 1024
     """Context length of a teacher trained from scratch, independent of data.seq_len: clients
     may score texts longer than the training rows."""
@@ -165,9 +182,19 @@ BABYLM_MILESTONES = (*range(1_000_000, 10_000_001, 1_000_000),
 
 @dataclass(frozen=True)
 class StudentConfig:
+    architecture: str = "gpt2"
+    """'gpt2' (GPT-2, learned positions) or 'llama' (LLaMA: RoPE, RMSNorm, SwiGLU, as
+    BabyLlama's students)."""
+    config_path: str = ""
+    """Build the student from this config.json (any transformers causal LM, e.g. a Mistral or
+    OPT config) instead of `architecture` and the shape below; the vocabulary, context length
+    and special ids come from the run."""
     n_layer: int = 12
     n_embd: int = 768
     n_head: int = 12
+    intermediate_size: int = 0
+    """Width of the MLP (0: the family's default, 4 x n_embd for GPT-2, 8/3 x n_embd rounded up
+    to a multiple of 64 for LLaMA's SwiGLU, the same parameters as GPT-2's)."""
     n_positions: int = 1024
     """Context length (as GPT-2 Small), independent of data.seq_len: clients may score texts
     longer than the training rows."""
@@ -205,6 +232,24 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class EnsembleMember:
+    """One teacher of an ensemble: a named teacher (its cache `caches/<name>/train.zarr`, or the
+    model itself in online mode) or a cache path, and its weight."""
+
+    teacher: str = ""
+    """A name from `teachers:`."""
+    cache: str = ""
+    """Or a logit cache folder (`.../train.zarr`) made over this run's token store."""
+    weight: float = 1.0
+    """Relative weight (the weights are normalised to sum to 1)."""
+
+    @property
+    def label(self) -> str:
+        """The member in run names: the teacher's name, or its cache's folder name."""
+        return self.teacher or Path(self.cache).parent.name or Path(self.cache).name
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     alpha: float = 0.5
     """Weight of cross-entropy; 1 - alpha weighs the KL term. alpha = 1 is the CE baseline."""
@@ -221,6 +266,17 @@ class DistillConfig:
     sweep_temperatures: tuple[float, ...] = (1.0, 2.0)
     sweep_ks: tuple[int, ...] = ()
     """k values for the sweep grid (empty: only the cached k)."""
+    teachers: tuple[EnsembleMember, ...] = ()
+    """Distil from these teachers together, e.g. [{teacher: gpt2, weight: 1}, {teacher: llama,
+    weight: 1}] (a plain name or cache path stands for weight 1). Empty: the single teacher, or
+    the only entry of `teachers:`."""
+    ensemble: str = "probability"
+    """How an ensemble's teachers are combined at T: 'probability' (the weighted mixture of their
+    tempered distributions; what a cache can hold) or 'logits' (softmax of the weighted average
+    of their logits, BabyLlama's; online mode only: a cache does not hold every logit)."""
+    sweep_weights: tuple[tuple[float, ...], ...] = ()
+    """Weight vectors, one weight per entry of `teachers`, for the sweep grid (empty: only the
+    given weights)."""
 
 
 @dataclass(frozen=True)
@@ -245,6 +301,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
+    """Several named teachers, each written as the settings in which it differs from `teacher:`
+    (e.g. {gpt2: {architecture: gpt2}, llama: {architecture: llama}}). Empty: `teacher:` alone."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -255,6 +314,33 @@ class Config:
     @property
     def run_path(self) -> Path:
         return Path(self.run_dir or f"runs/{self.name}")
+
+    @property
+    def teacher_dir(self) -> Path:
+        """Where the teacher of `teacher:` lives: `teacher/`, or `teachers/<name>/` for a named one."""
+        name = self.teacher.name
+        return self.run_path / ("teachers/" + name if name else "teacher")
+
+    @property
+    def cache_dir(self) -> Path:
+        """Where that teacher's logit caches live: `cache/`, or `caches/<name>/`."""
+        name = self.teacher.name
+        return self.run_path / ("caches/" + name if name else "cache")
+
+    def for_teacher(self, name: str) -> "Config":
+        """This config with `teachers[name]` as its `teacher:` section (the stages that make or
+        read one teacher take such a view)."""
+        if name not in self.teachers:
+            known = ", ".join(self.teachers) or "none: the config has no `teachers:` section"
+            raise ConfigError(f"{self.source}: no teacher named {name!r} (known: {known})")
+        return dataclasses.replace(self, teacher=self.teachers[name])
+
+    def each_teacher(self, only: str = "") -> list["Config"]:
+        """A view per named teacher, in the order of `teachers:` (`only`: that one); or this
+        config alone when it has no `teachers:`."""
+        if only:
+            return [self.for_teacher(only)]
+        return [self.for_teacher(name) for name in self.teachers] or [self]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -324,6 +410,9 @@ _RULES = [
     ("distill.temperature", lambda v: v > 0, "positive"),
     ("distill.k", lambda v: v >= 0, "at least 0 (0: all cached)"),
     ("distill.mode", lambda v: v in ("cached", "online"), "'cached' or 'online'"),
+    ("distill.ensemble", lambda v: v in ("probability", "logits"), "'probability' or 'logits'"),
+    ("student.architecture", lambda v: v in ARCHITECTURES, " or ".join(map(repr, ARCHITECTURES))),
+    ("teacher.architecture", lambda v: v in ARCHITECTURES, " or ".join(map(repr, ARCHITECTURES))),
     ("distill.sweep_alphas", lambda v: all(0 <= a <= 1 for a in v), "a list of values in [0, 1]"),
     ("distill.sweep_temperatures", lambda v: all(t > 0 for t in v), "a list of positive numbers"),
     ("distill.sweep_ks", lambda v: all(k >= 1 for k in v), "a list of positive integers"),
@@ -350,7 +439,7 @@ _NON_NEGATIVE = [
     "teacher.max_steps", "teacher.warmup_steps", "teacher.weight_decay", "teacher.grad_clip",
     "teacher.eval_every", "teacher.checkpoint_every", "student.max_steps", "student.warmup_steps",
     "student.weight_decay", "student.grad_clip", "student.eval_every", "student.checkpoint_every",
-    "eval.max_pairs_per_file",
+    "eval.max_pairs_per_file", "student.intermediate_size", "teacher.intermediate_size",
 ]
 
 
@@ -393,23 +482,32 @@ def _merge_overrides(raw: dict, pairs: dict, source: str) -> dict:
 def _build(raw: dict, source: str) -> Config:
     raw = dict(raw)
     raw.pop("source", None)
+    raw["teachers"] = _named_teachers(raw, source)
     config = _from_dict(Config, raw, "", source)
     config = dataclasses.replace(config, source=source)
     values = config.to_dict()
+    teachers = values.pop("teachers")
+    sections = [(values, "")] + [({**values, "teacher": section}, f"teachers.{name}.")
+                                 for name, section in teachers.items()]
     for key, check, expected in _RULES:
-        _check(values, key, check, expected, source)
+        for tree, prefix in sections if key.startswith("teacher.") else sections[:1]:
+            _check(tree, key, check, expected, source, prefix)
     for key in _POSITIVE:
-        _check(values, key, lambda v: v > 0, "positive", source)
+        for tree, prefix in sections if key.startswith("teacher.") else sections[:1]:
+            _check(tree, key, lambda v: v > 0, "positive", source, prefix)
     for key in _NON_NEGATIVE:
-        _check(values, key, lambda v: v >= 0, "at least 0", source)
+        for tree, prefix in sections if key.startswith("teacher.") else sections[:1]:
+            _check(tree, key, lambda v: v >= 0, "at least 0", source, prefix)
+    _check_ensemble(config, source)
     if config.cache.k > config.tokenizer.vocab_size and config.tokenizer.kind == "bpe":
         raise ConfigError(f"{source}: cache.k = {config.cache.k} is larger than the vocabulary "
                           f"(tokenizer.vocab_size = {config.tokenizer.vocab_size})")
     if config.distill.k and config.distill.k > config.cache.k:
         raise ConfigError(f"{source}: distill.k = {config.distill.k} is larger than the cached "
                           f"k (cache.k = {config.cache.k})")
-    for name in ("teacher", "student"):
-        section = getattr(config, name)
+    shaped = [("teacher", config.teacher), ("student", config.student),
+              *((f"teachers.{name}", section) for name, section in config.teachers.items())]
+    for name, section in shaped:
         if section.n_embd % section.n_head:
             raise ConfigError(f"{source}: {name}.n_embd = {section.n_embd} is not divisible by "
                               f"{name}.n_head = {section.n_head}")
@@ -422,11 +520,63 @@ def _build(raw: dict, source: str) -> Config:
     return config
 
 
-def _check(values: dict, key: str, check, expected: str, source: str) -> None:
+def _named_teachers(raw: dict, source: str) -> dict:
+    """The `teachers:` entries, each the `teacher:` section updated with the entry's settings
+    and named by its key (a saved config, whose entries are whole sections, reads the same)."""
+    entries = raw.get("teachers") or {}
+    if not isinstance(entries, dict):
+        raise ConfigError(f"{source}: teachers must be a mapping of names to teacher settings")
+    shared = raw.get("teacher") or {}
+    if not isinstance(shared, dict):
+        raise ConfigError(f"{source}: teacher must be a mapping")
+    named = {}
+    for name, entry in entries.items():
+        name = str(name)
+        if not _PLAIN_NAME.fullmatch(name):
+            raise ConfigError(f"{source}: teachers.{name}: a teacher's name must be a plain folder "
+                              "name (letters, digits, '-', '_', '.')")
+        if not isinstance(entry or {}, dict):
+            raise ConfigError(f"{source}: teachers.{name} must be a mapping of teacher settings")
+        named[name] = {**shared, **(entry or {}), "name": name}
+    return named
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _check_ensemble(config: Config, source: str) -> None:
+    """distill.teachers names known teachers (or a cache), has positive weights, and its sweep
+    gives each member a weight; the logit-average target needs the teachers themselves."""
+    d = config.distill
+    for i, member in enumerate(d.teachers):
+        where = f"{source}: distill.teachers[{i}]"
+        if bool(member.teacher) == bool(member.cache):
+            raise ConfigError(f"{where} must name either a teacher or a cache, not "
+                              f"{'both' if member.teacher else 'neither'}")
+        if member.teacher and member.teacher not in config.teachers:
+            known = ", ".join(config.teachers) or "none: add a `teachers:` section"
+            raise ConfigError(f"{where}: no teacher named {member.teacher!r} (known: {known})")
+        if not member.weight > 0:
+            raise ConfigError(f"{where}: weight = {member.weight!r} must be positive")
+    labels = [member.label for member in d.teachers]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{source}: distill.teachers lists a teacher twice ({', '.join(labels)})")
+    for weights in d.sweep_weights:
+        if len(weights) != len(d.teachers) or not all(w > 0 for w in weights):
+            raise ConfigError(f"{source}: distill.sweep_weights entry {list(weights)} must give "
+                              f"each of the {len(d.teachers)} distill.teachers a positive weight")
+    if d.ensemble == "logits" and d.mode == "cached" and len(d.teachers) > 1 and d.alpha < 1:
+        raise ConfigError(f"{source}: distill.ensemble = 'logits' needs every teacher logit, which "
+                          "a cache does not hold: use distill.ensemble=probability, or "
+                          "distill.mode=online")
+
+
+def _check(values: dict, key: str, check, expected: str, source: str, prefix: str = "") -> None:
+    """`prefix`: where a named teacher's settings are (`teachers.<name>.`), for the message."""
     section, leaf = key.split(".")
     value = values[section][leaf]
     if not check(value):
-        raise ConfigError(f"{source}: {key} = {value!r} must be {expected}")
+        raise ConfigError(f"{source}: {prefix or section + '.'}{leaf} = {value!r} must be {expected}")
 
 
 def _from_dict(cls, raw, prefix: str, source: str):
@@ -443,6 +593,10 @@ def _from_dict(cls, raw, prefix: str, source: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _from_dict(hint, value or {}, f"{prefix}{name}.", source)
+        elif typing.get_origin(hint) is dict:  # named sections: {name: section}
+            section_type = typing.get_args(hint)[1]
+            kwargs[name] = {key: _from_dict(section_type, entry, f"{prefix}{name}.{key}.", source)
+                            for key, entry in (value or {}).items()}
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}", source)
     return cls(**kwargs)
@@ -458,6 +612,10 @@ def _coerce(value, hint, key: str, source: str):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
         return tuple(_coerce(v, item_type, key, source) for v in value)
+    if hint is EnsembleMember:  # {teacher: name, weight: w}, {cache: path}, or a name or path
+        if isinstance(value, str):
+            value = {"cache" if "/" in value or value.endswith(".zarr") else "teacher": value}
+        return _from_dict(EnsembleMember, value, f"{key}.", source)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = float(value)

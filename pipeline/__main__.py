@@ -1,4 +1,4 @@
-"""Every stage end to end (`make demo`): data, teacher, teacher logits, CE baseline, distilled
+"""Every stage end to end (`make demo`): data, teacher(s), teacher logits, CE baseline, distilled
 student, alpha x temperature sweep, evaluation and report.
 
 Each stage is the same function its own `make` target runs, so the demo exercises the public
@@ -23,8 +23,8 @@ def stages(cfg: Config) -> list[tuple[str, callable]]:
     baseline = cfg.replace(**{"distill.alpha": 1.0})
     return [
         ("data", lambda: prepare(cfg)),
-        ("teacher", lambda: train_teacher(cfg)),
-        ("teacher-logits", lambda: fill_caches(cfg)),
+        ("teacher", lambda: [train_teacher(view) for view in cfg.each_teacher()]),
+        ("teacher-logits", lambda: [fill_caches(view) for view in cfg.each_teacher()]),
         ("baseline", lambda: train(baseline)),
         ("distill", lambda: train(cfg)),
         ("sweep", lambda: sweep(cfg)),

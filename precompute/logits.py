@@ -4,7 +4,9 @@ Runs the teacher (see `training.models.resolve_teacher` for which one) in infere
 every sequence of `tokens/train.zarr` (and `tokens/val.zarr` when "val" is in cache.splits) and
 writes its top-k logits (descending; or, with cache.selection = 'sample', k draws from its
 softmax at cache.sample_temperature) plus the full-vocabulary logsumexp at each of
-cache.temperatures to `cache/<split>.zarr`, shard by shard.
+cache.temperatures to `cache/<split>.zarr`, shard by shard. A config with several named teachers
+(`teachers:`) caches each in turn into `caches/<name>/<split>.zarr`, or the one named by
+`--teacher NAME` (`make teacher-logits TEACHER=NAME`).
 
 * Batches run on the device while a background writer thread (bounded queue) compresses and
   writes finished shards, so compute and I/O overlap.
@@ -21,6 +23,7 @@ cache.temperatures to `cache/<split>.zarr`, shard by shard.
 
 from __future__ import annotations
 
+import argparse
 import queue
 import threading
 import time
@@ -39,7 +42,6 @@ from training.device import barrier, setup_distributed
 from training.models import (TeacherSource, check_vocabulary, load_teacher, resolve_teacher,
                              teacher_manifest)
 
-CACHE_DIR = "cache"
 WRITE_QUEUE_SHARDS = 2
 """Finished shards waiting for the writer; bounds memory while compute runs ahead of I/O."""
 DRAW_BLOCK_ELEMENTS = 1 << 26
@@ -348,7 +350,7 @@ def fill_caches(cfg: Config) -> list[dict]:
                                quantization=cfg.teacher.quantization)
     summaries = []
     for split, tokens_path in token_paths.items():
-        cache_path = run / CACHE_DIR / f"{split}.zarr"
+        cache_path = cfg.cache_dir / f"{split}.zarr"
         summary = cache_split(model, source=source, teacher=teacher, tokens_path=tokens_path,
                               cache_path=cache_path, cfg=cfg, device=device, rank=rank,
                               world_size=world_size, barrier=partial(barrier, world_size))
@@ -359,7 +361,7 @@ def fill_caches(cfg: Config) -> list[dict]:
         if rank == 0:
             print(summary_line(summaries[-1]))
     if rank == 0:
-        cfg.save(run / CACHE_DIR)
+        cfg.save(cfg.cache_dir)
     return summaries
 
 
@@ -375,11 +377,20 @@ def summary_line(summary: dict) -> str:
             f"on disk ({summary['path']})")
 
 
-def main(cfg: Config) -> None:
-    fill_caches(cfg)
+def main(cfg: Config, args: argparse.Namespace) -> None:
+    for view in cfg.each_teacher(args.teacher):
+        if len(cfg.teachers) > 1:
+            print(f"--- teacher {view.teacher.name}", flush=True)
+        fill_caches(view)
+
+
+def _arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--teacher", default="", metavar="NAME",
+                        help="only the teacher NAME of the config's `teachers:` (default: all)")
 
 
 if __name__ == "__main__":
     from configs.cli import run
 
-    run(main, "Run the teacher once over the token stores and write its top-k logit cache.")
+    run(main, "Run the teacher once over the token stores and write its logit cache.",
+        extra=_arguments)

@@ -6,13 +6,17 @@ accumulation, fp16/bf16 autocast on a GPU, validation every `eval_every` steps, 
 every `checkpoint_every` steps, resume after an interruption (rerun the same command).
 
 What is trained, chosen by the config:
-  * `teacher.from_scratch`: a randomly initialised GPT-2 of the teacher's shape (n_layer, n_embd,
-    n_head) on the run's vocabulary, all weights;
+  * `teacher.from_scratch`: a randomly initialised model of the teacher's family
+    (`teacher.architecture`: GPT-2 or LLaMA, or `teacher.config_path`) and shape on the run's
+    vocabulary, all weights;
   * `teacher.use_qlora`: a LoRA adapter on `teacher.model` loaded in 4-bit NF4;
   * `teacher.use_lora`: a LoRA adapter on `teacher.model` in full precision;
   * otherwise: every weight of `teacher.model` (full fine-tuning).
 
-Output, `<run>/teacher/`: the loop's config.yaml, metrics.jsonl and checkpoint/, the model, and
+A config with several named teachers (`teachers:`) trains each in turn, or the one named by
+`--teacher NAME` (`make teacher TEACHER=NAME`), each into `<run>/teachers/<name>/`.
+
+Output, `<run>/teacher/` (or `teachers/<name>/`): the loop's config.yaml, metrics.jsonl and checkpoint/, the model, and
 `teacher.json` (method, base model, tokenizer fingerprint, validation metrics), written last:
 its presence marks the teacher finished, and from then on the logits job uses it
 (`training.models.resolve_teacher`). The model is
@@ -44,7 +48,7 @@ from storage.paths import write_atomic
 from storage.tokens import TokenStore, open_token_store
 from training.device import is_writer, local_device, resolve_device
 from training.loop import fit, open_tokens
-from training.models import (ADAPTER_CONFIG, TEACHER_DIR, TEACHER_INFO, load_teacher, new_gpt2,
+from training.models import (ADAPTER_CONFIG, TEACHER_INFO, load_teacher, new_model_of,
                              resolve_teacher)
 from training.scoring import lm_metrics
 
@@ -63,9 +67,10 @@ def training_method(cfg: Config) -> str:
 
 
 def train_teacher(cfg: Config) -> Path:
-    """Fine-tune (or train from scratch) the teacher of `cfg` into `<run>/teacher/`; resumes an
-    interrupted run and returns at once when the teacher is already finished."""
-    out = cfg.run_path / TEACHER_DIR
+    """Fine-tune (or train from scratch) the teacher of `cfg` into its folder (`cfg.teacher_dir`:
+    `<run>/teacher/` or `teachers/<name>/`); resumes an interrupted run and returns at once when
+    the teacher is already finished."""
+    out = cfg.teacher_dir
     if (out / TEACHER_INFO).is_file():
         print(f"{out} is already trained (delete it to train again)")
         return out
@@ -91,12 +96,11 @@ def train_teacher(cfg: Config) -> Path:
 
 
 def build_model(cfg: Config, *, method: str, tokens: TokenStore) -> torch.nn.Module:
-    """The model to train: a new GPT-2, the pretrained teacher, or it wrapped with LoRA."""
+    """The model to train: a new model, the pretrained teacher, or it wrapped with LoRA."""
     t = cfg.teacher
     if method == "scratch":
-        return new_gpt2(vocab_size=tokens.vocab_size, n_positions=t.n_positions, n_layer=t.n_layer,
-                        n_embd=t.n_embd, n_head=t.n_head, seed=t.seed,
-                        eos_token_id=tokens.manifest["tokenizer"].get("eos_id", 0))
+        return new_model_of(t, vocab_size=tokens.vocab_size,
+                            eos_token_id=tokens.manifest["tokenizer"].get("eos_id", 0))
     if method == "qlora" and t.adapter:
         raise UserError("teacher.adapter with teacher.use_qlora: merge that adapter into a "
                         "full-precision copy of the base model first, and name it in teacher.model")
@@ -159,19 +163,27 @@ def metrics_line(metrics: dict) -> str:
 
 
 def _base_name(cfg: Config, method: str) -> str:
-    return "new GPT-2" if method == "scratch" else cfg.teacher.model
+    t = cfg.teacher
+    if method != "scratch":
+        return t.model
+    return f"new model from {t.config_path}" if t.config_path else f"new {t.architecture}"
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    if args.evaluate:
-        evaluate_teacher(cfg)
-    else:
-        train_teacher(cfg)
+    for view in cfg.each_teacher(args.teacher):
+        if len(cfg.teachers) > 1:
+            print(f"--- teacher {view.teacher.name}", flush=True)
+        if args.evaluate:
+            evaluate_teacher(view)
+        else:
+            train_teacher(view)
 
 
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluate", action="store_true",
                         help="only evaluate the teacher the logits job would use (no training)")
+    parser.add_argument("--teacher", default="", metavar="NAME",
+                        help="only the teacher NAME of the config's `teachers:` (default: all)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Training-order streaming of a token store, with the logit cache rows alongside when given.
+"""Training-order streaming of a token store, with the rows of logit caches alongside when given
+(one cache, or several teachers' caches of the same token store for an ensemble).
 
 The epoch order is a pure function of (seed, epoch, n_sequences, block_rows, batch_size,
 world_size, rank, shuffle_buffer, skip_shards): blocks of `block_rows` consecutive rows (one
@@ -6,7 +7,7 @@ cache chunk by default) are permuted with rng(seed, epoch); the resulting row st
 `world_size` equal contiguous slices (rank r reads only its slice); inside a slice, consecutive
 windows of `shuffle_buffer` rows are permuted with rng(seed, epoch, rank); the remainder that
 does not fill a batch is dropped, so every rank yields the same number of batches. `start_batch`
-skips batches without reading them, so a resumed epoch continues exactly. With cache=None the
+skips batches without reading them, so a resumed epoch continues exactly. Without caches the
 same order streams tokens only (the CE baseline sees the rows the distilled student sees).
 
 Reads are always contiguous runs of rows (a block, or less at a slice edge): a random
@@ -23,7 +24,7 @@ import queue
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Collection, Iterator
+from typing import Collection, Iterator, Sequence
 
 import numpy as np
 
@@ -36,15 +37,13 @@ DEFAULT_BLOCK_ROWS = 32
 
 @dataclass
 class Batch:
-    """indices int64 (B,): sequence rows; tokens int64 (B, L); ids int64 (B, L, k),
-    logits float32 (B, L, k), lse float32 (B, L, n_T) from the cache, or None without one (or,
-    logits and lse, when streamed with values=False)."""
+    """indices int64 (B,): sequence rows; tokens int64 (B, L); teachers: one decoded
+    TeacherBlock per cache streamed (ids int64 (B, L, k), logits float32 (B, L, k) and lse
+    float32 (B, L, n_T), these two None for a cache streamed without values), none without."""
 
     indices: np.ndarray
     tokens: np.ndarray
-    ids: np.ndarray | None = None
-    logits: np.ndarray | None = None
-    lse: np.ndarray | None = None
+    teachers: tuple[TeacherBlock, ...] = ()
 
 
 def kept_rows(*, n_sequences: int, shard_sequences: int = 0,
@@ -97,63 +96,70 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
     return [(int(run[0]), int(run[-1]) + 1) for run in np.split(rows, breaks)]
 
 
-def _read_block(rows: np.ndarray, tokens: TokenStore, cache: LogitCache | None,
-                k: int | None, values: bool) -> dict[str, np.ndarray]:
-    """Fields of `rows` (contiguous runs), read one run at a time, concatenated. Cache fields
-    stay as stored (small integer ids, encoded values): a shuffle window of them takes a
-    quarter of its decoded size, and `_assemble` decodes only the rows a batch uses."""
+def _read_block(rows: np.ndarray, tokens: TokenStore, caches: Sequence[LogitCache],
+                k: int | None, values: Sequence[bool]) -> dict[str, np.ndarray]:
+    """Fields of `rows` (contiguous runs), read one run at a time, concatenated: tokens, and
+    ids.i, logits.i, lse.i of cache i. Cache fields stay as stored (small integer ids, encoded
+    values): a shuffle window of them takes a quarter of its decoded size, and `_assemble`
+    decodes only the rows a batch uses."""
     parts = []
     for start, stop in _runs(rows):
         part = {"tokens": tokens.read(start, stop).astype(np.int64)}
-        if cache is not None:
-            block = cache.read(start, stop, k=k, decode=False, values=values)
-            part.update(ids=block.ids)
-            if values:
-                part.update(logits=block.logits, lse=block.lse)
+        for i, (cache, with_values) in enumerate(zip(caches, values)):
+            block = cache.read(start, stop, k=k, decode=False, values=with_values)
+            part[f"ids.{i}"] = block.ids
+            if with_values:
+                part.update({f"logits.{i}": block.logits, f"lse.{i}": block.lse})
         parts.append(part)
     if len(parts) == 1:
         return parts[0]
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
 
 
-def stream_batches(*, tokens: TokenStore, cache: LogitCache | None = None, batch_size: int,
+def stream_batches(*, tokens: TokenStore, caches: Sequence[LogitCache] = (), batch_size: int,
                    seed: int, epoch: int, start_batch: int = 0, rank: int = 0,
                    world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 256,
-                   prefetch: int = 4, k: int | None = None, values: bool = True,
+                   prefetch: int = 4, k: int | None = None, values: bool | Sequence[bool] = True,
                    skip_shards: Collection[int] = (),
                    block_rows: int = DEFAULT_BLOCK_ROWS) -> Iterator[Batch]:
     """Yield this rank's batches of one epoch, from batch `start_batch` on (see module docstring).
 
+    caches: logit caches row-aligned with `tokens`, whose rows each batch carries (`teachers`).
     shuffle=False gives rows in order (validation). k limits the teacher entries read;
-    values=False reads the cache's ids alone (the batches' logits and lse None).
-    skip_shards: cache shards whose rows are left out. The same arguments always give the same
-    batches; `block_rows` must stay the same for a resumed run and its CE baseline. A background
-    thread reads, decodes and assembles up to `prefetch` batches ahead of the consumer; with
-    prefetch=0 each batch is read when the consumer asks for it, in its thread.
+    values=False reads the caches' ids alone (the blocks' logits and lse None), or one flag
+    per cache. skip_shards: shards whose rows are left out (the caches share their shard
+    layout). The same arguments always give the same batches; `block_rows` must stay the same
+    for a resumed run and its CE baseline. A background thread reads, decodes and assembles up
+    to `prefetch` batches ahead of the consumer; with prefetch=0 each batch is read when the
+    consumer asks for it, in its thread.
     """
-    if cache is not None and (cache.n_sequences, cache.seq_len) != (tokens.n_sequences,
-                                                                    tokens.seq_len):
-        raise ValueError(f"cache rows {cache.n_sequences}x{cache.seq_len} do not match the token "
-                         f"store's {tokens.n_sequences}x{tokens.seq_len}")
-    if skip_shards and cache is None:
+    caches = tuple(caches)
+    values = (values,) * len(caches) if isinstance(values, bool) else tuple(values)
+    for cache in caches:
+        if (cache.n_sequences, cache.seq_len) != (tokens.n_sequences, tokens.seq_len):
+            raise ValueError(f"cache rows {cache.n_sequences}x{cache.seq_len} do not match the "
+                             f"token store's {tokens.n_sequences}x{tokens.seq_len}")
+    if len({cache.shard_sequences for cache in caches}) > 1:
+        raise ValueError("caches streamed together must share their shard layout")
+    if skip_shards and not caches:
         raise ValueError("skip_shards needs the cache whose shards they are")
     stream, order = epoch_order(
         n_sequences=tokens.n_sequences, batch_size=batch_size, seed=seed, epoch=epoch,
         rank=rank, world_size=world_size, shuffle=shuffle, shuffle_buffer=shuffle_buffer,
-        block_rows=block_rows, shard_sequences=cache.shard_sequences if cache else 0,
+        block_rows=block_rows, shard_sequences=caches[0].shard_sequences if caches else 0,
         skip_shards=skip_shards)
     first = start_batch * batch_size
     if first >= len(order):
         return
     batches = _assemble(stream, order, first=first, batch_size=batch_size,
                         window=shuffle_buffer if shuffle else 1, block_rows=block_rows,
-                        tokens=tokens, cache=cache, k=k, values=values)
+                        tokens=tokens, caches=caches, k=k, values=values)
     yield from _in_background(batches, depth=prefetch) if prefetch > 0 else batches
 
 
 def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: int,
-              window: int, block_rows: int, tokens: TokenStore, cache: LogitCache | None,
-              k: int | None, values: bool) -> Iterator[Batch]:
+              window: int, block_rows: int, tokens: TokenStore, caches: tuple[LogitCache, ...],
+              k: int | None, values: tuple[bool, ...]) -> Iterator[Batch]:
     """The batches of `order` from position `first` on, reading `stream` piece by piece as they
     need it and forgetting pieces wholly behind the current shuffle window."""
     # Every slot from `first` on holds a position >= the start of its window, so reading starts
@@ -168,13 +174,12 @@ def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: 
             loaded.popleft()
         while not loaded or loaded[-1][0] + len(loaded[-1][1]["tokens"]) <= positions.max():
             start, stop = next(pieces)
-            loaded.append((start, _read_block(stream[start:stop], tokens, cache, k, values)))
+            loaded.append((start, _read_block(stream[start:stop], tokens, caches, k, values)))
         fields = _gather(loaded, positions)
-        if cache is not None:
-            decoded = cache.decode(TeacherBlock(ids=fields["ids"], logits=fields.get("logits"),
-                                                lse=fields.get("lse")))
-            fields.update(ids=decoded.ids, logits=decoded.logits, lse=decoded.lse)
-        yield Batch(indices=stream[positions], **fields)
+        teachers = tuple(cache.decode(TeacherBlock(
+            ids=fields[f"ids.{i}"], logits=fields.get(f"logits.{i}"), lse=fields.get(f"lse.{i}")))
+            for i, cache in enumerate(caches))
+        yield Batch(indices=stream[positions], tokens=fields["tokens"], teachers=teachers)
 
 
 def _in_background(items: Iterator, *, depth: int) -> Iterator:

@@ -272,7 +272,8 @@ def read_suites(folder: Path | str, *, max_pairs_per_file: int = 0) -> dict[str,
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    """Row label: 'teacher', 'students/<run>', or the path/name given in eval.models."""
+    """Row label: 'teacher' (or 'teachers/<name>'), 'students/<run>', or the path/name given in
+    eval.models; for the run's models also their folder under the run."""
     kind: str
     """'teacher', 'student' or 'extra'."""
     source: str
@@ -295,18 +296,20 @@ def unfinished_students(cfg: Config) -> list[str]:
 
 
 def find_models(cfg: Config) -> list[ModelEntry]:
-    """The run's teacher, its finished students (sorted by name), then `eval.models`.
+    """The run's teachers, its finished students (sorted by name), then `eval.models`.
 
-    The teacher counts when `make teacher` finished it (teacher.json, possibly a LoRA adapter on
-    a base model) or when teacher/ holds a plain save_pretrained model.
+    A teacher counts when `make teacher` finished it (teacher.json, possibly a LoRA adapter on
+    a base model) or when its folder holds a plain save_pretrained model.
     """
     run = cfg.run_path
     entries = []
-    if (run / "teacher" / TEACHER_INFO).is_file():
-        source = resolve_teacher(cfg)
-        entries.append(ModelEntry("teacher", "teacher", source.model, source.adapter))
-    elif is_finished(run / "teacher"):
-        entries.append(ModelEntry("teacher", "teacher", str(run / "teacher")))
+    for view in cfg.each_teacher():
+        name = view.teacher_dir.relative_to(run).as_posix()
+        if (view.teacher_dir / TEACHER_INFO).is_file():
+            source = resolve_teacher(view)
+            entries.append(ModelEntry(name, "teacher", source.model, source.adapter))
+        elif is_finished(view.teacher_dir):
+            entries.append(ModelEntry(name, "teacher", str(view.teacher_dir)))
     students = run / "students"
     for folder in sorted(students.iterdir() if students.is_dir() else []):
         if is_finished(folder):
@@ -326,9 +329,10 @@ def load_model(entry: ModelEntry, cfg: Config, *, device: torch.device):
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model drowns the table
     if entry.kind != "teacher":
         return load_teacher(entry.source, dtype="fp32", device=device)
-    return load_teacher(entry.source, dtype=cfg.teacher.dtype if device.type == "cuda" else "fp32",
-                        quantization=cfg.teacher.quantization, adapter=entry.adapter,
-                        device=device)
+    teacher = next(view.teacher for view in cfg.each_teacher()
+                   if view.teacher_dir == cfg.run_path / entry.name)
+    return load_teacher(entry.source, dtype=teacher.dtype if device.type == "cuda" else "fp32",
+                        quantization=teacher.quantization, adapter=entry.adapter, device=device)
 
 
 def own_tokenizer(source: str):
@@ -478,8 +482,7 @@ def main(cfg: Config) -> None:
     report = write_report(cfg.run_path, results)
     for row in results["models"]:  # after the report: a failed evaluation changes no folder
         if row["kind"] != "extra":
-            record_scores(Path(row["path"]) if row["kind"] == "student"
-                          else cfg.run_path / "teacher", row)
+            record_scores(cfg.run_path / row["name"], row)
     print_summary(results, report)
 
 

@@ -105,6 +105,7 @@ def plot_curves(run_path: Path, out_dir: Path, results: dict) -> list[str]:
       * curves_<run>.png: each run's train loss (and CE) and validation loss."""
     runs = {}
     for path in [run_path / "teacher" / "metrics.jsonl",
+                 *sorted((run_path / "teachers").glob("*/metrics.jsonl")),
                  *sorted((run_path / "students").glob("*/metrics.jsonl"))]:
         if path.is_file() and (rows := read_metrics(path)):
             runs[str(path.parent.relative_to(run_path))] = rows
@@ -205,14 +206,17 @@ def _finish(fig, ax, title: str, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- cache facts
 
-def cache_facts(run_path: Path) -> dict | None:
-    """k, value code, teacher and bytes/token of `cache/train.zarr`; None when there is no cache.
+def caches_facts(run_path: Path) -> list[dict]:
+    """`cache_facts` of each train cache of the run: `cache/`, then `caches/<name>/`."""
+    paths = [run_path / "cache" / "train.zarr", *sorted(run_path.glob("caches/*/train.zarr"))]
+    return [cache_facts(path) for path in paths if path.exists()]
+
+
+def cache_facts(path: Path) -> dict:
+    """k, value code, teacher and bytes/token of the cache at `path`.
 
     Bytes/token is the cache's size on disk over the positions it covers (N x L).
     """
-    path = run_path / "cache" / "train.zarr"
-    if not path.exists():
-        return None
     try:
         from storage.cache import open_cache
         cache = open_cache(path, allow_incomplete=True)
@@ -242,7 +246,7 @@ def write_report(run_path: Path | str, results: dict) -> Path:
     out = run_path / "reports"
     make_folder(out)
     results = {**results, "baseline": baseline_name(results), "table": table_rows(results),
-               "curves": plot_curves(run_path, out, results), "cache": cache_facts(run_path)}
+               "curves": plot_curves(run_path, out, results), "caches": caches_facts(run_path)}
     write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     report = out / "report.md"
     write_atomic(report, render_markdown(results))
@@ -266,9 +270,10 @@ def render_markdown(results: dict) -> str:
             [[r["name"], *(str(r["training"].get(key, "-")) for key in ("alpha", "temperature", "k"))]
              for r in trained])]
     parts += _pairs_sections(results)
-    if results["cache"]:
-        cache = results["cache"]
-        parts += ["", "## Logit cache", ""]
+    if results["caches"]:
+        parts += ["", "## Logit caches" if len(results["caches"]) > 1 else "## Logit cache"]
+    for cache in results["caches"]:
+        parts.append("")
         if "error" in cache:
             parts.append(f"`{cache['path']}` could not be read: {cache['error']}")
         else:

@@ -3,7 +3,9 @@
 The student's modes, all through the one loop of training/loop.py: the CE baseline
 (distill.alpha = 1, no cache opened), cached KD (the teacher's entries from the logit cache; no
 teacher in memory) and online KD (the teacher resident, full-vocabulary KL: the reference the
-cached mode is measured against).
+cached mode is measured against). Either mode takes one teacher or an ensemble
+(`distill.teachers`): several caches of one token store mixed into one target, or several
+resident teachers.
 
 Output, `<run>/students/<name>/`: the final model, config.yaml, metrics.jsonl and checkpoint/
 (see training/loop.py). Rerunning the same command resumes where it stopped.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from configs import Config, UserError
+from configs import Config, EnsembleMember, UserError
 from configs.cli import run
 from storage.cache import LogitCache, open_cache, read_manifest
 from storage.tokens import TokenStore
@@ -23,35 +25,74 @@ from training.checkpoint import is_finished
 from training.device import resolve_device
 from training.loop import Distillation, fit, open_tokens
 from training.losses import same_temperature
-from training.models import load_teacher, new_gpt2, resolve_teacher
+from training.models import load_teacher, new_model_of, resolve_teacher
 
 
 def run_name(cfg: Config) -> str:
     """distill.run, or derived: 'baseline' (alpha = 1), 'kd-a0.5-T2-k32' (top-32),
-    'kd-a0.5-T2-s64' (64 draws), 'online-a0.5-T2'. Give it a config `as_cached` resolved, so the
-    name says what the cache holds rather than what the config asked for."""
+    'kd-a0.5-T2-s64' (64 draws), 'online-a0.5-T2'; a named teacher adds '-<name>', an ensemble
+    '-mix-gpt2_0.5-llama_0.5' (its target and normalised weights; 'logitavg' for the
+    logit average). Give it a config `as_cached` resolved, so the name says what the cache holds
+    rather than what the config asked for."""
     d = cfg.distill
     if d.run:
         return d.run
     if d.alpha == 1:
         return "baseline"
+    members = teachers_of(cfg)
+    if len(members) > 1:
+        target = "mix" if d.ensemble == "probability" else "logitavg"
+        suffix = f"-{target}-" + "-".join(f"{m.label}_{w:.3g}"
+                                          for m, w in zip(members, weights_of(members)))
+    else:
+        suffix = f"-{members[0].label}" if members[0].label else ""
     if d.mode == "online":
-        return f"online-a{d.alpha:g}-T{d.temperature:g}"
+        return f"online-a{d.alpha:g}-T{d.temperature:g}{suffix}"
+    if len(members) > 1:
+        return f"kd-a{d.alpha:g}-T{d.temperature:g}{suffix}"
     letter = "s" if cfg.cache.selection == "sample" else "k"
-    return f"kd-a{d.alpha:g}-T{d.temperature:g}-{letter}{d.k or cfg.cache.k}"
+    return f"kd-a{d.alpha:g}-T{d.temperature:g}-{letter}{d.k or cfg.cache.k}{suffix}"
 
 
-def cache_path(cfg: Config) -> Path:
-    return cfg.run_path / "cache" / "train.zarr"
+def teachers_of(cfg: Config) -> tuple[EnsembleMember, ...]:
+    """The teachers a student distils from: `distill.teachers`; else the only entry of
+    `teachers:`; else the config's own teacher (a member naming no teacher and no cache)."""
+    if cfg.distill.teachers:
+        return cfg.distill.teachers
+    if len(cfg.teachers) == 1:
+        return (EnsembleMember(teacher=next(iter(cfg.teachers))),)
+    if cfg.teachers:
+        raise UserError(f"the config has {len(cfg.teachers)} teachers ({', '.join(cfg.teachers)})"
+                        ": say which to distil from, e.g. distill.teachers=[" +
+                        ", ".join(cfg.teachers) + "]")
+    return (EnsembleMember(),)
+
+
+def weights_of(members: tuple[EnsembleMember, ...]) -> tuple[float, ...]:
+    """The members' weights normalised to sum to 1."""
+    total = sum(member.weight for member in members)
+    return tuple(member.weight / total for member in members)
+
+
+def cache_path(cfg: Config, member: EnsembleMember | None = None) -> Path:
+    """The train cache of `member` (default: the student's only teacher)."""
+    member = member or teachers_of(cfg)[0]
+    if member.cache:
+        return Path(member.cache).expanduser()
+    view = cfg.for_teacher(member.teacher) if member.teacher else cfg
+    return view.cache_dir / "train.zarr"
 
 
 def as_cached(cfg: Config) -> Config:
     """`cfg` with its cache section as the run's cache records it (k, selection, draws' temperature
     and seed, value code, stored temperatures) when the student distils from that cache: its name,
     config.yaml and model card then say what it read. Unchanged for the CE baseline, online KD,
-    or before the cache exists (training then says to make it)."""
+    an ensemble (its caches may differ; the card lists each), or before the cache exists
+    (training then says to make it)."""
+    if cfg.distill.alpha == 1 or cfg.distill.mode != "cached" or len(teachers_of(cfg)) > 1:
+        return cfg
     path = cache_path(cfg)
-    if cfg.distill.alpha == 1 or cfg.distill.mode != "cached" or not (path / "zarr.json").is_file():
+    if not (path / "zarr.json").is_file():
         return cfg
     manifest = read_manifest(path)
     if cfg.distill.k > manifest["k"]:
@@ -71,10 +112,10 @@ def student_dir(cfg: Config) -> Path:
     return cfg.run_path / "students" / run_name(cfg)
 
 
-def train(cfg: Config, *, cache: LogitCache | None = None) -> Path:
+def train(cfg: Config, *, caches: tuple[LogitCache, ...] = ()) -> Path:
     """Train (or resume, or find finished) the student of `cfg`; returns its directory.
 
-    `cache`: an already opened logit cache to share (the sweep opens it once).
+    `caches`: already opened logit caches, one per teacher, to share (the sweep opens them once).
     """
     cfg = as_cached(cfg)
     out = student_dir(cfg)
@@ -83,78 +124,137 @@ def train(cfg: Config, *, cache: LogitCache | None = None) -> Path:
         return out
     train_tokens, val_tokens = open_tokens(cfg)
     vocab_size = train_tokens.vocab_size
-    distil = distillation(cfg, train_tokens, vocab_size=vocab_size, cache=cache)
-    s = cfg.student
-    model = new_gpt2(vocab_size=vocab_size, n_positions=s.n_positions, n_layer=s.n_layer,
-                     n_embd=s.n_embd, n_head=s.n_head, dropout=s.dropout, seed=s.seed,
-                     eos_token_id=train_tokens.manifest["tokenizer"].get("eos_id", 0))
-    return fit(model, cfg=cfg, hp=s, out_dir=out, tokens=train_tokens, val_tokens=val_tokens,
-               distil=distil, card=card(cfg, train_tokens, distil))
+    distil = distillation(cfg, train_tokens, vocab_size=vocab_size, caches=caches)
+    model = new_model_of(cfg.student, vocab_size=vocab_size,
+                         eos_token_id=train_tokens.manifest["tokenizer"].get("eos_id", 0))
+    return fit(model, cfg=cfg, hp=cfg.student, out_dir=out, tokens=train_tokens,
+               val_tokens=val_tokens, distil=distil, card=card(cfg, train_tokens, distil))
 
 
 def card(cfg: Config, tokens: TokenStore, distil: Distillation | None) -> dict:
-    """How the student is made, for its model card: the teacher and the cache it read (from the
-    cache's manifest), or the online teacher; alpha and T; the token store."""
+    """How the student is made, for its model card: the teachers and the caches it read (from
+    the caches' manifests) with their weights, or the online teachers; alpha and T; the token
+    store."""
     d = cfg.distill
     facts = {"kind": "student", "mode": "ce-baseline" if distil is None else d.mode}
-    if distil is not None and distil.cache is not None:
-        cache, teacher = distil.cache, distil.cache.manifest.get("teacher") or {}
-        selection = cache.selection
-        facts.update({
-            "teacher": teacher.get("name") if isinstance(teacher, dict) else str(teacher),
-            "teacher_fingerprint": teacher.get("fingerprint") if isinstance(teacher, dict)
-            else None,
-            "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
-            "selection": "topk" if selection["kind"] == "topk" else
-            f"sample ({cache.k} draws at T = {selection['temperature']:g})",
-            "k": distil.k, "value_code": cache.value_code})
-    elif distil is not None:
-        source = resolve_teacher(cfg)
-        facts["teacher"] = source.model + (f" + adapter {source.adapter}" if source.adapter else "")
     if distil is not None:
+        members = teachers_of(cfg)
+        sources = ([cache_facts(cache, k=distil.k) for cache in distil.caches] if distil.caches
+                   else [{"teacher": online_teacher_name(cfg, member)} for member in members])
+        if len(sources) == 1:
+            facts.update(sources[0])
+        else:
+            facts.update({
+                "teacher": " + ".join(f"{w:.3g} x {m.label}"
+                                      for m, w in zip(members, distil.weights)),
+                "ensemble": d.ensemble,
+                "teachers": [{"name": m.label, "weight": w, **source} for m, w, source
+                             in zip(members, distil.weights, sources)]})
         facts.update({"alpha": d.alpha, "temperature": d.temperature})
     return {**facts, "token_store": tokens.fingerprint[:16], "seq_len": tokens.seq_len}
 
 
+def cache_facts(cache: LogitCache, *, k: int | None) -> dict:
+    """A cache's part of a model card: its teacher (from the manifest) and what it holds."""
+    teacher, selection = cache.manifest.get("teacher") or {}, cache.selection
+    return {
+        "teacher": teacher.get("name") if isinstance(teacher, dict) else str(teacher),
+        "teacher_fingerprint": teacher.get("fingerprint") if isinstance(teacher, dict) else None,
+        "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
+        "selection": "topk" if selection["kind"] == "topk" else
+        f"sample ({cache.k} draws at T = {selection['temperature']:g})",
+        "k": k or cache.k, "value_code": cache.value_code}
+
+
+def online_teacher_name(cfg: Config, member: EnsembleMember) -> str:
+    source = resolve_teacher(teacher_config(cfg, member))
+    return source.model + (f" + adapter {source.adapter}" if source.adapter else "")
+
+
+def teacher_config(cfg: Config, member: EnsembleMember) -> Config:
+    """The view of `cfg` whose `teacher:` is the member's teacher (online mode loads it)."""
+    if member.cache:
+        raise UserError(f"distill.teachers entry {member.cache} is a cache: online KD needs the "
+                        "teacher itself (name it from `teachers:`)")
+    return cfg.for_teacher(member.teacher) if member.teacher else cfg
+
+
 def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
-                 cache: LogitCache | None = None) -> Distillation | None:
+                 caches: tuple[LogitCache, ...] = ()) -> Distillation | None:
     """The teacher signal of `cfg.distill`: None for the CE baseline (nothing opened)."""
     d = cfg.distill
     if d.alpha == 1:
         return None
+    members = teachers_of(cfg)
+    weights = weights_of(members)
     if d.mode == "online":
-        return Distillation(alpha=d.alpha, temperature=d.temperature,
-                            teacher=load_online_teacher(cfg, vocab_size=vocab_size))
-    if cache is None:  # else the caller (the sweep) opened it against the same token store
-        path = cache_path(cfg)
+        teachers = tuple(load_online_teacher(teacher_config(cfg, member), vocab_size=vocab_size)
+                         for member in members)
+        return Distillation(alpha=d.alpha, temperature=d.temperature, teachers=teachers,
+                            weights=weights, ensemble=d.ensemble)
+    if d.ensemble == "logits" and len(members) > 1:
+        raise UserError("distill.ensemble = 'logits' needs every teacher logit, which a cache does "
+                        "not hold: use distill.ensemble=probability, or distill.mode=online")
+    caches = caches or open_caches(cfg, tokens, vocab_size=vocab_size)
+    if len(caches) > 1 and d.k:
+        raise UserError(f"distill.k = {d.k}: an ensemble reads every entry of each cache "
+                        "(distill.k=0)")
+    k = (d.k or caches[0].k) if len(caches) == 1 else None
+    for cache in caches:
+        check_cache_use(cache, k=k, temperature=d.temperature)
+    skip = bad_shards(caches) if d.skip_bad_shards else ()
+    return Distillation(alpha=d.alpha, temperature=d.temperature, caches=tuple(caches),
+                        weights=weights, k=k, vocab_size=vocab_size, skip_shards=skip)
+
+
+def open_caches(cfg: Config, tokens: TokenStore, *, vocab_size: int) -> tuple[LogitCache, ...]:
+    """The train cache of each teacher the student distils from, each checked against `tokens`
+    (the same token store, tokenizer and vocabulary: row i of every cache is sequence i), and,
+    for an ensemble, against each other's shard layout."""
+    caches = []
+    for member in teachers_of(cfg):
+        path = cache_path(cfg, member)
         if not (path / "zarr.json").is_file():
-            raise UserError(f"no logit cache at {path}: run `make teacher-logits` first "
+            make = (f"make teacher-logits TEACHER={member.teacher}" if member.teacher
+                    else "make teacher-logits")
+            raise UserError(f"no logit cache at {path}: run `{make}` first "
                             "(or distill.alpha=1 for the CE baseline)")
-        cache = open_cache(path, token_store=tokens, vocab_size=vocab_size)
-    k = d.k or cache.k
-    if k > cache.k:
+        caches.append(open_cache(path, token_store=tokens, vocab_size=vocab_size))
+    layouts = {(cache.chunk_sequences, cache.shard_sequences) for cache in caches}
+    if len(layouts) > 1:
+        raise UserError("the ensemble's caches were written with different cache.chunk_sequences"
+                        " or cache.shard_chunks (" + ", ".join(
+                            f"{c.path}: {c.chunk_sequences} x {c.shard_sequences // c.chunk_sequences}"
+                            for c in caches) + "): rebuild one with the other's settings")
+    return tuple(caches)
+
+
+def check_cache_use(cache: LogitCache, *, k: int | None, temperature: float) -> None:
+    """Refuse a k the cache cannot give; say when T is not stored (its tail is approximated)."""
+    if k is not None and k > cache.k:
         raise UserError(f"distill.k = {k} is larger than the cached k = {cache.k} of {cache.path}")
-    skip = bad_shards(cache) if d.skip_bad_shards else ()
     if cache.sample_temperature is not None:
-        if k != cache.k:  # the first k of draws sorted by logit are not a sample
+        if k is not None and k != cache.k:  # the first k of draws sorted by logit are not a sample
             raise UserError(f"distill.k = {k}: {cache.path} holds {cache.k} sampled entries per "
                             f"position, which are used together (distill.k=0 or {cache.k})")
-    elif not any(same_temperature(t, d.temperature) for t in cache.temperatures):
-        near = min(cache.temperatures, key=lambda t: abs(t - d.temperature))
-        print(f"note: distill.temperature = {d.temperature:g} is not stored in the cache "
+    elif not any(same_temperature(t, temperature) for t in cache.temperatures):
+        near = min(cache.temperatures, key=lambda t: abs(t - temperature))
+        print(f"note: distill.temperature = {temperature:g} is not stored in {cache.path} "
               f"(stored: {', '.join(f'{t:g}' for t in cache.temperatures)}); approximating the "
               f"teacher's tail from T = {near:g} (see training/losses.py: teacher_buckets)")
-    return Distillation(alpha=d.alpha, temperature=d.temperature, cache=cache, k=k,
-                        vocab_size=vocab_size, skip_shards=skip)
 
 
-def bad_shards(cache: LogitCache) -> tuple[int, ...]:
-    """Verify every shard; return the bad ones and say how many tokens skipping them costs."""
-    problems = cache.verify(progress=True)
-    if whole := [problem for problem in problems if problem.shard is None]:
-        raise UserError(f"logit cache {cache.path} cannot be used: {whole[0]}")
-    shards = {problem.shard for problem in problems}
+def bad_shards(caches: tuple[LogitCache, ...]) -> tuple[int, ...]:
+    """Verify every shard of every cache; return the bad ones (any cache's: they share one
+    layout) and say how many tokens skipping them costs."""
+    shards = set()
+    for cache in caches:
+        problems = cache.verify(progress=True)
+        if whole := [problem for problem in problems if problem.shard is None]:
+            raise UserError(f"logit cache {cache.path} cannot be used: {whole[0]}")
+        shards |= {problem.shard for problem in problems}
     if shards:
+        cache = caches[0]
         rows = sum(min(cache.shard_rows(s)[1], cache.n_sequences) - cache.shard_rows(s)[0]
                    for s in shards)
         print(f"skipping {len(shards)} bad cache shard(s) {sorted(shards)[:10]}: {rows} sequences, "
@@ -163,7 +263,7 @@ def bad_shards(cache: LogitCache) -> tuple[int, ...]:
 
 
 def load_online_teacher(cfg: Config, *, vocab_size: int) -> torch.nn.Module:
-    """The run's teacher, resident for online KD (as the logits job loads it)."""
+    """The teacher of `cfg`, resident for online KD (as the logits job loads it)."""
     device = resolve_device(cfg.student.device, "student.device")
     source = resolve_teacher(cfg)
     teacher = load_teacher(source.model, adapter=source.adapter, device=device,

@@ -160,6 +160,29 @@ def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
     assert low <= loop[real_text.MORE_SAMPLED_KD]["vs_ce"] <= high
 
 
+def test_ensemble_bench_runs_two_teachers_and_llama_students(tmp_path, shared_data):
+    from bench import ensemble
+
+    tiny = ("tokenizer.vocab_size=512", "teacher.n_layer=1", "teacher.n_embd=32",
+            "teacher.n_head=2", "teacher.epochs=0.05", "teacher.warmup_steps=2",
+            "student.n_layer=1", "student.n_embd=16", "student.n_head=2", "student.epochs=0.02",
+            "student.warmup_steps=2", "cache.k=8", "eval.max_pairs_per_file=2")
+    rows = ensemble.run(data_dir=shared_data / "babylm" / "2024" / "train_10M", extra=tiny,
+                        loop_processes=1, rss_repeats=1, root=tmp_path)
+    teachers = [r for r in rows if r["section"] == "teachers"]
+    assert [(r["teacher"], r["architecture"]) for r in teachers] == [("gpt2", "gpt2"),
+                                                                    ("llama", "llama")]
+    assert all(0 < r["cache_bytes_per_token"] < 100 for r in teachers)
+    students = {r["run"]: r for r in rows if r["section"].startswith("students")}
+    assert list(students) == list(ensemble.students())
+    assert all(1 < r["val_ppl"] < 512 and 0 <= r["blimp_%"] <= 100 for r in students.values())
+    assert students["online ensemble, probability mixture"]["vs_online_mixture_%"] == 0
+    assert (tmp_path / "run" / "students" / "kd-a0.5-T2-mix-gpt2_0.5-llama_0.5").is_dir()
+    judged = [row for row in summary({"ensemble": rows}) if row["target"]]
+    assert len(judged) == 5 and all(row["met"] in ("met", "NOT met") for row in judged)
+    assert "### students (2 x 64 LLaMA)" in ensemble.markdown(rows)
+
+
 def test_python_m_bench_tiny(tmp_path):
     out = tmp_path / "results.md"
     result = subprocess.run([sys.executable, "-m", "bench", "--only", "evaluate", "--pairs", "60",

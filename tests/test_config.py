@@ -24,6 +24,19 @@ def test_shipped_configs_load_and_reference_recipe_is_exact():
     assert load_config(DEMO).run_path.as_posix() == "runs/demo"
 
 
+def test_strict_small_config_trains_every_model_on_the_corpus_alone():
+    cfg = load_config(CONFIG_DIR / "babylm-strict-small.yaml")
+    assert cfg.teacher.from_scratch and cfg.tokenizer.kind == "bpe"
+    assert cfg.tokenizer.vocab_size == 16_000 and cfg.data.seq_len == 128
+    shapes = {name: (t.architecture, t.from_scratch) for name, t in cfg.teachers.items()}
+    assert shapes == {"gpt2": ("gpt2", True), "llama": ("llama", True)}
+    assert [(m.teacher, m.weight) for m in cfg.distill.teachers] == [("gpt2", 0.5), ("llama", 0.5)]
+    assert cfg.student.architecture == "llama" and cfg.student.save_at_words[0] == 1_000_000
+    assert (cfg.distill.alpha, cfg.distill.temperature, cfg.distill.ensemble) == (
+        0.5, 2.0, "probability")
+    assert cfg.for_teacher("llama").cache_dir.as_posix() == "runs/babylm-strict-small/caches/llama"
+
+
 def test_overrides_are_typed_and_frozen():
     cfg = load_config(DEMO, ["student.lr=3e-4", "distill.temperature=4", "run_dir=/tmp/x",
                              "cache.temperatures=[1, 3]", "teacher.from_scratch=false"])

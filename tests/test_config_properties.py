@@ -5,6 +5,7 @@ names the key. Nothing else escapes: no other exception, no NaN or infinity acce
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import typing
 
@@ -13,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from configs import CONFIG_DIR, Config, ConfigError, flatten, load_config
+from configs import CONFIG_DIR, Config, ConfigError, load_config
 
 DEMO = CONFIG_DIR / "demo.yaml"
 
@@ -52,10 +53,14 @@ def override_text(value) -> str:
 
 
 def holds(value, hint) -> bool:
-    """Whether an accepted value has its declared type (tuples: each item), numbers finite."""
+    """Whether an accepted value has its declared type (tuples: each item; mappings: each value),
+    numbers finite."""
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         return isinstance(value, tuple) and all(holds(v, item) for v in value)
+    if typing.get_origin(hint) is dict:
+        item = typing.get_args(hint)[1]
+        return isinstance(value, dict) and all(holds(v, item) for v in value.values())
     if hint is float:
         return isinstance(value, float) and math.isfinite(value)
     if hint is int:
@@ -75,7 +80,7 @@ def test_a_value_is_accepted_with_its_type_or_refused_naming_the_key(key, value)
         assert key in str(exc) or "is not the form" in str(exc), (key, text, str(exc))
         assert "\n" not in str(exc), str(exc)
         return
-    accepted = flatten(dataclasses.asdict(config))[key]
+    accepted = functools.reduce(getattr, key.split("."), config)
     assert holds(accepted, KEYS[key]), (key, text, accepted)
 
 

@@ -40,8 +40,9 @@ from training.checkpoint import (MILESTONES_DIR, changed_settings, check_resumab
                                  save_milestone, saved_step, unwrap)
 from training.device import (autocast, autocast_dtype, barrier, is_writer as is_writer_process,
                              setup_distributed, wrap_ddp)
-from training.losses import (LossTerms, ce_and_cached_kl, combine, full_kl, same_temperature,
-                             sampled_targets, shift_labels, teacher_buckets)
+from training.losses import (LossTerms, ce_and_cached_kl, combine, ensemble_log_probs, full_kl,
+                             mixture_targets, same_temperature, sampled_targets, shift_labels,
+                             teacher_buckets)
 from training.metrics import METRICS_FILE, append_metrics, read_metrics, truncate_metrics
 from training.model_card import render_card
 from training.tokenizer import fingerprint, load_tokenizer, tokenizer_dir
@@ -53,22 +54,27 @@ Hyper = StudentConfig | TeacherConfig
 
 @dataclass
 class Distillation:
-    """What the teacher contributes to the loss. cache XOR teacher (cached vs online mode)."""
+    """What the teachers contribute to the loss: their logit caches (cached mode) or the
+    teachers themselves (online mode), one or several, mixed with `weights` (summing to 1) into
+    the `ensemble` target ('probability' or, online only, 'logits': training/losses.py)."""
 
     alpha: float
     temperature: float
-    cache: LogitCache | None = None
+    caches: tuple[LogitCache, ...] = ()
+    teachers: tuple[torch.nn.Module, ...] = ()
+    weights: tuple[float, ...] = (1.0,)
+    ensemble: str = "probability"
     k: int | None = None
     vocab_size: int = 0
-    teacher: torch.nn.Module | None = None
     skip_shards: tuple[int, ...] = ()
 
     @property
-    def reads_values(self) -> bool:
-        """Whether the loss needs the cache's logits and lse: not for draws at their own
+    def reads_values(self) -> tuple[bool, ...]:
+        """Per cache, whether the loss needs its logits and lse: not for draws at their own
         temperature, whose frequencies are the targets (`sampled_targets`)."""
-        drawn_at = self.cache.sample_temperature
-        return drawn_at is None or not same_temperature(drawn_at, self.temperature)
+        return tuple(cache.sample_temperature is None
+                     or not same_temperature(cache.sample_temperature, self.temperature)
+                     for cache in self.caches)
 
 
 @dataclass
@@ -119,7 +125,7 @@ def _fit(model: torch.nn.Module, *, cfg: Config, hp: Hyper, out_dir: Path, token
     is_writer = rank == 0
     micro = micro_batch_size(hp, world_size)
     skip = distil.skip_shards if distil else ()
-    shard_sequences = distil.cache.shard_sequences if distil and distil.cache else 0
+    shard_sequences = distil.caches[0].shard_sequences if distil and distil.caches else 0
     per_epoch = batches_per_epoch(n_sequences=tokens.n_sequences, batch_size=micro,
                                   world_size=world_size, shard_sequences=shard_sequences,
                                   skip_shards=skip) // hp.grad_accum
@@ -280,12 +286,10 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
     """Forward one micro-batch and return its loss terms (means over its non-ignored tokens)."""
     tokens = torch.from_numpy(batch.tokens).to(device, non_blocking=True)
     labels = shift_labels(tokens)
-    if distil is not None and distil.cache is not None:
-        # Copied before the forward and without blocking: a blocking copy after it waits for the
-        # forward's kernels, and the GPU then idles while the loss and backward are launched.
-        ids, cached_logits, lse = (None if array is None
-                                   else torch.from_numpy(array).to(device, non_blocking=True)
-                                   for array in (batch.ids, batch.logits, batch.lse))
+    # Copied before the forward and without blocking: a blocking copy after it waits for the
+    # forward's kernels, and the GPU then idles while the loss and backward are launched.
+    blocks = [[None if array is None else torch.from_numpy(array).to(device, non_blocking=True)
+               for array in (block.ids, block.logits, block.lse)] for block in batch.teachers]
     # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
     # (without one transformers warns on every run).
     unpadded = torch.ones_like(tokens)
@@ -296,19 +300,26 @@ def batch_losses(model, batch: Batch, distil: Distillation | None, *, device: to
         ce, _ = ce_and_cached_kl(logits, labels)
         return combine(ce, None, labels, alpha=1.0, temperature=1.0)
     t = distil.temperature
-    if distil.teacher is not None:
+    if distil.teachers:
         with torch.no_grad(), autocast(device, amp_dtype):
-            teacher_logits = distil.teacher(input_ids=tokens, attention_mask=unpadded).logits
+            teacher_logits = [teacher(input_ids=tokens, attention_mask=unpadded).logits
+                              for teacher in distil.teachers]
+        log_p = ensemble_log_probs(teacher_logits, list(distil.weights), temperature=t,
+                                   target=distil.ensemble)
         ce, _ = ce_and_cached_kl(logits, labels)
-        kl = full_kl(logits, teacher_logits, temperature=t, labels=labels)
+        kl = full_kl(logits, log_p, temperature=t, labels=labels)
     else:
-        if distil.cache.sample_temperature is not None:
-            log_p, p_tail = sampled_targets(ids, cached_logits, temperature=t,
-                                            sample_temperature=distil.cache.sample_temperature)
-        else:
-            log_p, p_tail = teacher_buckets(
-                cached_logits, lse, temperature=t, temperatures=distil.cache.temperatures,
-                vocab_size=distil.vocab_size)
+        targets = []
+        for cache, (ids, cached_logits, lse) in zip(distil.caches, blocks):
+            if cache.sample_temperature is not None:
+                log_p, p_tail = sampled_targets(ids, cached_logits, temperature=t,
+                                                sample_temperature=cache.sample_temperature)
+            else:
+                log_p, p_tail = teacher_buckets(
+                    cached_logits, lse, temperature=t, temperatures=cache.temperatures,
+                    vocab_size=distil.vocab_size)
+            targets.append((ids, log_p, p_tail))
+        ids, log_p, p_tail = mixture_targets(targets, list(distil.weights))
         ce, kl = ce_and_cached_kl(logits, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
                                   temperature=t)
     return combine(ce, kl, labels, alpha=distil.alpha, temperature=t)
@@ -353,7 +364,8 @@ def card_facts(card: dict, model, cursor: Cursor, *, row: dict, counted_words: b
     config = unwrap(model).config
     return {**card, "architecture": config.model_type,
             "parameters": sum(p.numel() for p in unwrap(model).parameters()),
-            "n_positions": getattr(config, "n_positions", None), "steps": cursor.step,
+            "n_positions": getattr(config, "n_positions", None)
+            or getattr(config, "max_position_embeddings", None), "steps": cursor.step,
             "tokens_seen": cursor.tokens, "words_seen": cursor.words if counted_words else None,
             "val_perplexity": row.get("val_ppl")}
 
@@ -371,19 +383,19 @@ def micro_batches(tokens: TokenStore, distil: Distillation | None, *, hp: Hyper,
                   cursor: Cursor, rank: int, world_size: int,
                   prefetch: int) -> Iterator[tuple[int, int, Batch]]:
     """(epoch, batch index, Batch) from the cursor on, epoch after epoch (whole steps only)."""
-    cache = distil.cache if distil else None
+    caches = distil.caches if distil else ()
     skip = distil.skip_shards if distil else ()
-    shard_sequences = cache.shard_sequences if cache else 0
+    shard_sequences = caches[0].shard_sequences if caches else 0
     usable = batches_per_epoch(n_sequences=tokens.n_sequences, batch_size=micro,
                                world_size=world_size, shard_sequences=shard_sequences,
                                skip_shards=skip) // hp.grad_accum * hp.grad_accum
     epoch, start = cursor.epoch, cursor.batch
     while True:
         if start < usable:
-            batches = stream_batches(tokens=tokens, cache=cache, batch_size=micro, seed=hp.seed,
+            batches = stream_batches(tokens=tokens, caches=caches, batch_size=micro, seed=hp.seed,
                                      epoch=epoch, start_batch=start, rank=rank,
-                                     world_size=world_size, k=distil.k if cache else None,
-                                     values=distil.reads_values if cache else True,
+                                     world_size=world_size, k=distil.k if caches else None,
+                                     values=distil.reads_values if caches else True,
                                      shuffle_buffer=getattr(hp, "shuffle_buffer", 256),
                                      skip_shards=skip, prefetch=prefetch)
             with contextlib.closing(batches):

@@ -161,6 +161,66 @@ def sampled_targets(ids: torch.Tensor, logits: torch.Tensor | None, *, temperatu
     return log_p, log_p.new_zeros(log_p.shape[:-1])
 
 
+def mixture_targets(members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                    weights: list[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Several cached teachers' targets as one: the weighted mixture sum_i w_i p_i of their
+    tempered distributions, in the form `ce_and_cached_kl` takes.
+
+    members: per teacher (ids (B, L, k_i), log_p (B, L, k_i), p_tail (B, L)) from
+    `teacher_buckets` or `sampled_targets` at one temperature; weights: one per teacher, summing
+    to 1. Returns (ids, log_p, p_tail) over the k_1 + ... + k_n slots: the ids sorted so an id's
+    slots are adjacent, each slot holding its id's mixed probability, and p_tail = sum w_i
+    p_tail_i.
+
+    Draws stay draws: an id's probability is the weighted sum of its slots' shares (a run of r
+    repeats holding p has p / r at each slot), so mixing sampled caches is the weighted union of
+    their draws, an unbiased estimate of the mixture. A top-k cache knows its head alone: an id in
+    teacher A's head that lies in teacher B's tail gets only w_A p_A from the head, and B's
+    share of it, at most w_B times B's k-th probability, stays in the tail bucket
+    (docs/architecture.md, "Ensembles"). With one teacher the targets are returned unchanged.
+    """
+    if len(members) == 1:
+        return members[0]
+    ids = torch.cat([member_ids for member_ids, _, _ in members], -1)
+    shares = torch.cat([weight * _slot_shares(member_ids, log_p)
+                        for (member_ids, log_p, _), weight in zip(members, weights)], -1)
+    ids, order = ids.sort(dim=-1, stable=True)
+    shares = shares.gather(-1, order)
+    run = first_slots(ids).cumsum(-1) - 1  # which run of one id each slot is in
+    log_p = torch.zeros_like(shares).scatter_add_(-1, run, shares).gather(-1, run).log_()
+    p_tail = sum(weight * tail for (_, _, tail), weight in zip(members, weights))
+    return ids, log_p, p_tail
+
+
+def _slot_shares(ids: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
+    """Each slot's share of its id's probability: exp(log_p) over the length of the slot's run
+    of repeats (log_p holds the run's total at each of its slots)."""
+    run = first_slots(ids).cumsum(-1) - 1
+    lengths = torch.zeros_like(log_p).scatter_add_(-1, run, torch.ones_like(log_p)).gather(-1, run)
+    return log_p.exp() / lengths
+
+
+def ensemble_log_probs(teacher_logits: list[torch.Tensor], weights: list[float], *,
+                       temperature: float, target: str) -> torch.Tensor:
+    """log p_T (B, L, V) of several teachers' full logits (B, L, V) each, weights summing to 1.
+
+    target 'probability': the mixture log sum_i w_i softmax(z_i / T), what a cached ensemble
+    estimates (`mixture_targets`); 'logits': log softmax(sum_i w_i z_i / T), BabyLlama's average
+    of logits, which no cache can give (it needs every logit of every teacher). One teacher:
+    both are its log softmax(z / T).
+    """
+    if len(teacher_logits) == 1:
+        return F.log_softmax(teacher_logits[0].float() / temperature, -1)
+    if target == "logits":
+        mean = sum(weight * logits.float() for logits, weight in zip(teacher_logits, weights))
+        return F.log_softmax(mean / temperature, -1)
+    if target != "probability":
+        raise ValueError(f"ensemble target {target!r} is not 'probability' or 'logits'")
+    return torch.logsumexp(torch.stack([
+        F.log_softmax(logits.float() / temperature, -1) + math.log(weight)
+        for logits, weight in zip(teacher_logits, weights)]), 0)
+
+
 def first_slots(ids: torch.Tensor) -> torch.Tensor:
     """bool, shaped as ids (..., k): True where a slot's id differs from the slot before it (an
     id's first slot, when its repeats are adjacent)."""
@@ -412,13 +472,13 @@ def ce_and_cached_kl(logits: torch.Tensor, labels: torch.Tensor, *,
     return ce.view(shape), None if head_ids is None else kl.view(shape)
 
 
-def full_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, *, temperature: float,
+def full_kl(logits: torch.Tensor, log_p: torch.Tensor, *, temperature: float,
             labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-token KL(p_T || q_T) (B, L) over the full vocabulary (online KD, the reference).
 
-    logits, teacher_logits: (B, L, V). Positions whose label is IGNORE_INDEX give 0.
+    logits: the student's (B, L, V); log_p: (B, L, V) the teacher's tempered log-probabilities
+    (`ensemble_log_probs`). Positions whose label is IGNORE_INDEX give 0.
     """
-    log_p = F.log_softmax(teacher_logits.float() / temperature, -1)
     log_q = F.log_softmax(logits / temperature, -1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1)
     return kl if labels is None else torch.where(labels != IGNORE_INDEX, kl, 0.0)

@@ -1,14 +1,14 @@
 """The models every stage builds or loads.
 
-New GPT-2s of a configured shape, randomly initialised from a seed (`new_gpt2`: students, and
-teachers trained from scratch).
+New models of a configured family and shape, randomly initialised from a seed (`new_model`:
+students, and teachers trained from scratch): GPT-2, LLaMA, or any causal LM's config.json.
 
 Loading the teacher: a hub name or a local folder, fp32/fp16/bf16 or 4-bit NF4 / 8-bit through
 bitsandbytes, optionally with a PEFT LoRA adapter; plus the weights fingerprint that goes into
 the logit cache's manifest.
 
 Which teacher the logits job and the teacher evaluation use (`resolve_teacher`):
-  1. `<run>/teacher/` when it holds a finished teacher, i.e. `teacher.json` is there (written
+  1. `<run>/teacher/` (`teachers/<name>/` for a named one) when it holds a finished teacher, i.e. `teacher.json` is there (written
      last by `python -m precompute.teacher`, for a fine-tuned or a from-scratch teacher). That
      folder is either a full model (full fine-tune, from scratch, or LoRA merged into a full
      precision base) or, after QLoRA, a LoRA adapter whose base is the `base` named in
@@ -26,13 +26,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, PreTrainedModel
 
 from configs import Config, UserError
 from storage.paths import file_problem
 from training.tokenizer import looks_like_local_path
 
-TEACHER_DIR = "teacher"
 TEACHER_INFO = "teacher.json"
 """Written last into <run>/teacher/: marks the teacher finished and says what it is."""
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,20 +39,67 @@ ADAPTER_CONFIG = "adapter_config.json"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def new_gpt2(*, vocab_size: int, n_positions: int, n_layer: int, n_embd: int, n_head: int,
-             dropout: float = 0.0, seed: int = 0, eos_token_id: int = 0) -> GPT2LMHeadModel:
-    """A randomly initialised GPT-2 (tied input/output embeddings, GPT-2's init) from `seed`.
+def new_model(*, vocab_size: int, n_positions: int, n_layer: int, n_embd: int, n_head: int,
+              architecture: str = "gpt2", config_path: str = "", intermediate_size: int = 0,
+              dropout: float = 0.0, seed: int = 0, eos_token_id: int = 0) -> PreTrainedModel:
+    """A randomly initialised causal LM (the family's own init) from `seed`.
 
-    `n_positions`: the context length, at least the training rows' length (clients may score
-    longer texts). `eos_token_id` doubles as BOS: the token store joins documents with it.
+    `architecture`: 'gpt2' (tied input/output embeddings, learned positions) or 'llama' (RoPE,
+    RMSNorm, SwiGLU, tied embeddings, no biases; BabyLlama's family). `config_path`: any
+    transformers causal-LM config.json instead, its shape as it says. Either way the run sets
+    the vocabulary, the context length `n_positions` (at least the training rows' length:
+    clients may score longer texts) and the special ids: `eos_token_id` doubles as BOS and pad
+    (the token store joins documents with it).
     """
-    config = GPT2Config(
-        vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
-    )
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    special = dict(bos_token_id=eos_token_id, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+    if config_path:
+        path = Path(config_path).expanduser()
+        if not path.is_file() and not (path / "config.json").is_file():
+            raise UserError(f"config_path {config_path} is neither a config.json nor a folder "
+                            "holding one")
+        try:
+            config = AutoConfig.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise UserError(f"config_path {config_path} is not a transformers config "
+                            f"({type(exc).__name__}: {str(exc).strip().splitlines()[0]})") from None
+        config.update({"vocab_size": vocab_size, **special})
+        for key in ("n_positions", "max_position_embeddings"):
+            if hasattr(config, key):
+                setattr(config, key, n_positions)
+    elif architecture == "llama":
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=n_embd, num_hidden_layers=n_layer,
+            num_attention_heads=n_head, num_key_value_heads=n_head,
+            intermediate_size=intermediate_size or swiglu_width(n_embd),
+            max_position_embeddings=n_positions, attention_dropout=dropout,
+            tie_word_embeddings=True, **special)
+    elif architecture == "gpt2":
+        config = GPT2Config(
+            vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+            n_head=n_head, n_inner=intermediate_size or None, resid_pdrop=dropout,
+            embd_pdrop=dropout, attn_pdrop=dropout, **special)
+    else:
+        raise UserError(f"architecture {architecture!r} is not one of 'gpt2', 'llama'")
     torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def new_model_of(section, *, vocab_size: int, eos_token_id: int) -> PreTrainedModel:
+    """`new_model` shaped by a student or teacher config section."""
+    return new_model(vocab_size=vocab_size, n_positions=section.n_positions,
+                     n_layer=section.n_layer, n_embd=section.n_embd, n_head=section.n_head,
+                     architecture=section.architecture, config_path=section.config_path,
+                     intermediate_size=section.intermediate_size,
+                     dropout=getattr(section, "dropout", 0.0), seed=section.seed,
+                     eos_token_id=eos_token_id)
+
+
+def swiglu_width(n_embd: int) -> int:
+    """LLaMA's MLP width for `n_embd`: 8/3 n_embd (a SwiGLU's three matrices then hold what a
+    4 x n_embd GELU MLP's two do), rounded up to a multiple of 64."""
+    return -(-8 * n_embd // 3 // 64) * 64
 
 
 class TeacherNotFound(UserError):
@@ -80,7 +126,7 @@ class TeacherSource:
 
 def resolve_teacher(cfg: Config) -> TeacherSource:
     """The teacher the logits job uses: the run's finished teacher, else `cfg.teacher.model`."""
-    folder = cfg.run_path / TEACHER_DIR
+    folder = cfg.teacher_dir
     info_path = folder / TEACHER_INFO
     if info_path.is_file():
         info = json.loads(info_path.read_text())

@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from configs.cli import run as run_cli
-from precompute.logits import Sampling, main, teacher_topk, write_cache
+from precompute.logits import (Sampling, _arguments, fill_caches, main, teacher_topk,
+                               write_cache)
 from storage.__main__ import inspect_path
 from storage.cache import encode_values, open_cache
 from storage.tokens import open_token_store
@@ -166,7 +167,7 @@ def test_draws_in_row_blocks_equal_one_draw(monkeypatch):
 
 def test_cache_holds_the_teachers_own_logits(tmp_path, teacher):
     run = tiny_run(tmp_path, n_train=96, n_val=32)
-    main(tiny_config(run, *uses(teacher, "cache.splits=[train, val]")))
+    fill_caches(tiny_config(run, *uses(teacher, "cache.splits=[train, val]")))
     model = AutoModelForCausalLM.from_pretrained(teacher).eval()
     for split in ("train", "val"):
         store = open_token_store(run / "tokens" / f"{split}.zarr")
@@ -199,7 +200,7 @@ def test_sampled_cache_draws_from_the_teachers_tempered_softmax(tmp_path, teache
     sampled = ("cache.selection=sample", "cache.k=64", "cache.sample_temperature=2.0")
     runs = [tiny_run(tmp_path / name, n_train=96, n_val=16) for name in ("a", "b")]
     for run in runs:
-        main(tiny_config(run, *uses(teacher, *sampled)))
+        fill_caches(tiny_config(run, *uses(teacher, *sampled)))
     paths = [run / "cache" / "train.zarr" for run in runs]
     assert cache_differences(*paths) == []
     store = open_token_store(runs[0] / "tokens" / "train.zarr")
@@ -272,7 +273,7 @@ SMALL_SHARDS = ("cache.chunk_sequences=8", "cache.shard_chunks=1", "cache.batch_
 @pytest.mark.slow
 def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     reference = tiny_run(tmp_path / "reference", n_train=384, n_val=16)
-    main(tiny_config(reference, *uses(teacher, *SMALL_SHARDS)))
+    fill_caches(tiny_config(reference, *uses(teacher, *SMALL_SHARDS)))
     run = tiny_run(tmp_path / "killed", n_train=384, n_val=16)
     done_dir = run / "cache" / "train.zarr" / "done" / "c"
     with job_processes(job(run, teacher, *SMALL_SHARDS), stdout=subprocess.DEVNULL,
@@ -287,14 +288,14 @@ def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     assert 3 <= partial.done.sum() < partial.n_shards
     problems = partial.verify()
     assert problems and all("not done" in line for line in problems)  # done shards are sound
-    main(tiny_config(run, *uses(teacher, *SMALL_SHARDS)))
+    fill_caches(tiny_config(run, *uses(teacher, *SMALL_SHARDS)))
     assert cache_differences(run / "cache" / "train.zarr", reference / "cache" / "train.zarr") == []
 
 
 @pytest.mark.slow
 def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
     single = tiny_run(tmp_path / "single", n_train=160, n_val=16)
-    main(tiny_config(single, *uses(teacher)))
+    fill_caches(tiny_config(single, *uses(teacher)))
     ranks = tiny_run(tmp_path / "ranks", n_train=160, n_val=16)
     torchrun = [str(Path(PYTHON).with_name("torchrun")), "--standalone", "--nproc_per_node=2",
                 "-m", "precompute.logits", *cli_args(ranks, *uses(teacher))]
@@ -309,7 +310,7 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
 
 def fails_with(capsys, argv, pattern):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, "logits", argv=argv)
+        run_cli(main, "logits", argv=argv, extra=_arguments)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     # one error line and no traceback (transformers' own "Loading weights" bar may precede it)
@@ -338,7 +339,7 @@ def test_bad_inputs_are_one_line_and_touch_nothing(tmp_path, teacher, capsys, mo
                "another tokenizer")
     assert not (tmp_path / "other" / "cache").exists() and not (tmp_path / "trained" / "cache").exists()
 
-    main(tiny_config(run, *uses(teacher)))
+    fill_caches(tiny_config(run, *uses(teacher)))
     before = {f: f.read_bytes() for f in cache.rglob("*") if f.is_file()}
     another = save_teacher(tmp_path / "another", seed=9)
     fails_with(capsys, cli_args(run, *uses(another)), "was made with other settings")

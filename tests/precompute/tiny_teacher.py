@@ -10,7 +10,7 @@ import numpy as np
 
 from configs import CONFIG_DIR, Config, load_config
 from storage.tokens import write_token_store
-from training.models import new_gpt2
+from training.models import new_model
 
 VOCAB = 300
 SEQ_LEN = 32
@@ -55,8 +55,8 @@ def tiny_run(root: Path, *, n_train: int = 256, n_val: int = 64, vocab: int = VO
 
 def save_teacher(folder: Path, *, vocab: int = VOCAB, n_layer: int = 2, n_embd: int = 64,
                  n_head: int = 2, seed: int = 0) -> Path:
-    new_gpt2(vocab_size=vocab, n_positions=SEQ_LEN, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
-             seed=seed).save_pretrained(folder)
+    new_model(vocab_size=vocab, n_positions=SEQ_LEN, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+              seed=seed).save_pretrained(folder)
     return folder
 
 

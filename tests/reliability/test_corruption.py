@@ -82,7 +82,7 @@ def test_verify_and_reader_name_the_damaged_shard(run, name):
     assert cache.read(*neighbour).ids.shape[0] == neighbour[1] - neighbour[0]
     tokens = open_token_store(run / "tokens" / "train.zarr")
     with pytest.raises(CorruptData, match=f"shard {shard}\\b"):
-        for _ in stream_batches(tokens=tokens, cache=cache, batch_size=8, seed=0, epoch=0):
+        for _ in stream_batches(tokens=tokens, caches=(cache,), batch_size=8, seed=0, epoch=0):
             pass
 
 

@@ -70,10 +70,10 @@ def test_full_disk_is_one_line_and_resumable(world, small_disk):
 ENOSPC_AFTER_60_FILES = """
 import sys
 from configs.cli import run
-from precompute.logits import main
+from precompute.logits import _arguments, main
 from tests.reliability.enospc import disk_full_after
 with disk_full_after(60):
-    run(main, "logits", argv=sys.argv[1:])
+    run(main, "logits", argv=sys.argv[1:], extra=_arguments)
 """
 """The logits job with every file write after the 60th failing with ENOSPC."""
 
@@ -99,12 +99,12 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path):
     import zarr
 
     from configs import load_config
-    from precompute.logits import main
+    from precompute.logits import fill_caches
     from storage.cache import CacheWriter, read_manifest
 
     run = world.new_run(tmp_path / "run")
     with disk_full_after(60), pytest.raises(OSError) as failure:
-        main(load_config(world.config, [f"run_dir={run}"]))
+        fill_caches(load_config(world.config, [f"run_dir={run}"]))
     assert failure.value.errno == errno.ENOSPC
     path = run / "cache" / "train.zarr"
     writer = CacheWriter(path=path, manifest=read_manifest(path),

@@ -4,13 +4,13 @@ import pytest
 
 from bench import cache as bench_cache
 from storage import StoreNotFound
-from training.models import new_gpt2
+from training.models import new_model
 from tests.storage.cachedata import token_store
 
 
 def test_bench_rows(tmp_path):
     store = token_store(tmp_path / "tokens.zarr", n=64)
-    new_gpt2(vocab_size=300, n_positions=16, n_layer=1, n_embd=32, n_head=2).save_pretrained(
+    new_model(vocab_size=300, n_positions=16, n_layer=1, n_embd=32, n_head=2).save_pretrained(
         tmp_path / "teacher")
     rows = bench_cache.run(teacher=tmp_path / "teacher", tokens=store.path, sequences=64,
                            ks=(4, 8), read_k=8, repeats=1)

@@ -21,27 +21,31 @@ def stores(tmp_path_factory):
 
 def indices(tokens, cache=None, **kw):
     options = dict(batch_size=4, seed=3, epoch=0, shuffle_buffer=8, block_rows=4) | kw
-    return [b.indices.tolist() for b in stream_batches(tokens=tokens, cache=cache, **options)]
+    caches = () if cache is None else (cache,)
+    return [b.indices.tolist() for b in stream_batches(tokens=tokens, caches=caches, **options)]
 
 
 def test_batches_carry_the_rows_they_name(stores):
     tokens, cache = stores
     ids, logits, _ = teacher_outputs()
-    for batch in stream_batches(tokens=tokens, cache=cache, batch_size=5, seed=0, epoch=1, k=3):
+    for batch in stream_batches(tokens=tokens, caches=(cache,), batch_size=5, seed=0, epoch=1,
+                                k=3):
         assert batch.tokens.dtype == np.int64 and batch.tokens.shape == (5, 16)
         assert np.array_equal(batch.tokens, tokens.read(0, N)[batch.indices])
-        assert np.array_equal(batch.ids, ids[batch.indices, :, :3])
+        teacher, = batch.teachers
+        assert np.array_equal(teacher.ids, ids[batch.indices, :, :3])
         expected = cache.read(0, N, k=3)
-        assert np.array_equal(batch.logits, expected.logits[batch.indices])
-        assert np.array_equal(batch.lse, expected.lse[batch.indices])
+        assert np.array_equal(teacher.logits, expected.logits[batch.indices])
+        assert np.array_equal(teacher.lse, expected.lse[batch.indices])
 
 
 def test_batches_without_values_carry_the_same_rows_and_ids(stores):
     tokens, cache = stores
-    options = dict(tokens=tokens, cache=cache, batch_size=5, seed=0, epoch=1, k=3, prefetch=0)
+    options = dict(tokens=tokens, caches=(cache,), batch_size=5, seed=0, epoch=1, k=3, prefetch=0)
     for full, ids_only in zip(stream_batches(**options), stream_batches(**options, values=False),
                               strict=True):
         assert np.array_equal(ids_only.indices, full.indices)
+        (ids_only,), (full,) = ids_only.teachers, full.teachers
         assert np.array_equal(ids_only.ids, full.ids) and ids_only.ids.dtype == np.int64
         assert ids_only.logits is None and ids_only.lse is None
 
@@ -92,7 +96,7 @@ def test_unshuffled_is_in_order_and_skip_shards(stores):
 
 def test_reading_in_the_consumers_thread_gives_the_same_batches(stores):
     tokens, cache = stores
-    options = dict(tokens=tokens, cache=cache, batch_size=4, seed=5, epoch=2, start_batch=3,
+    options = dict(tokens=tokens, caches=(cache,), batch_size=4, seed=5, epoch=2, start_batch=3,
                    shuffle_buffer=8, block_rows=4)
     ahead = list(stream_batches(**options, prefetch=4))
     before = threading.active_count()
@@ -102,21 +106,23 @@ def test_reading_in_the_consumers_thread_gives_the_same_batches(stores):
         inline.append(batch)
     assert len(inline) == len(ahead) > 0
     for a, b in zip(inline, ahead):
-        for field in ("indices", "tokens", "ids", "logits", "lse"):
+        for field in ("indices", "tokens"):
             assert np.array_equal(getattr(a, field), getattr(b, field))
+        for field in ("ids", "logits", "lse"):
+            assert np.array_equal(getattr(a.teachers[0], field), getattr(b.teachers[0], field))
 
 
 def test_no_thread_left_when_consumer_stops_early(stores):
     tokens, cache = stores
-    list(stream_batches(tokens=tokens, cache=cache, batch_size=4, seed=0, epoch=0))  # warm zarr
+    list(stream_batches(tokens=tokens, caches=(cache,), batch_size=4, seed=0, epoch=0))  # warm zarr
     baseline = threading.active_count()
-    batches = stream_batches(tokens=tokens, cache=cache, batch_size=2, seed=0, epoch=0, prefetch=3)
+    batches = stream_batches(tokens=tokens, caches=(cache,), batch_size=2, seed=0, epoch=0, prefetch=3)
     next(batches)
     assert any(t.name.startswith("storage-prefetch") for t in threading.enumerate())
     batches.close()
     time.sleep(0.05)
     assert threading.active_count() == baseline
-    for _ in stream_batches(tokens=tokens, cache=cache, batch_size=2, seed=0, epoch=0):
+    for _ in stream_batches(tokens=tokens, caches=(cache,), batch_size=2, seed=0, epoch=0):
         break
     time.sleep(0.05)
     assert not any(t.name.startswith("storage-prefetch") for t in threading.enumerate())
@@ -132,7 +138,7 @@ def test_reads_are_contiguous_blocks(stores, monkeypatch):
         return original(self, start, stop, **kw)
 
     monkeypatch.setattr(type(cache), "read", spy)
-    list(stream_batches(tokens=tokens, cache=cache, batch_size=4, seed=0, epoch=0, block_rows=8))
+    list(stream_batches(tokens=tokens, caches=(cache,), batch_size=4, seed=0, epoch=0, block_rows=8))
     assert sum(reads) == N and max(reads) == 8 and len(reads) == N // 8
 
 
@@ -154,6 +160,6 @@ def test_a_new_shuffle_window_is_read_after_the_last_one_is_let_go(stores, monke
         return fields
 
     monkeypatch.setattr(reader, "_read_block", counting)
-    list(stream_batches(tokens=tokens, cache=cache, batch_size=4, seed=0, epoch=0,
+    list(stream_batches(tokens=tokens, caches=(cache,), batch_size=4, seed=0, epoch=0,
                         shuffle_buffer=8, block_rows=4, prefetch=0))
     assert len(most) == N // 4 and max(most) == 8  # rows held while reading: one window

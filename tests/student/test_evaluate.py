@@ -11,7 +11,7 @@ from training.tokenizer import train_bpe
 from storage.tokens import write_token_store
 from student.evaluate import (CONVENTIONS, encode, read_pair_dir, read_pair_file, read_suites,
                               score_pairs, sentence_logprobs, sequence_logprobs)
-from training.models import new_gpt2
+from training.models import new_model
 from training.scoring import lm_metrics
 
 TEXT = ("the cat sat on the mat . the dog ran to the park . a bird sang in the tree . "
@@ -25,8 +25,8 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return new_gpt2(vocab_size=len(tokenizer), n_positions=64, n_layer=2, n_embd=32, n_head=2,
-                    seed=1).eval()
+    return new_model(vocab_size=len(tokenizer), n_positions=64, n_layer=2, n_embd=32, n_head=2,
+                     seed=1).eval()
 
 
 def _store(path, rows: np.ndarray, vocab_size: int, text_bytes: int | None = None):
@@ -38,7 +38,7 @@ def _store(path, rows: np.ndarray, vocab_size: int, text_bytes: int | None = Non
 
 def test_uniform_model_has_perplexity_equal_to_vocabulary(tmp_path):
     vocab = 500
-    model = new_gpt2(vocab_size=vocab, n_positions=16, n_layer=2, n_embd=32, n_head=2).eval()
+    model = new_model(vocab_size=vocab, n_positions=16, n_layer=2, n_embd=32, n_head=2).eval()
     with torch.no_grad():
         model.lm_head.weight.zero_()  # every logit 0: the uniform distribution
     rows = np.random.default_rng(0).integers(0, vocab, size=(10, 16))
@@ -192,8 +192,8 @@ def test_reads_the_real_blimp_folders_without_malformed_lines(shared_data):
 
 
 def test_a_pair_longer_than_the_context_is_left_out_and_reported(tmp_path, tokenizer, capsys):
-    short_model = new_gpt2(vocab_size=len(tokenizer), n_positions=8, n_layer=1, n_embd=16,
-                           n_head=2, seed=1).eval()
+    short_model = new_model(vocab_size=len(tokenizer), n_positions=8, n_layer=1, n_embd=16,
+                            n_head=2, seed=1).eval()
     long = "the cat sat on the mat . the dog ran to the park"
     path = _write_jsonl(tmp_path / "mixed.jsonl", [
         {"sentence_good": "the cat", "sentence_bad": "the cat sat on", "pair_id": 1},

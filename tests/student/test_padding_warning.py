@@ -13,7 +13,7 @@ from precompute.logits import teacher_topk
 from storage.reader import Batch
 from storage.tokens import write_token_store
 from training.scoring import lm_metrics
-from training.models import new_gpt2
+from training.models import new_model
 from training.loop import Distillation, batch_losses
 
 WARNING = "recommend passing in an `attention_mask`"
@@ -21,7 +21,7 @@ WARNING = "recommend passing in an `attention_mask`"
 
 @pytest.fixture
 def model():
-    return new_gpt2(vocab_size=300, n_positions=32, n_layer=2, n_embd=32, n_head=2, eos_token_id=0)
+    return new_model(vocab_size=300, n_positions=32, n_layer=2, n_embd=32, n_head=2, eos_token_id=0)
 
 
 @pytest.fixture
@@ -57,8 +57,8 @@ def test_teacher_logits_pass_a_mask(model, rows):
 
 def test_training_forwards_pass_a_mask(model, rows):
     batch = Batch(indices=np.arange(2), tokens=rows.numpy())
-    teacher = new_gpt2(vocab_size=300, n_positions=32, n_layer=2, n_embd=32, n_head=2, seed=1)
-    online = Distillation(alpha=0.5, temperature=2.0, teacher=teacher)
+    teacher = new_model(vocab_size=300, n_positions=32, n_layer=2, n_embd=32, n_head=2, seed=1)
+    online = Distillation(alpha=0.5, temperature=2.0, teachers=(teacher,))
     for distil in (None, online):
         assert padding_warnings(lambda: batch_losses(
             model, batch, distil, device=torch.device("cpu"), amp_dtype=None)) == []

@@ -12,7 +12,7 @@ from configs import CONFIG_DIR, load_config
 from training.tokenizer import tokenizer_facts, train_bpe
 from storage.tokens import write_token_store
 from student.evaluate import evaluate_run
-from training.models import new_gpt2
+from training.models import new_model
 from student.report import write_report
 
 REPO = CONFIG_DIR.parent
@@ -42,12 +42,12 @@ def fake_run(tmp_path_factory):
         "tokenizer": tokenizer_facts(tokenizer), "text_bytes": len(TEXT.encode())})
     shape = dict(vocab_size=len(tokenizer), n_positions=32, n_layer=2, n_head=2,
                  eos_token_id=tokenizer.eos_token_id)
-    new_gpt2(n_embd=64, seed=0, **shape).save_pretrained(run / "teacher")
+    new_model(n_embd=64, seed=0, **shape).save_pretrained(run / "teacher")
     (run / "teacher" / "teacher.json").write_text("{}")  # what `make teacher` leaves when done
     _metrics(run / "teacher", alpha=1.0)
     for name, alpha, seed in (("ce", 1.0, 1), ("kd-a0.5", 0.5, 2)):
         folder = run / "students" / name
-        new_gpt2(n_embd=32, seed=seed, **shape).save_pretrained(folder)
+        new_model(n_embd=32, seed=seed, **shape).save_pretrained(folder)
         tokenizer.save_pretrained(str(folder))  # a complete folder has its tokenizer
         (folder / "config.yaml").write_text(yaml.safe_dump(
             {"distill": {"alpha": alpha, "temperature": 2.0, "k": 0}, "cache": {"k": 32}}))
@@ -92,7 +92,7 @@ def test_make_eval_writes_results_report_and_curves(fake_run):
                                                                               "students/ce"))
     assert table["students/kd-a0.5"]["ppl_change_vs_ce_pct"] == pytest.approx(
         100 * (kd["lm"]["perplexity"] / ce["lm"]["perplexity"] - 1))
-    assert results["cache"] is None
+    assert results["caches"] == []
 
     pngs = sorted(p.name for p in reports.glob("*.png"))
     assert pngs == ["curves_students_ce.png", "curves_students_kd-a0.5.png",
@@ -136,7 +136,7 @@ def test_unreadable_cache_is_described_not_fatal(fake_run, tmp_path):
                "minimal_pairs_files": {}, "malformed_lines": []}
     report = write_report(run, results)
     written = json.loads((run / "reports" / "results.json").read_text())
-    assert "error" in written["cache"] and "could not be read" in report.read_text()
+    assert "error" in written["caches"][0] and "could not be read" in report.read_text()
 
 
 def test_cache_facts_come_from_the_manifest(tmp_path):
@@ -150,7 +150,7 @@ def test_cache_facts_come_from_the_manifest(tmp_path):
     results = {"run_dir": str(run), "notes": [], "models": [], "minimal_pairs_dir": None,
                "minimal_pairs_files": {}, "malformed_lines": []}
     report = write_report(run, results).read_text()
-    cache = json.loads((run / "reports" / "results.json").read_text())["cache"]
+    cache, = json.loads((run / "reports" / "results.json").read_text())["caches"]
     assert (cache["k"], cache["value_code"], cache["tokens"], cache["shards_done"]) == (
         4, "gap8", 128, "0/2")
     assert cache["teacher"] == "name runs/demo/teacher, dtype fp32"
@@ -161,8 +161,8 @@ def test_cache_facts_come_from_the_manifest(tmp_path):
 def test_extra_model_with_its_own_tokenizer_skips_lm_metrics_but_scores_pairs(fake_run, tmp_path):
     other = train_bpe([TEXT], vocab_size=280, min_frequency=1)
     folder = tmp_path / "other-model"
-    new_gpt2(vocab_size=len(other), n_positions=32, n_layer=2, n_embd=32, n_head=2,
-             eos_token_id=other.eos_token_id).save_pretrained(folder)
+    new_model(vocab_size=len(other), n_positions=32, n_layer=2, n_embd=32, n_head=2,
+              eos_token_id=other.eos_token_id).save_pretrained(folder)
     other.save_pretrained(str(folder))
     cfg = load_config(CONFIG_DIR / "demo.yaml", [
         f"run_dir={fake_run}", "student.device=cpu", f"eval.models=[{folder}]",

@@ -17,8 +17,8 @@ def test_two_by_two_sweep_writes_four_runs_and_a_summary(tmp_path, capsys, monke
     cfg = config(root, "student.max_steps=3", "distill.sweep_alphas=[0.5, 0.8]",
                  "distill.sweep_temperatures=[1.0, 3.0]")
     opened = []
-    real_open = sweeper.open_cache
-    monkeypatch.setattr(sweeper, "open_cache", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
+    real_open = trainer.open_cache
+    monkeypatch.setattr(trainer, "open_cache", lambda *a, **kw: opened.append(1) or real_open(*a, **kw))
     rows = sweeper.sweep(cfg)
     names = {"kd-a0.5-T1-k8", "kd-a0.5-T3-k8", "kd-a0.8-T1-k8", "kd-a0.8-T3-k8"}
     assert {r["run"] for r in rows} == names and len(opened) == 1

@@ -142,7 +142,7 @@ def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
         cfg = trainer.as_cached(cfg)
         tokens, _ = loop.open_tokens(cfg)
         distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
-        assert distil.reads_values == (temperature != 2.0)  # at T_s the ids alone are read
+        assert distil.reads_values == (temperature != 2.0,)  # at T_s the ids alone are read
         out = trainer.train(cfg)
         assert out.name == f"kd-a0.5-T{temperature:g}-s32"
         saved = load_config(out / "config.yaml")
@@ -150,7 +150,7 @@ def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
             32, "sample", 2.0)
         card = read_card_facts(out)
         assert (card["k"], card["selection"]) == (32, "sample (32 draws at T = 2)")
-        assert card["cache_fingerprint"] == distil.cache.fingerprint
+        assert card["cache_fingerprint"] == distil.caches[0].fingerprint
         rows = metrics(out)
         assert all(r["kl"] > 0 for r in rows)
         assert np.mean([r["loss"] for r in rows[-3:]]) < np.mean([r["loss"] for r in rows[:3]])
@@ -238,10 +238,10 @@ import hashlib, sys, torch, torch.distributed as dist
 from configs import CONFIG_DIR, load_config
 from student import train as trainer
 from training import loop
-from training.models import new_gpt2
+from training.models import new_model
 cfg = load_config(CONFIG_DIR / "demo.yaml", sys.argv[2:])
 tokens, val = loop.open_tokens(cfg)
-model = new_gpt2(vocab_size=tokens.vocab_size, n_positions=tokens.seq_len, n_layer=2, n_embd=32, n_head=2)
+model = new_model(vocab_size=tokens.vocab_size, n_positions=tokens.seq_len, n_layer=2, n_embd=32, n_head=2)
 distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
 loop.fit(model, cfg=cfg, hp=cfg.student, out_dir=cfg.run_path / "students" / "ddp",
          tokens=tokens, val_tokens=val, distil=distil)

@@ -412,9 +412,8 @@ def _ensemble_figures(rows: list[dict], _results) -> list[dict]:
     cached = students[ensemble.ENSEMBLE]
     weighted = [r for name, r in students.items() if name.startswith("cached ensemble, weights")]
     best_weighted = min([cached, *weighted], key=lambda r: r["val_ppl"])
-    singles = [r for name, r in students.items() if name.startswith("cached KD, ")
-               and r is not cached]
-    best_single = min(singles, key=lambda r: r["val_ppl"])
+    best_single = min((students[f"cached KD, {name} (64 draws)"] for name in ensemble.TEACHERS),
+                      key=lambda r: r["val_ppl"])
     logit_average = students["online ensemble, logit average"]
     out = [_vs_online("BabyLM text, LLaMA student: val perplexity, cached ensemble (2 x 64 draws, "
                       "equal weights) vs online probability-mixture ensemble",
@@ -423,6 +422,12 @@ def _ensemble_figures(rows: list[dict], _results) -> list[dict]:
                 "mixture", f"{logit_average['vs_online_mixture_%']:+.2f} % (val ppl "
                 f"{logit_average['val_ppl']:.3f} vs {online['val_ppl']:.3f}; BLiMP "
                 f"{logit_average['blimp_%']:.2f} vs {online['blimp_%']:.2f} %)"),
+           _row(f"BabyLM text, LLaMA student: ensemble of two top-{ensemble.TOPK} caches vs "
+                "online probability mixture (what the heads miss)",
+                f"{students[ensemble.TOPK_ENSEMBLE]['vs_online_mixture_%']:+.2f} % val ppl; "
+                + "; ".join(f"T = {r['T']:g}: {r['mass_in_a_tail_%']:.2f} % of the mixture in a "
+                            f"tail bucket, KL {r['kl_nats_per_token']:.4f} nats/token"
+                            for r in rows if r["section"].startswith("top-"))),
            _row("BabyLM text, LLaMA student: best cached ensemble vs best single cached teacher "
                 "(a finding)", f"{best_weighted['run']} {best_weighted['val_ppl']:.3f} vs "
                 f"{best_single['run']} {best_single['val_ppl']:.3f} "

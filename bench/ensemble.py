@@ -7,14 +7,19 @@ setting the rows depend on pinned here:
 
   data      the 4 BabyLM 2023 sources in $BABYLM_KD_SHARED_DATA: 1.47M words, a 2048-entry BPE
   teachers  `gpt2` (4 x 128 GPT-2) and `llama` (4 x 128 LLaMA), one epoch each (`teachers:`)
-  caches    64 draws per position at T = 2 from each (the sampled cache bench.real_text judged)
+  caches    64 draws per position at T = 2 from each (the sampled cache bench.real_text judged),
+            and each one's top 64 (T = 1 and 2 stored), to measure what a top-k mixture misses
   students  2 x 64 LLaMA, half an epoch, same seed, T = 2, alpha = 0.5: CE; cached KD from each
-            teacher; the cached ensemble at equal weights and at the sweep's other weights; the
-            online ensemble with both targets (probability mixture, BabyLlama's logit average)
+            teacher; the cached ensemble at equal weights and at the sweep's other weights, and
+            from the two top-64 caches; the online ensemble with both targets (probability
+            mixture, BabyLlama's logit average)
 
 Each student row gives its validation perplexity, against the online probability mixture and
 against CE, and its BLiMP (filtered) accuracy (PAIRS_PER_FILE pairs per phenomenon, our
-convention). Then the LLaMA student's training step (bench.student's loop rows: CE, KD from one
+convention). The top-k section measures, on validation rows and the teachers' full
+distributions, what a mixture of two top-64 caches cannot know: the mixture's mass on the union
+of the heads that lies in one teacher's tail (the cached target leaves it in the tail bucket),
+and the KL from the true mixture to the cached target over those buckets. Then the LLaMA student's training step (bench.student's loop rows: CE, KD from one
 cache, KD from the ensemble's two, alternating in one process, in fresh processes) and its peak
 RSS when training (fresh processes, median of 3). `python -m bench.ensemble` prints the tables.
 """
@@ -41,6 +46,9 @@ BLIMP = SHARED_DATA / "blimp" / "blimp_filtered"
 SWEEP_WEIGHTS = ((0.25, 0.75), (0.75, 0.25))
 LOOP_STEPS, LOOP_PROCESSES, RSS_STEPS, RSS_REPEATS = 40, 5, 60, 3
 CE, SINGLE, ENSEMBLE = "CE baseline", "cached KD, gpt2 (64 draws)", "cached KD, ensemble (2 x 64 draws)"
+TOPK, TOPK_ENSEMBLE = 64, "cached KD, ensemble of the two top-64 caches"
+TOPK_SEQUENCES = 64
+"""Validation rows the top-k mixture's loss is measured on."""
 
 
 def settings(root: Path, data_dir: Path = DATA_DIR, *extra: str) -> list[str]:
@@ -65,14 +73,17 @@ def members(weights: tuple[float, float] = (1.0, 1.0)) -> str:
         f"{{teacher: {name}, weight: {w}}}" for name, w in zip(TEACHERS, weights)) + "]"
 
 
-def students() -> dict[str, list[str]]:
-    """Row name -> overrides."""
+def students(topk: dict[str, Path] | None = None) -> dict[str, list[str]]:
+    """Row name -> overrides; `topk`: each teacher's top-k cache, for the top-k ensemble row."""
     rows = {CE: ["distill.alpha=1"]}
     rows.update({f"cached KD, {name} (64 draws)": [f"distill.teachers=[{name}]"]
                  for name in TEACHERS})
     rows[ENSEMBLE] = [members()]
     rows.update({f"cached ensemble, weights {w[0]:g} / {w[1]:g}": [members(w)]
                  for w in SWEEP_WEIGHTS})
+    if topk:
+        rows[TOPK_ENSEMBLE] = ["distill.teachers=[" + ", ".join(
+            f"{{cache: {path}}}" for path in topk.values()) + "]", "distill.run=kd-topk-mix"]
     rows["online ensemble, probability mixture"] = [members(), "distill.mode=online"]
     rows["online ensemble, logit average"] = [members(), "distill.mode=online",
                                               "distill.ensemble=logits"]
@@ -84,7 +95,7 @@ def run(*, data_dir: Path = DATA_DIR, extra: tuple[str, ...] = (), root: Path | 
     """Build and train everything in a temporary directory (or `root`); rows of the tables.
     `extra` overrides go last (the tests shrink everything with them)."""
     from precompute.corpus import prepare
-    from precompute.logits import fill_caches
+    from precompute.logits import cache_split, fill_caches
     from precompute.teacher import train_teacher
     from storage.cache import cache_bytes
     from student.evaluate import read_suites, score_pairs
@@ -98,20 +109,24 @@ def run(*, data_dir: Path = DATA_DIR, extra: tuple[str, ...] = (), root: Path | 
         base = settings(tmp / "run", data_dir, *extra)
         cfg = load_config(CONFIG_DIR / "demo.yaml", base)
         stores = prepare(cfg)
-        rows = []
+        rows, topk = [], {}
         for view in cfg.each_teacher():
             info = train_teacher(view)
             fill_caches(view)
+            topk[view.teacher.name] = topk_cache(view, stores["train"], cache_split)
             tokens = _tokens(stores["train"])
             rows.append({"section": "teachers", "teacher": view.teacher.name,
                          "architecture": view.teacher.architecture,
                          "val_ppl": round(_teacher_ppl(info), 3),
                          "cache_bytes_per_token": round(
-                             cache_bytes(view.cache_dir / "train.zarr") / tokens, 1)})
+                             cache_bytes(view.cache_dir / "train.zarr") / tokens, 1),
+                         "topk_cache_bytes_per_token": round(
+                             cache_bytes(topk[view.teacher.name]) / tokens, 1)})
+        rows += topk_mixture_rows(cfg, stores["val"])
         suites = read_suites(cfg.eval.minimal_pairs, max_pairs_per_file=cfg.eval.max_pairs_per_file)
         tokenizer = load_tokenizer(cfg.run_path)
         ppl, blimp = {}, {}
-        for name, overrides in students().items():
+        for name, overrides in students(topk).items():
             run_cfg = load_config(CONFIG_DIR / "demo.yaml", [*base, *overrides])
             out = train(run_cfg)
             ppl[name] = read_metrics(out / "metrics.jsonl")[-1]["val_ppl"]
@@ -134,6 +149,67 @@ def run(*, data_dir: Path = DATA_DIR, extra: tuple[str, ...] = (), root: Path | 
     finally:
         if root is None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def topk_cache(view, tokens_path: Path, cache_split) -> Path:
+    """The teacher of `view`'s top-TOPK cache (T = 1 and 2 stored) beside its sampled one."""
+    from training.models import load_teacher, resolve_teacher, teacher_manifest
+
+    source = resolve_teacher(view)
+    model = load_teacher(source.model, device="cpu")
+    path = view.run_path / "topk" / view.teacher.name / "train.zarr"
+    topk_cfg = view.replace(**{"cache.selection": "topk", "cache.k": TOPK,
+                               "cache.temperatures": [1.0, 2.0]})
+    cache_split(model, source=source, teacher=teacher_manifest(source, dtype="fp32",
+                                                               quantization="none"),
+                tokens_path=tokens_path, cache_path=path, cfg=topk_cfg, device="cpu")
+    return path
+
+
+def topk_mixture_rows(cfg, val_path: Path, *, weights: tuple[float, float] = (0.5, 0.5)
+                      ) -> list[dict]:
+    """What an equal-weight mixture of the teachers' top-TOPK caches misses, per position on
+    TOPK_SEQUENCES validation rows, from the teachers' full distributions at T = 1 and 2.
+
+    The true mixture p = sum_i w_i p_i; the cached target holds, for each id of the union U of
+    the heads, sum_i w_i p_i over the heads holding it, and 1 minus that in the tail bucket.
+    Rows: the mean share of p in U, the mean mass of p on U the cache puts in the bucket (what
+    lay in another teacher's tail), and KL(p || cached) over the buckets (U's ids and the rest),
+    beside a single teacher's head mass."""
+    import torch
+
+    from storage.tokens import open_token_store
+    from training.models import load_teacher
+
+    store = open_token_store(val_path)
+    rows = store.read(0, min(TOPK_SEQUENCES, store.n_sequences))
+    tokens = torch.from_numpy(rows.astype("int64"))
+    teachers = [load_teacher(str(view.teacher_dir)) for view in cfg.each_teacher()]
+    with torch.no_grad():
+        logits = [torch.cat([t(input_ids=batch).logits.float() for batch in tokens.split(16)])
+                  for t in teachers]
+    out = []
+    for temperature in (1.0, 2.0):
+        probs = [torch.softmax(z / temperature, -1) for z in logits]
+        heads = [torch.zeros_like(p).scatter_(-1, z.topk(TOPK, -1).indices, 1.0)
+                 for p, z in zip(probs, logits)]
+        union = torch.clamp(heads[0] + heads[1], max=1.0)
+        mixture = sum(w * p for w, p in zip(weights, probs))
+        cached = sum(w * p * head for w, p, head in zip(weights, probs, heads))
+        true_union, cached_union = (mixture * union).sum(-1), cached.sum(-1)
+        kl = ((mixture * union) * torch.log((mixture * union).clamp(min=1e-30)
+                                            / cached.clamp(min=1e-30))).sum(-1) \
+            + (1 - true_union) * torch.log((1 - true_union).clamp(min=1e-30)
+                                           / (1 - cached_union).clamp(min=1e-30))
+        out.append({"section": f"top-{TOPK} mixture: what the caches cannot know "
+                               f"({TOPK_SEQUENCES} validation rows)", "T": temperature,
+                    "head_mass_gpt2": round(float((probs[0] * heads[0]).sum(-1).mean()), 4),
+                    "head_mass_llama": round(float((probs[1] * heads[1]).sum(-1).mean()), 4),
+                    "union_ids": round(float(union.sum(-1).mean()), 1),
+                    "mixture_mass_on_union": round(float(true_union.mean()), 4),
+                    "mass_in_a_tail_%": round(100 * float((true_union - cached_union).mean()), 3),
+                    "kl_nats_per_token": round(float(kl.mean()), 5)})
+    return out
 
 
 def _tokens(path: Path) -> int:

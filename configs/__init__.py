@@ -489,15 +489,11 @@ def _build(raw: dict, source: str) -> Config:
     teachers = values.pop("teachers")
     sections = [(values, "")] + [({**values, "teacher": section}, f"teachers.{name}.")
                                  for name, section in teachers.items()]
-    for key, check, expected in _RULES:
+    rules = [*_RULES, *((key, lambda v: v > 0, "positive") for key in _POSITIVE),
+             *((key, lambda v: v >= 0, "at least 0") for key in _NON_NEGATIVE)]
+    for key, check, expected in rules:  # teacher rules hold for every named teacher too
         for tree, prefix in sections if key.startswith("teacher.") else sections[:1]:
             _check(tree, key, check, expected, source, prefix)
-    for key in _POSITIVE:
-        for tree, prefix in sections if key.startswith("teacher.") else sections[:1]:
-            _check(tree, key, lambda v: v > 0, "positive", source, prefix)
-    for key in _NON_NEGATIVE:
-        for tree, prefix in sections if key.startswith("teacher.") else sections[:1]:
-            _check(tree, key, lambda v: v >= 0, "at least 0", source, prefix)
     _check_ensemble(config, source)
     if config.cache.k > config.tokenizer.vocab_size and config.tokenizer.kind == "bpe":
         raise ConfigError(f"{source}: cache.k = {config.cache.k} is larger than the vocabulary "

@@ -347,7 +347,8 @@ def own_tokenizer(source: str):
 
 def training_facts(folder: Path) -> dict:
     """alpha, temperature, mode and the k it distilled from (distill.k = 0 means the cached k;
-    none for the CE baseline) from a student's resolved config.yaml (empty when absent)."""
+    none for the CE baseline or an ensemble) from a student's resolved config.yaml (empty when
+    absent)."""
     path = folder / "config.yaml"
     if file_problem(path):  # missing, or a pipe that would block the read
         return {}
@@ -358,7 +359,8 @@ def training_facts(folder: Path) -> dict:
     except (OSError, yaml.YAMLError, AttributeError):
         return {}
     facts = {key: distill[key] for key in ("alpha", "temperature", "mode") if key in distill}
-    if distill.get("alpha") != 1 and distill.get("mode", "cached") == "cached":
+    if distill.get("alpha") != 1 and distill.get("mode", "cached") == "cached" and len(
+            distill.get("teachers") or ()) < 2:  # an ensemble's caches each have their own k
         facts["k"] = distill.get("k") or cached_k
     return facts
 

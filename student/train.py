@@ -192,9 +192,6 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
                          for member in members)
         return Distillation(alpha=d.alpha, temperature=d.temperature, teachers=teachers,
                             weights=weights, ensemble=d.ensemble)
-    if d.ensemble == "logits" and len(members) > 1:
-        raise UserError("distill.ensemble = 'logits' needs every teacher logit, which a cache does "
-                        "not hold: use distill.ensemble=probability, or distill.mode=online")
     caches = caches or open_caches(cfg, tokens, vocab_size=vocab_size)
     if len(caches) > 1 and d.k:
         raise UserError(f"distill.k = {d.k}: an ensemble reads every entry of each cache "

@@ -174,7 +174,10 @@ def test_ensemble_bench_runs_two_teachers_and_llama_students(tmp_path, shared_da
                                                                     ("llama", "llama")]
     assert all(0 < r["cache_bytes_per_token"] < 100 for r in teachers)
     students = {r["run"]: r for r in rows if r["section"].startswith("students")}
-    assert list(students) == list(ensemble.students())
+    assert list(students) == list(ensemble.students({"gpt2": tmp_path, "llama": tmp_path}))
+    topk = [r for r in rows if r["section"].startswith("top-")]
+    assert [r["T"] for r in topk] == [1.0, 2.0]
+    assert all(0 <= r["mass_in_a_tail_%"] < 100 and r["kl_nats_per_token"] >= 0 for r in topk)
     assert all(1 < r["val_ppl"] < 512 and 0 <= r["blimp_%"] <= 100 for r in students.values())
     assert students["online ensemble, probability mixture"]["vs_online_mixture_%"] == 0
     assert (tmp_path / "run" / "students" / "kd-a0.5-T2-mix-gpt2_0.5-llama_0.5").is_dir()

@@ -40,7 +40,8 @@ FIXED_KEYS = ("n_layer", "n_embd", "n_head", "n_positions", "batch_size", "grad_
 checkpoint's cursor points into (as do every `data.` and `tokenizer.` setting)."""
 NEUTRAL_KEYS = ("device", "eval_every", "checkpoint_every", "save_at_words",
                 "resume_with_new_settings", "run",
-                "sweep_alphas", "sweep_temperatures", "sweep_ks", "splits", "batch_size")
+                "sweep_alphas", "sweep_temperatures", "sweep_ks", "sweep_weights", "splits",
+                "batch_size")
 """Settings that do not change what a checkpoint continues (where to run, how often to log or
 save, the sweep's grid, the logits job's own batch); `batch_size` only outside the trained
 section."""

@@ -170,11 +170,11 @@ def mixture_targets(members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     `teacher_buckets` or `sampled_targets` at one temperature; weights: one per teacher, summing
     to 1. Returns (ids, log_p, p_tail) over the k_1 + ... + k_n slots: the ids sorted so an id's
     slots are adjacent, each slot holding its id's mixed probability, and p_tail = sum w_i
-    p_tail_i.
+    p_tail_i. (On the CPU the C kernel gives each distinct id one slot, in first-slot order, and
+    repeats the last over the slots left: the same target, without a sort.)
 
-    Draws stay draws: an id's probability is the weighted sum of its slots' shares (a run of r
-    repeats holding p has p / r at each slot), so mixing sampled caches is the weighted union of
-    their draws, an unbiased estimate of the mixture. A top-k cache knows its head alone: an id in
+    Draws stay draws: an id's probability is the weighted sum of its members' probabilities of it
+    (a run of repeats counts once), so mixing sampled caches is the weighted union of their draws, an unbiased estimate of the mixture. A top-k cache knows its head alone: an id in
     teacher A's head that lies in teacher B's tail gets only w_A p_A from the head, and B's
     share of it, at most w_B times B's k-th probability, stays in the tail bucket
     (docs/architecture.md, "Ensembles"). With one teacher the targets are returned unchanged.
@@ -182,22 +182,19 @@ def mixture_targets(members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     if len(members) == 1:
         return members[0]
     ids = torch.cat([member_ids for member_ids, _, _ in members], -1)
-    shares = torch.cat([weight * _slot_shares(member_ids, log_p)
+    # a run of repeats holds its id's total at each slot: its first slot carries it, the rest 0
+    shares = torch.cat([(log_p.exp() * first_slots(member_ids)).mul_(weight)
                         for (member_ids, log_p, _), weight in zip(members, weights)], -1)
+    p_tail = sum(weight * tail for (_, _, tail), weight in zip(members, weights))
+    kernel = rows_kernel() if fits_kernel(ids, shares) and ids.shape[-1] else None
+    if kernel is not None:  # one pass per row; torch's sort of many short rows costs ~30 x more
+        ids, log_p = kernel.mixture_targets(ids, shares)
+        return ids, log_p, p_tail
     ids, order = ids.sort(dim=-1, stable=True)
     shares = shares.gather(-1, order)
     run = first_slots(ids).cumsum(-1) - 1  # which run of one id each slot is in
     log_p = torch.zeros_like(shares).scatter_add_(-1, run, shares).gather(-1, run).log_()
-    p_tail = sum(weight * tail for (_, _, tail), weight in zip(members, weights))
     return ids, log_p, p_tail
-
-
-def _slot_shares(ids: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """Each slot's share of its id's probability: exp(log_p) over the length of the slot's run
-    of repeats (log_p holds the run's total at each of its slots)."""
-    run = first_slots(ids).cumsum(-1) - 1
-    lengths = torch.zeros_like(log_p).scatter_add_(-1, run, torch.ones_like(log_p)).gather(-1, run)
-    return log_p.exp() / lengths
 
 
 def ensemble_log_probs(teacher_logits: list[torch.Tensor], weights: list[float], *,

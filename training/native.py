@@ -72,8 +72,8 @@ class _Call(ctypes.Structure):
 
 
 class RowsKernel:
-    """rows.c's fused_forward, fused_backward, teacher_buckets and sampled_targets over torch
-    tensors; rows.c has the maths.
+    """rows.c's fused_forward, fused_backward, teacher_buckets, sampled_targets and
+    mixture_targets over torch tensors; rows.c has the maths.
 
     Every tensor is contiguous on the CPU, float32 but for the int64 labels and ids
     (`fits_kernel`). Both split the rows over torch.get_num_threads() threads where there is
@@ -92,6 +92,11 @@ class RowsKernel:
         self._sampled = library.sampled_targets
         self._sampled.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_float, ctypes.c_void_p]
+        self._mixture = library.mixture_targets
+        self._mixture.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p]
+        self._mixture.restype = ctypes.c_int
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor,
                 teacher: TeacherRows | None) -> dict[str, torch.Tensor]:
@@ -134,6 +139,20 @@ class RowsKernel:
         self._sampled(ids.data_ptr(), _address(logits), ids.numel() // m, m, scale,
                       log_p.data_ptr())
         return log_p
+
+
+    def mixture_targets(self, ids: torch.Tensor, shares: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log_p) shaped as ids (..., k): each distinct id once with the log of its
+        slots' summed shares, in first-slot order, the last repeated over the slots left (see
+        losses.mixture_targets)."""
+        k = ids.shape[-1]
+        vocab = int(ids.max()) + 1 if ids.numel() else 1
+        ids_out, log_p, scratch = torch.empty_like(ids), torch.empty_like(shares), torch.zeros(vocab)
+        if self._mixture(ids.data_ptr(), shares.data_ptr(), ids.numel() // k, k, vocab,
+                         scratch.data_ptr(), ids_out.data_ptr(), log_p.data_ptr()):
+            raise IndexError("a cached teacher id is negative")
+        return ids_out, log_p
 
 
 def _call(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherRows | None,

@@ -435,3 +435,39 @@ void sampled_targets(const int64_t *ids, const float *z, int64_t rows, int64_t m
         for (int64_t i = 0; i < m; i++) w[i] = fast_log(w[i]) - log_total;
     }
 }
+
+/* losses.mixture_targets over rows of k slots (several teachers' slots side by side): each id's
+   probability is the sum of its slots' shares, accumulated in `scratch` (vocab floats, zero on
+   entry and on return), so no sort is needed. The row's distinct ids come out in the order of
+   their first slots, each with the log of its sum, and the slots left over repeat the last one
+   (adjacent repeats count once in the loss). Returns 1, writing nothing more, at an id outside
+   [0, vocab). */
+int mixture_targets(const int64_t *ids, const float *shares, int64_t rows, int64_t k,
+                    int64_t vocab, float *scratch, int64_t *ids_out, float *log_p) {
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t *id = ids + r * k;
+        const float *share = shares + r * k;
+        int64_t *out = ids_out + r * k, n = 0;
+        float *lp = log_p + r * k;
+        for (int64_t i = 0; i < k; i++) {
+            if (id[i] < 0 || id[i] >= vocab) {
+                for (int64_t j = 0; j < i; j++) scratch[id[j]] = 0.0f;
+                return 1;
+            }
+            scratch[id[i]] += share[i];
+        }
+        for (int64_t i = 0; i < k; i++) {
+            float total = scratch[id[i]];
+            if (total < 0.0f) continue; /* emitted already */
+            out[n] = id[i];
+            lp[n++] = total > 1e-30f ? fast_log(total) : logf(total);
+            scratch[id[i]] = -1.0f;
+        }
+        for (int64_t j = 0; j < n; j++) scratch[out[j]] = 0.0f;
+        for (int64_t j = n; j < k; j++) {
+            out[j] = out[n - 1];
+            lp[j] = lp[n - 1];
+        }
+    }
+    return 0;
+}

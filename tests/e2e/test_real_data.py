@@ -85,3 +85,52 @@ def assert_every_model_folder_loads(run_dir, models):
         scores = read_card_facts(folder)["minimal_pairs"]
         assert scores["blimp_filtered"]["ours"] == \
             models[name]["minimal_pairs"]["blimp_filtered"]["ours"]["macro_accuracy"]
+
+
+@pytest.mark.slow
+def test_strict_small_recipe_through_the_make_targets(shared_data, tmp_path):
+    """configs/babylm-strict-small.yaml, scaled down in steps and sizes only, through `make`:
+    two teachers from scratch (a GPT-2 and a LLaMA), each cached once, a LLaMA CE baseline and
+    ensemble students (distill, and the sweep over weights), evaluated on BLiMP."""
+    pairs = tmp_path / "blimp-subset" / "blimp_filtered"
+    pairs.mkdir(parents=True)
+    for name in BLIMP_PHENOMENA:
+        (pairs / f"{name}.jsonl").symlink_to(
+            shared_data / "blimp" / "blimp_filtered" / f"{name}.jsonl")
+    run_dir = tmp_path / "run"
+    smaller = [f"run_dir={run_dir}", f"data.dir={shared_data / 'babylm' / '2023' / 'train_10M'}",
+               "tokenizer.vocab_size=1024", "teacher.max_steps=30", "teacher.batch_size=16",
+               "teacher.grad_accum=1", "teacher.warmup_steps=5", "teacher.dtype=fp32",
+               "teacher.device=cpu", "cache.k=16", "student.n_layer=1", "student.n_embd=32",
+               "student.n_head=2", "student.intermediate_size=0", "student.max_steps=15",
+               "student.batch_size=16", "student.warmup_steps=5", "student.device=cpu",
+               "student.save_at_words=[10000]", f"eval.minimal_pairs={pairs.parent}",
+               "eval.max_pairs_per_file=20",
+               *(f"teachers.{name}.{key}={value}" for name in ("gpt2", "llama")
+                 for key, value in (("n_layer", 1), ("n_embd", 32), ("n_head", 2),
+                                    ("intermediate_size", 0)))]
+    for target in ("data", "teacher", "teacher-logits", "baseline", "distill", "sweep", "eval"):
+        result = subprocess.run(["make", "-s", target, f"PY={sys.executable}",
+                                 f"CONFIG={REPO / 'configs' / 'babylm-strict-small.yaml'}",
+                                 "ARGS=" + " ".join(smaller)], cwd=REPO, capture_output=True,
+                                text=True, timeout=900)
+        assert result.returncode == 0, f"make {target} failed:\n{result.stderr[-3000:]}"
+
+    for name, family in (("gpt2", "gpt2"), ("llama", "llama")):
+        assert (run_dir / "teachers" / name / "teacher.json").is_file()
+        config = json.loads((run_dir / "teachers" / name / "config.json").read_text())
+        assert config["model_type"] == family
+        manifest = json.loads((run_dir / "caches" / name / "train.zarr" / "zarr.json").read_text())
+        assert manifest["attributes"]["manifest"]["selection"]["kind"] == "sample"
+    results = json.loads((run_dir / "reports" / "results.json").read_text())
+    models = {entry["name"]: entry for entry in results["models"]}
+    assert set(models) == {"teachers/gpt2", "teachers/llama", "students/baseline",
+                           "students/kd-a0.5-T2-mix-gpt2_0.5-llama_0.5",
+                           "students/kd-a0.5-T2-mix-gpt2_0.25-llama_0.75",
+                           "students/kd-a0.5-T2-mix-gpt2_0.75-llama_0.25"}
+    for entry in models.values():
+        assert 1 < entry["lm"]["perplexity"] < 1024
+        assert 0 <= entry["minimal_pairs"]["blimp_filtered"]["ours"]["macro_accuracy"] <= 1
+    student = run_dir / "students" / "kd-a0.5-T2-mix-gpt2_0.5-llama_0.5"
+    assert json.loads((student / "config.json").read_text())["model_type"] == "llama"
+    assert (student / "checkpoints" / "chck_10K" / "tokenizer.json").is_file()

@@ -12,6 +12,7 @@ results.json without evaluating again.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -100,7 +101,7 @@ def _series(rows: list[dict], key: str) -> tuple[list, list]:
 def plot_curves(run_path: Path, out_dir: Path, results: dict) -> list[str]:
     """The report's figures; returns their file names, the answer first:
       * validation.png: validation loss against tokens seen for every student (the CE baseline
-        among them) on one axis, zoomed to where they differ, the teacher's value as a line;
+        among them) on one axis, zoomed to where they differ, each teacher's value as a line;
       * pairs.png: minimal-pair accuracy per field (our convention) for each model;
       * curves_<run>.png: each run's train loss (and CE) and validation loss."""
     runs = {}
@@ -129,7 +130,7 @@ def plot_curves(run_path: Path, out_dir: Path, results: dict) -> list[str]:
 
 def plot_validation(students: dict[str, list[dict]], results: dict, path: Path) -> None:
     """Validation loss against tokens seen, one line per student; the y axis spans the second
-    half of training, where the runs differ, and the teacher's loss is a line on it (or, when
+    half of training, where the runs differ, and each teacher's loss is a line on it (or, when
     far below, a legend entry)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     late = []
@@ -142,13 +143,15 @@ def plot_validation(students: dict[str, list[dict]], results: dict, path: Path) 
     low, high = (min(late), max(late)) if late else (0.0, 1.0)
     margin = max(0.05 * (high - low), 1e-3)
     ax.set_ylim(low - margin, high + margin)
-    teacher = next((r.get("lm", {}).get("loss") for r in results["models"]
-                    if r["kind"] == "teacher" and r.get("lm")), None)
-    if teacher is not None and low - margin <= teacher <= high + margin:
-        ax.axhline(teacher, color="black", linestyle="--", linewidth=1, label="teacher")
-    elif teacher is not None:  # off the zoomed axis: said in the legend, not drawn
-        where = "below" if teacher < low else "above"
-        ax.plot([], [], "k--", linewidth=1, label=f"teacher {teacher:.3f} ({where} the axis)")
+    teachers = [(r["name"], r["lm"]["loss"]) for r in results["models"]
+                if r["kind"] == "teacher" and r.get("lm")]
+    for (name, teacher), style in zip(teachers, itertools.cycle(("--", ":", "-."))):
+        if low - margin <= teacher <= high + margin:
+            ax.axhline(teacher, color="black", linestyle=style, linewidth=1, label=name)
+        else:  # off the zoomed axis: said in the legend, not drawn
+            where = "below" if teacher < low else "above"
+            ax.plot([], [], color="black", linestyle=style, linewidth=1,
+                    label=f"{name} {teacher:.3f} ({where} the axis)")
     ax.set_ylabel("validation loss (nats/token)")
     _finish(fig, ax, "validation loss while training", path)
 

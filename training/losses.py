@@ -181,15 +181,16 @@ def mixture_targets(members: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor
     """
     if len(members) == 1:
         return members[0]
-    ids = torch.cat([member_ids for member_ids, _, _ in members], -1)
+    p_tail = sum(weight * tail for (_, _, tail), weight in zip(members, weights))
+    pairs = [(member_ids, log_p) for member_ids, log_p, _ in members]
+    kernel = rows_kernel() if fits_kernel(*(t for pair in pairs for t in pair)) else None
+    if kernel is not None:  # one pass per row; torch's sort of many short rows costs ~10 x more
+        ids, log_p = kernel.mixture_targets(pairs, list(weights))
+        return ids, log_p, p_tail
+    ids = torch.cat([member_ids for member_ids, _ in pairs], -1)
     # a run of repeats holds its id's total at each slot: its first slot carries it, the rest 0
     shares = torch.cat([(log_p.exp() * first_slots(member_ids)).mul_(weight)
-                        for (member_ids, log_p, _), weight in zip(members, weights)], -1)
-    p_tail = sum(weight * tail for (_, _, tail), weight in zip(members, weights))
-    kernel = rows_kernel() if fits_kernel(ids, shares) and ids.shape[-1] else None
-    if kernel is not None:  # one pass per row; torch's sort of many short rows costs ~30 x more
-        ids, log_p = kernel.mixture_targets(ids, shares)
-        return ids, log_p, p_tail
+                        for (member_ids, log_p), weight in zip(pairs, weights)], -1)
     ids, order = ids.sort(dim=-1, stable=True)
     shares = shares.gather(-1, order)
     run = first_slots(ids).cumsum(-1) - 1  # which run of one id each slot is in

@@ -93,7 +93,8 @@ class RowsKernel:
         self._sampled.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_float, ctypes.c_void_p]
         self._mixture = library.mixture_targets
-        self._mixture.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+        self._mixture.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                   ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p]
         self._mixture.restype = ctypes.c_int
@@ -141,18 +142,24 @@ class RowsKernel:
         return log_p
 
 
-    def mixture_targets(self, ids: torch.Tensor, shares: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, log_p) shaped as ids (..., k): each distinct id once with the log of its
-        slots' summed shares, in first-slot order, the last repeated over the slots left (see
-        losses.mixture_targets)."""
-        k = ids.shape[-1]
-        vocab = int(ids.max()) + 1 if ids.numel() else 1
-        ids_out, log_p, scratch = torch.empty_like(ids), torch.empty_like(shares), torch.zeros(vocab)
-        if self._mixture(ids.data_ptr(), shares.data_ptr(), ids.numel() // k, k, vocab,
-                         scratch.data_ptr(), ids_out.data_ptr(), log_p.data_ptr()):
+    def mixture_targets(self, members: list[tuple[torch.Tensor, torch.Tensor]],
+                        weights: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, log_p) shaped (..., k_1 + ... + k_n) from each member's (ids, log_p) (..., k_i)
+        and weight: each distinct id once with the log of its mixed probability, in first-slot
+        order, the last repeated over the slots left (see losses.mixture_targets)."""
+        n = len(members)
+        widths = [member_ids.shape[-1] for member_ids, _ in members]
+        shape = (*members[0][0].shape[:-1], sum(widths))
+        vocab = max(int(member_ids.max()) for member_ids, _ in members) + 1
+        ids, log_p, scratch = torch.empty(shape, dtype=torch.int64), torch.empty(shape), \
+            torch.zeros(vocab)
+        if self._mixture((ctypes.c_void_p * n)(*(m.data_ptr() for m, _ in members)),
+                         (ctypes.c_void_p * n)(*(lp.data_ptr() for _, lp in members)),
+                         (ctypes.c_float * n)(*weights), (ctypes.c_int64 * n)(*widths), n,
+                         ids.numel() // shape[-1], vocab, scratch.data_ptr(), ids.data_ptr(),
+                         log_p.data_ptr()):
             raise IndexError("a cached teacher id is negative")
-        return ids_out, log_p
+        return ids, log_p
 
 
 def _call(logits: torch.Tensor, labels: torch.Tensor, teacher: TeacherRows | None,

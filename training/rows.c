@@ -436,34 +436,52 @@ void sampled_targets(const int64_t *ids, const float *z, int64_t rows, int64_t m
     }
 }
 
-/* losses.mixture_targets over rows of k slots (several teachers' slots side by side): each id's
-   probability is the sum of its slots' shares, accumulated in `scratch` (vocab floats, zero on
+/* losses.mixture_targets: `members` teachers' targets, member m's ids and log_p rows of
+   widths[m] slots at ids[m] and log_p_in[m], mixed with weights[m] into rows of k = sum widths
+   slots. A run of repeats holds its id's total at each slot, so only a run's first slot counts:
+   its share is weight * exp(log_p). Shares are summed per id in `scratch` (vocab floats, zero on
    entry and on return), so no sort is needed. The row's distinct ids come out in the order of
    their first slots, each with the log of its sum, and the slots left over repeat the last one
-   (adjacent repeats count once in the loss). Returns 1, writing nothing more, at an id outside
-   [0, vocab). */
-int mixture_targets(const int64_t *ids, const float *shares, int64_t rows, int64_t k,
+   (adjacent repeats count once in the loss). The members are read in place: concatenating them
+   first would cost fresh pages of memory per step. Returns 1, writing nothing more, at an id
+   outside [0, vocab). */
+int mixture_targets(const int64_t *const *ids, const float *const *log_p_in,
+                    const float *weights, const int64_t *widths, int64_t members, int64_t rows,
                     int64_t vocab, float *scratch, int64_t *ids_out, float *log_p) {
+    int64_t k = 0;
+    for (int64_t m = 0; m < members; m++) k += widths[m];
     for (int64_t r = 0; r < rows; r++) {
-        const int64_t *id = ids + r * k;
-        const float *share = shares + r * k;
         int64_t *out = ids_out + r * k, n = 0;
         float *lp = log_p + r * k;
+        /* the row's slots and their shares, in place in the outputs (vector loops: exp and log
+           are the arithmetic here) */
+        for (int64_t m = 0, at = 0; m < members; at += widths[m++]) {
+            const int64_t *id = ids[m] + r * widths[m];
+            const float *in = log_p_in[m] + r * widths[m];
+            for (int64_t i = 0; i < widths[m]; i++) out[at + i] = id[i];
+            for (int64_t i = 0; i < widths[m]; i++) lp[at + i] = weights[m] * fast_exp(in[i]);
+            for (int64_t i = 1; i < widths[m]; i++) lp[at + i] = id[i] != id[i - 1] ? lp[at + i] : 0.0f;
+        }
         for (int64_t i = 0; i < k; i++) {
-            if (id[i] < 0 || id[i] >= vocab) {
-                for (int64_t j = 0; j < i; j++) scratch[id[j]] = 0.0f;
+            if (out[i] < 0 || out[i] >= vocab) {
+                for (int64_t j = 0; j < i; j++) scratch[out[j]] = 0.0f;
                 return 1;
             }
-            scratch[id[i]] += share[i];
+            scratch[out[i]] += lp[i];
         }
-        for (int64_t i = 0; i < k; i++) {
-            float total = scratch[id[i]];
+        for (int64_t i = 0; i < k; i++) { /* compacted in place: n <= i */
+            int64_t id = out[i];
+            float total = scratch[id];
             if (total < 0.0f) continue; /* emitted already */
-            out[n] = id[i];
-            lp[n++] = total > 1e-30f ? fast_log(total) : logf(total);
-            scratch[id[i]] = -1.0f;
+            out[n] = id;
+            lp[n++] = total;
+            scratch[id] = -1.0f;
         }
-        for (int64_t j = 0; j < n; j++) scratch[out[j]] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            scratch[out[j]] = 0.0f;
+            /* a total that underflowed to 0 becomes e^-69, as good as 0 in the loss */
+            lp[j] = fast_log(lp[j] > 1e-30f ? lp[j] : 1e-30f);
+        }
         for (int64_t j = n; j < k; j++) {
             out[j] = out[n - 1];
             lp[j] = lp[n - 1];

@@ -238,12 +238,12 @@ import hashlib, sys, torch, torch.distributed as dist
 from configs import CONFIG_DIR, load_config
 from student import train as trainer
 from training import loop
-from training.models import new_model
+from training.models import new_model_of
 cfg = load_config(CONFIG_DIR / "demo.yaml", sys.argv[2:])
 tokens, val = loop.open_tokens(cfg)
-model = new_model(vocab_size=tokens.vocab_size, n_positions=tokens.seq_len, n_layer=2, n_embd=32, n_head=2)
+model = new_model_of(cfg.student, vocab_size=tokens.vocab_size, eos_token_id=0)
 distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
-loop.fit(model, cfg=cfg, hp=cfg.student, out_dir=cfg.run_path / "students" / "ddp",
+loop.fit(model, cfg=cfg, hp=cfg.student, out_dir=cfg.run_path / "students" / cfg.distill.run,
          tokens=tokens, val_tokens=val, distil=distil)
 digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters())).hexdigest()
 open(f"{sys.argv[1]}/rank{dist.get_rank()}.txt", "w").write(digest)
@@ -251,20 +251,22 @@ dist.destroy_process_group()
 """
 
 
-def test_two_ddp_ranks_train_on_disjoint_shares_and_agree(run_dir, tmp_path):
+@pytest.mark.parametrize("architecture", ["gpt2", "llama"])
+def test_two_ddp_ranks_train_on_disjoint_shares_and_agree(run_dir, tmp_path, architecture):
     script = tmp_path / "ddp_child.py"
     script.write_text(DDP_CHILD)
     torchrun = Path(sys.executable).with_name("torchrun")
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
          *overrides(run_dir, "student.max_steps=6", "student.eval_every=3",
-                    "student.dropout=0.1")],
+                    "student.dropout=0.1", f"student.architecture={architecture}",
+                    f"distill.run=ddp-{architecture}")],
         cwd=REPO, capture_output=True, text=True, timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert result.returncode == 0, result.stderr[-3000:]
     digests = {(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)}
     assert len(digests) == 1
-    rows = metrics(run_dir / "students" / "ddp")
+    rows = metrics(run_dir / "students" / f"ddp-{architecture}")
     assert len(rows) == 6 and rows[-1]["tokens"] == 6 * 16 * 31 and "val_loss" in rows[2]
 
 

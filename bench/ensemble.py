@@ -19,9 +19,10 @@ against CE, and its BLiMP (filtered) accuracy (PAIRS_PER_FILE pairs per phenomen
 convention). The top-k section measures, on validation rows and the teachers' full
 distributions, what a mixture of two top-64 caches cannot know: the mixture's mass on the union
 of the heads that lies in one teacher's tail (the cached target leaves it in the tail bucket),
-and the KL from the true mixture to the cached target over those buckets. Then the LLaMA student's training step (bench.student's loop rows: CE, KD from one
-cache, KD from the ensemble's two, alternating in one process, in fresh processes) and its peak
-RSS when training (fresh processes, median of 3). `python -m bench.ensemble` prints the tables.
+and the KL from the true mixture to the cached target over those buckets. Then the LLaMA
+student's training step (bench.student's loop rows: CE, KD from one cache, KD from the
+ensemble's two, alternating in one process, in fresh processes) and its peak RSS when training
+(fresh processes, median of 3). `python -m bench.ensemble` prints the tables.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ PAIRS_PER_FILE = 50
 BLIMP = SHARED_DATA / "blimp" / "blimp_filtered"
 SWEEP_WEIGHTS = ((0.25, 0.75), (0.75, 0.25))
 LOOP_STEPS, LOOP_PROCESSES, RSS_STEPS, RSS_REPEATS = 40, 5, 60, 3
-CE, SINGLE, ENSEMBLE = "CE baseline", "cached KD, gpt2 (64 draws)", "cached KD, ensemble (2 x 64 draws)"
+CE, SINGLE = "CE baseline", "cached KD, gpt2 (64 draws)"
+ENSEMBLE = "cached KD, ensemble (2 x 64 draws)"
 TOPK, TOPK_ENSEMBLE = 64, "cached KD, ensemble of the two top-64 caches"
 TOPK_SEQUENCES = 64
 """Validation rows the top-k mixture's loss is measured on."""

@@ -14,7 +14,7 @@ import errno
 import os
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from configs import CONFIG_DIR, Config, UserError, load_config
 
@@ -49,6 +49,21 @@ def run(main: Callable[..., object], description: str, argv: list[str] | None = 
         config, args = parse(description, argv, extra)
         return main(config, args) if extra else main(config)
     exit_on_user_error(body)
+
+
+def teacher_option(parser: argparse.ArgumentParser) -> None:
+    """`--teacher NAME` of the modules that make or cache teachers (`make ... TEACHER=NAME`)."""
+    parser.add_argument("--teacher", default="", metavar="NAME",
+                        help="only the teacher NAME of the config's `teachers:` (default: all)")
+
+
+def chosen_teachers(cfg: Config, args: argparse.Namespace) -> Iterator[Config]:
+    """The views of `cfg` for `--teacher` (or every teacher in turn), each announced with a
+    line when the config has several."""
+    for view in cfg.each_teacher(args.teacher):
+        if len(cfg.teachers) > 1:
+            print(f"--- teacher {view.teacher.name}", flush=True)
+        yield view
 
 
 def reproducible_cpu_math() -> None:

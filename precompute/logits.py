@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from configs import Config, UserError
+from configs.cli import chosen_teachers, teacher_option
 from storage.cache import cache_bytes, create_cache
 from storage.tokens import TokenStore, open_token_store
 from training.device import barrier, setup_distributed
@@ -378,19 +379,12 @@ def summary_line(summary: dict) -> str:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    for view in cfg.each_teacher(args.teacher):
-        if len(cfg.teachers) > 1:
-            print(f"--- teacher {view.teacher.name}", flush=True)
+    for view in chosen_teachers(cfg, args):
         fill_caches(view)
-
-
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--teacher", default="", metavar="NAME",
-                        help="only the teacher NAME of the config's `teachers:` (default: all)")
 
 
 if __name__ == "__main__":
     from configs.cli import run
 
     run(main, "Run the teacher once over the token stores and write its logit cache.",
-        extra=_arguments)
+        extra=teacher_option)

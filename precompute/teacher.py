@@ -16,7 +16,8 @@ What is trained, chosen by the config:
 A config with several named teachers (`teachers:`) trains each in turn, or the one named by
 `--teacher NAME` (`make teacher TEACHER=NAME`), each into `<run>/teachers/<name>/`.
 
-Output, `<run>/teacher/` (or `teachers/<name>/`): the loop's config.yaml, metrics.jsonl and checkpoint/, the model, and
+Output, `<run>/teacher/` (or `teachers/<name>/`): the loop's config.yaml, metrics.jsonl and
+checkpoint/, the model, and
 `teacher.json` (method, base model, tokenizer fingerprint, validation metrics), written last:
 its presence marks the teacher finished, and from then on the logits job uses it
 (`training.models.resolve_teacher`). The model is
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 
 from configs import Config, UserError
+from configs.cli import chosen_teachers, teacher_option
 from storage.paths import write_atomic
 from storage.tokens import TokenStore, open_token_store
 from training.device import is_writer, local_device, resolve_device
@@ -170,9 +172,7 @@ def _base_name(cfg: Config, method: str) -> str:
 
 
 def main(cfg: Config, args: argparse.Namespace) -> None:
-    for view in cfg.each_teacher(args.teacher):
-        if len(cfg.teachers) > 1:
-            print(f"--- teacher {view.teacher.name}", flush=True)
+    for view in chosen_teachers(cfg, args):
         if args.evaluate:
             evaluate_teacher(view)
         else:
@@ -182,8 +182,7 @@ def main(cfg: Config, args: argparse.Namespace) -> None:
 def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--evaluate", action="store_true",
                         help="only evaluate the teacher the logits job would use (no training)")
-    parser.add_argument("--teacher", default="", metavar="NAME",
-                        help="only the teacher NAME of the config's `teachers:` (default: all)")
+    teacher_option(parser)
 
 
 if __name__ == "__main__":

@@ -79,8 +79,7 @@ def cache_path(cfg: Config, member: EnsembleMember | None = None) -> Path:
     member = member or teachers_of(cfg)[0]
     if member.cache:
         return Path(member.cache).expanduser()
-    view = cfg.for_teacher(member.teacher) if member.teacher else cfg
-    return view.cache_dir / "train.zarr"
+    return teacher_config(cfg, member).cache_dir / "train.zarr"
 
 
 def as_cached(cfg: Config) -> Config:
@@ -172,7 +171,8 @@ def online_teacher_name(cfg: Config, member: EnsembleMember) -> str:
 
 
 def teacher_config(cfg: Config, member: EnsembleMember) -> Config:
-    """The view of `cfg` whose `teacher:` is the member's teacher (online mode loads it)."""
+    """The view of `cfg` whose `teacher:` is the member's teacher (where it and its cache live,
+    and what online mode loads); a member that is only a cache has none."""
     if member.cache:
         raise UserError(f"distill.teachers entry {member.cache} is a cache: online KD needs the "
                         "teacher itself (name it from `teachers:`)")

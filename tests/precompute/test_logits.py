@@ -20,9 +20,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from configs.cli import run as run_cli
-from precompute.logits import (Sampling, _arguments, fill_caches, main, teacher_topk,
-                               write_cache)
+from configs.cli import run as run_cli, teacher_option
+from precompute.logits import Sampling, fill_caches, main, teacher_topk, write_cache
 from storage.__main__ import inspect_path
 from storage.cache import encode_values, open_cache
 from storage.tokens import open_token_store
@@ -310,7 +309,7 @@ def test_two_torchrun_ranks_write_what_one_process_writes(tmp_path, teacher):
 
 def fails_with(capsys, argv, pattern):
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(main, "logits", argv=argv, extra=_arguments)
+        run_cli(main, "logits", argv=argv, extra=teacher_option)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     # one error line and no traceback (transformers' own "Loading weights" bar may precede it)

@@ -70,10 +70,11 @@ def test_full_disk_is_one_line_and_resumable(world, small_disk):
 ENOSPC_AFTER_60_FILES = """
 import sys
 from configs.cli import run
-from precompute.logits import _arguments, main
+from configs.cli import teacher_option
+from precompute.logits import main
 from tests.reliability.enospc import disk_full_after
 with disk_full_after(60):
-    run(main, "logits", argv=sys.argv[1:], extra=_arguments)
+    run(main, "logits", argv=sys.argv[1:], extra=teacher_option)
 """
 """The logits job with every file write after the 60th failing with ENOSPC."""
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from configs import CONFIG_DIR, ConfigError, load_config
-from configs.cli import run
+from configs.cli import run, teacher_option
 from precompute import logits as logits_job
 from precompute import teacher as teacher_job
 from precompute.logits import write_cache
@@ -53,7 +53,7 @@ def root(tmp_path_factory):
     assert (root / "teachers" / "gpt2" / "teacher.json").is_file()
     assert not (root / "teachers" / "llama").exists()  # --teacher: that one alone
     cli(teacher_job.main, root, extra_args=teacher_job._arguments)  # all: llama (gpt2 is done)
-    cli(logits_job.main, root, extra_args=logits_job._arguments)
+    cli(logits_job.main, root, extra_args=teacher_option)
     return root
 
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from precompute.logits import Sampling, teacher_topk
 from training.losses import (ce_and_cached_kl, ensemble_log_probs, first_slots, full_kl,
                              mixture_targets, sampled_targets, teacher_buckets)
-from training.native import rows_kernel, torch_ops_only
+from tests.training.test_losses import implementation  # noqa: F401 (autouse: both paths)
 
 V = 40
 WEIGHTS = [0.3, 0.7]
@@ -21,16 +21,6 @@ WEIGHTS = [0.3, 0.7]
 def returning(logits: torch.Tensor):
     """A stand-in teacher whose forward returns `logits` whatever its input."""
     return lambda input_ids, **_: type("Out", (), {"logits": logits})
-
-
-@pytest.fixture(autouse=True, params=["kernel", "torch ops"])
-def implementation(request):
-    if request.param == "kernel":
-        assert rows_kernel() is not None, "the C loss kernel did not build (see stderr)"
-        yield
-    else:
-        with torch_ops_only():
-            yield
 
 
 def adjacent(ids) -> bool:

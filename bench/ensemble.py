@@ -246,7 +246,8 @@ def rss_worker(settings: list[str], steps: int) -> None:
 
 
 def rss_rows(runs: dict[str, tuple[list[str], bool]], *, repeats: int) -> list[dict]:
-    """Peak RSS of a whole training process per run (fresh processes, interleaved; median)."""
+    """Peak RSS of a whole training process per run (fresh processes, interleaved; median),
+    each against the first run's (the CE baseline)."""
     peaks = {name: [] for name in runs}
     for _ in range(repeats):
         for name, (run_settings, _) in runs.items():
@@ -255,7 +256,8 @@ def rss_rows(runs: dict[str, tuple[list[str], bool]], *, repeats: int) -> list[d
     median = {name: statistics.median(values) for name, values in peaks.items()}
     return [{"section": f"memory (peak RSS of a training process, median of {repeats})",
              "run": name, "process_peak_rss_mb": round(value, 1),
-             "rss_vs_ce": round(value / median[CE], 3)} for name, value in median.items()]
+             "rss_vs_ce": round(value / median[next(iter(runs))], 3)}
+            for name, value in median.items()]
 
 
 def markdown(rows: list[dict]) -> str:

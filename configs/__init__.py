@@ -151,12 +151,18 @@ class CacheConfig:
     """Teacher entries kept per position: the top k (selection 'topk'), or k draws."""
     selection: str = "topk"
     """Which k entries: 'topk', the k largest logits plus the exact tail mass (the tail bucket:
-    docs/architecture.md, "Logit cache"), or 'sample', k ids drawn systematically from the
+    docs/architecture.md, "Logit cache"), 'sample', k ids drawn systematically from the
     teacher's softmax at sample_temperature (random-sampling KD, Anshumann et al., ACL 2025): an
-    unbiased estimate of the whole distribution, tail included (docs/topk-vs-sampled.md)."""
+    unbiased estimate of the whole distribution, tail included (docs/topk-vs-sampled.md), with
+    their logits, or 'draws': ids drawn at each of `temperatures` (see `draws`)."""
     sample_temperature: float = 2.0
     """Temperature of the distribution the 'sample' selection draws from; students distilled at
     another temperature reweight the same draws."""
+    draws: tuple[int, ...] = ()
+    """selection 'draws' (counted draws): ids drawn at each of `temperatures`, draws[i] per
+    position at temperatures[i] (empty: k at each), stored as each position's distinct ids and
+    their counts, without logits, so a student distils at one of those temperatures; the
+    smallest cache for its fidelity (README, "Which cache")."""
     sample_seed: int = 0
     """Seed of the draws (each batch's generator is seeded with it and the batch's first row)."""
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)
@@ -173,6 +179,11 @@ class CacheConfig:
     """Teacher inference batch, in sequences."""
     splits: tuple[str, ...] = ("train",)
     """Token stores to cache: 'train', and optionally 'val'."""
+
+    @property
+    def draws_per_temperature(self) -> tuple[int, ...]:
+        """selection 'draws': the draws at each of `temperatures`."""
+        return self.draws or (self.k,) * len(self.temperatures)
 
 
 BABYLM_MILESTONES = (*range(1_000_000, 10_000_001, 1_000_000),
@@ -402,7 +413,8 @@ _RULES = [
     ("student.schedule", lambda v: v in ("cosine", "linear", "constant"), "'cosine', 'linear' or 'constant'"),
     ("cache.value_code", lambda v: v in ("float16", "gap8"), "'float16' or 'gap8'"),
     ("cache.k", lambda v: v >= 1, "at least 1"),
-    ("cache.selection", lambda v: v in ("topk", "sample"), "'topk' or 'sample'"),
+    ("cache.selection", lambda v: v in ("topk", "sample", "draws"), "'topk', 'sample' or 'draws'"),
+    ("cache.draws", lambda v: all(1 <= m <= 255 for m in v), "a list of draws between 1 and 255"),
     ("cache.sample_temperature", lambda v: v > 0, "positive"),
     ("cache.temperatures", lambda v: len(v) >= 1 and all(t > 0 for t in v), "a non-empty list of positive numbers"),
     ("cache.splits", lambda v: len(v) >= 1 and set(v) <= {"train", "val"}, "a list of 'train' and/or 'val'"),
@@ -498,6 +510,13 @@ def _build(raw: dict, source: str) -> Config:
     if config.cache.k > config.tokenizer.vocab_size and config.tokenizer.kind == "bpe":
         raise ConfigError(f"{source}: cache.k = {config.cache.k} is larger than the vocabulary "
                           f"(tokenizer.vocab_size = {config.tokenizer.vocab_size})")
+    c = config.cache
+    if c.selection == "draws" and c.draws and len(c.draws) != len(c.temperatures):
+        raise ConfigError(f"{source}: cache.draws = {list(c.draws)} must give one number of draws "
+                          f"for each of cache.temperatures = {list(c.temperatures)}")
+    if c.selection == "draws" and c.k > 255 and not c.draws:
+        raise ConfigError(f"{source}: cache.k = {c.k} draws: counted draws hold at most 255 per "
+                          "temperature")
     if config.distill.k and config.distill.k > config.cache.k:
         raise ConfigError(f"{source}: distill.k = {config.distill.k} is larger than the cached "
                           f"k (cache.k = {config.cache.k})")

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from configs import Config, UserError
 from configs.cli import chosen_teachers, teacher_option
-from storage.cache import cache_bytes, create_cache
+from storage.cache import NO_VALUES, cache_bytes, create_cache
 from storage.tokens import TokenStore, open_token_store
 from training.device import barrier, setup_distributed
 from training.models import (TeacherSource, check_vocabulary, load_teacher, resolve_teacher,
@@ -59,9 +59,17 @@ class Sampling(NamedTuple):
     seed: int
 
 
+class CountedDraws(NamedTuple):
+    """cache.selection = 'draws': draws[i] ids drawn at temperatures[i], ids only, seeded."""
+
+    temperatures: tuple[float, ...]
+    draws: tuple[int, ...]
+    seed: int
+
+
 def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[float, ...],
-                 sampling: Sampling | None = None, first_row: int = 0
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 sampling: Sampling | CountedDraws | None = None, first_row: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The teacher's top-k (or k sampled entries) and tempered normalisers at every position.
 
     input_ids: (B, L) int64, rows first_row.. of the token store. Returns ids (B, L, k) int32,
@@ -69,12 +77,19 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
     logsumexp over the full vocabulary of logits / T for each T. Computed in float32 whatever the
     teacher's dtype. With `sampling`, the ids are k systematic draws (`_draw`) from
     softmax(logits / sampling.temperature) by a generator seeded with (seed, first_row), so a
-    batch's draws do not depend on what ran before it; repeats are adjacent (ties by id).
+    batch's draws do not depend on what ran before it; repeats are adjacent (ties by id). With
+    `CountedDraws`, ids (B, L, sum(draws)) are the draws at each temperature one after the
+    other, and logits and lse are None.
     """
     # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
     # (without one transformers warns on every run).
     logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                    use_cache=False).logits.float()
+    if isinstance(sampling, CountedDraws):
+        ids = torch.cat([_draw(logits, k=m, sampling=Sampling(t, sampling.seed),
+                               first_row=first_row)[0]
+                         for t, m in zip(sampling.temperatures, sampling.draws)], dim=-1)
+        return ids.to(torch.int32), None, None
     if sampling is None:
         values, ids = torch.topk(logits, k, dim=-1, sorted=True)
         top = values[..., :1]  # the max, so exp never overflows; reusing it saves a pass per T
@@ -135,9 +150,12 @@ def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Pat
     store = open_token_store(tokens_path)
     check_inputs(model, store=store, cfg=cfg, source=source, where=str(tokens_path))
     c = cfg.cache
-    sampling = Sampling(c.sample_temperature, c.sample_seed) if c.selection == "sample" else None
+    sampling = {"topk": None, "sample": Sampling(c.sample_temperature, c.sample_seed),
+                "draws": CountedDraws(tuple(c.temperatures), c.draws_per_temperature,
+                                      c.sample_seed)}[c.selection]
     return write_cache(model, store=store, cache_path=cache_path, teacher=teacher, k=c.k,
                        temperatures=tuple(c.temperatures), sampling=sampling,
+                       distilled_at=distilled_temperatures(cfg),
                        value_code=c.value_code, chunk_sequences=c.chunk_sequences,
                        shard_chunks=c.shard_chunks,
                        batch_size=c.batch_size, device=device, rank=rank,
@@ -145,21 +163,29 @@ def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Pat
 
 
 def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k: int,
-                temperatures: tuple[float, ...], sampling: Sampling | None = None,
+                temperatures: tuple[float, ...], sampling: Sampling | CountedDraws | None = None,
                 value_code: str = "float16", chunk_sequences: int = 32, shard_chunks: int = 16,
                 batch_size: int = 32, device: torch.device | str = "cpu", rank: int = 0,
-                world_size: int = 1, barrier=lambda: None, progress: bool = True) -> dict:
+                world_size: int = 1, barrier=lambda: None, progress: bool = True,
+                distilled_at: tuple[float, ...] = ()) -> dict:
     """Run `model` over `store` and write (or resume) its top-k logit cache at `cache_path`.
 
     `teacher`: the manifest's teacher entry (name, fingerprint, dtype, quantization, adapter).
-    `sampling`: store k draws per position instead of the top k (recorded in the manifest).
-    `barrier` synchronises ranks: rank 0 creates the cache before the others open it, and
-    finishes it after everyone has written. Returns this rank's {"tokens" computed, "seconds",
-    "bytes" of the cache on disk, "total_tokens" of the store}.
+    `sampling`: store k draws per position instead of the top k, or counted draws at each
+    temperature (recorded in the manifest; k and value_code then follow from the draws).
+    `distilled_at`: the temperatures students will distil at; the teacher's head mass at each is
+    printed from the first batch computed (`head_mass_line`). `barrier` synchronises ranks:
+    rank 0 creates the cache before the others open it, and finishes it after everyone has
+    written. Returns this rank's {"tokens" computed, "seconds", "bytes" of the cache on disk,
+    "total_tokens" of the store}.
     """
     manifest = {"teacher": teacher, "tokenizer_fingerprint": store.tokenizer_fingerprint,
                 "token_store_fingerprint": store.fingerprint}
-    if sampling is not None:  # top-k caches keep the manifest they always had
+    if isinstance(sampling, CountedDraws):
+        temperatures, k, value_code = sampling.temperatures, sum(sampling.draws), NO_VALUES
+        manifest["selection"] = {"kind": "draws", "draws": list(sampling.draws),
+                                 "seed": sampling.seed}
+    elif sampling is not None:  # top-k caches keep the manifest they always had
         manifest["selection"] = {"kind": "sample", **sampling._asdict()}
 
     def create():
@@ -176,8 +202,13 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
     writer = writer or create()
     name = Path(store.path).stem
     if pending := writer.pending_shards(rank=rank, world_size=world_size):
-        _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
-                 temperatures=temperatures, sampling=sampling, device=torch.device(device))
+        rows = _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
+                        temperatures=temperatures, sampling=sampling, device=torch.device(device))
+        if rank == 0 and distilled_at:
+            with torch.inference_mode():
+                logits = model(input_ids=rows, attention_mask=torch.ones_like(rows),
+                               use_cache=False).logits.float()
+            print(head_mass_line(logits, k=k, temperatures=distilled_at, topk=sampling is None))
     started = time.perf_counter()  # after the warm-up, as after loading the model
     computed = _run_shards(model, store=store, writer=writer, rank=rank, world_size=world_size,
                            k=k, temperatures=temperatures, sampling=sampling,
@@ -236,7 +267,8 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
                     for first in range(0, stop - start, batch_size):
                         batch = tokens[first:first + batch_size].to(device, non_blocking=True)
                         outputs.append(tuple(
-                            part.to("cpu", non_blocking=True)  # a no-op on the CPU
+                            part if part is None  # counted draws: no logits, no lse
+                            else part.to("cpu", non_blocking=True)  # a no-op on the CPU
                             for part in teacher_topk(model, batch, k=k, temperatures=temperatures,
                                                      sampling=sampling, first_row=start + first)))
                         bar.update(batch.numel())
@@ -258,16 +290,46 @@ def _run_shards(model, *, store, writer, rank: int, world_size: int, k: int, tem
 
 
 def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, temperatures,
-             sampling: Sampling | None, device: torch.device) -> None:
+             sampling: Sampling | CountedDraws | None, device: torch.device) -> torch.Tensor:
     """One forward of a shard's first batch, thrown away, so that every stored batch comes from
     a later call of the teacher's kernels: a kernel's first call in a process may round
     differently, and the cache differences between runs traced so far point to a first batch
-    (docs/log.md). Costs one batch per job."""
+    (docs/log.md). Costs one batch per job. Returns the batch's rows (B, L) on `device`."""
     start, stop = writer.shard_rows(shard)
     rows = torch.from_numpy(store.read(start, min(stop, start + batch_size)).astype(np.int64))
     with torch.inference_mode():
-        teacher_topk(model, rows.to(device), k=k, temperatures=temperatures, sampling=sampling,
+        rows = rows.to(device)
+        teacher_topk(model, rows, k=k, temperatures=temperatures, sampling=sampling,
                      first_row=start)
+    return rows
+
+
+HEAD_MASS_WARNING = 0.5
+"""Below this share of the teacher's tempered probability in its top k, a top-k cache loses much
+of what KD from the full distribution gives (docs/topk-vs-sampled.md): the job says so."""
+
+
+def head_mass_line(logits: torch.Tensor, *, k: int, temperatures: tuple[float, ...],
+                   topk: bool) -> str:
+    """One line: the teacher's mean head mass (probability in its top k) at each temperature
+    students distil at, from `logits` (B, L, V); for a top-k cache, a warning where it is below
+    HEAD_MASS_WARNING, saying what to use instead."""
+    k = min(k, logits.shape[-1])
+    masses = {t: torch.softmax(logits / t, -1).topk(k, dim=-1).values.sum(-1).mean().item()
+              for t in temperatures}
+    line = "teacher head mass (top %d, first batch): %s" % (k, ", ".join(
+        f"{mass:.2f} at T = {t:g}" for t, mass in masses.items()))
+    low = [t for t, mass in masses.items() if mass < HEAD_MASS_WARNING]
+    if topk and low:
+        line += (f"\nwarning: a top-{k} cache holds under {HEAD_MASS_WARNING:g} of the teacher's "
+                 f"probability at T = {', '.join(f'{t:g}' for t in low)}, and students there "
+                 "lose the tail's shape: use cache.selection=draws (README, \"Which cache\")")
+    return line
+
+
+def distilled_temperatures(cfg: Config) -> tuple[float, ...]:
+    """The temperatures students of `cfg` distil at: distill.temperature and the sweep's."""
+    return tuple(dict.fromkeys((cfg.distill.temperature, *cfg.distill.sweep_temperatures)))
 
 
 def _put(pending: queue.Queue, item, thread: threading.Thread, failure: list) -> None:
@@ -317,7 +379,8 @@ def _write_shards(pending: queue.Queue, writer, failure: list) -> None:
             try:
                 if copied is not None:
                     copied.synchronize()
-                ids, logits, lse = (np.concatenate([part.numpy() for part in parts])
+                ids, logits, lse = (None if parts[0] is None
+                                    else np.concatenate([part.numpy() for part in parts])
                                     for parts in zip(*outputs))
                 writer.write_shard(shard, ids=ids, logits=logits, lse=lse)
             except BaseException as exc:  # noqa: BLE001 -- handed to the main thread

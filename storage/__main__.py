@@ -102,7 +102,7 @@ def inspect_path(path: Path) -> dict:
         "created": manifest.get("created"), "completed": manifest.get("completed"),
         "software_version": manifest.get("software_version"),
         # head mass and entropy describe a top-k head; sampled entries have none
-        "teacher_stats": teacher_stats(cache) if cache.sample_temperature is None else None,
+        "teacher_stats": teacher_stats(cache) if cache.selection["kind"] == "topk" else None,
     }
 
 

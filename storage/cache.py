@@ -37,6 +37,21 @@ choices for each (bench/cache.py).
 Because rounding can make the decoded head sum exceed 1 by up to the relative error above,
 consumers clamp the tail mass at 0 (or a small floor).
 
+Counted draws (manifest selection kind 'draws', value code 'none'): ids drawn at each
+temperature of the manifest's `temperatures`, `draws[i]` of them at temperatures[i], and nothing
+else: a student distilling at one of those temperatures needs only the draws' frequencies
+(training/losses.py, `sampled_targets`), so no logits and no lse are stored. Each position keeps,
+per temperature, its distinct drawn ids in ascending order, delta-coded (the first id as is,
+then the step to the next), with how often each was drawn:
+
+  ids     (N, L, S)  S = sum(draws): temperature i's slots follow temperature i-1's; a
+                     position's distinct ids fill the first slots of its segment, the rest are 0
+  counts  (N, L, S)  uint8: draws of each distinct id; 0 marks an empty slot
+
+Sorted ids leave small steps, which Blosc's bit shuffle packs into a few bits, and repeats cost
+one count instead of one id each (bench/draws.py measures the bytes). `expand_draws` turns a
+segment back into the plain draws, each id repeated by its count.
+
 Layout: chunks of `chunk_sequences` sequences are the unit of compression, CRC-32C checksum and
 contiguous reads; shards of `shard_chunks` chunks (one file per array, Zarr's sharding codec) are
 the unit of writing, resume and integrity reports. A shard has exactly one writer at a time
@@ -48,10 +63,12 @@ uninterrupted one (chunks carry no timestamps).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import functools
 import glob
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -73,6 +90,10 @@ from storage.zarr_codecs import checked_compressors
 FORMAT = "logit_cache"
 FORMAT_VERSION = 1
 VALUE_CODES = ("float16", "gap8")
+NO_VALUES = "none"
+"""The value code of counted draws, which store no logits."""
+MAX_DRAWS = 255
+"""Draws per position and temperature a counted-draws cache holds at most (uint8 counts)."""
 GAP8_STEP = 1.0 / 32
 GAP8_ESCAPE = 255
 GAP8_FLOOR = -1.0e4
@@ -82,19 +103,23 @@ and 0 * GAP8_FLOOR stays finite (no NaN in p log p)."""
 # Manifest keys that legitimately differ between a cache and the same cache resumed later.
 VOLATILE_KEYS = ("created", "software_version", "completed")
 DATA_ARRAYS = ("ids", "logits", "lse")
-# Blosc shuffle per array (bench/cache.py measures the alternatives).
-SHUFFLE = {"ids": "noshuffle", "float16": "shuffle", "gap8": "bitshuffle", "lse": "shuffle"}
+DRAW_ARRAYS = ("ids", "counts")
+# Blosc shuffle per array (bench/cache.py and bench/draws.py measure the alternatives).
+SHUFFLE = {"ids": "noshuffle", "float16": "shuffle", "gap8": "bitshuffle", "lse": "shuffle",
+           "delta_ids": "bitshuffle", "counts": "noshuffle"}
 VALUE_DTYPE = {"float16": np.float16, "gap8": np.uint8}
 
 
 @dataclass(frozen=True)
 class TeacherBlock:
     """Decoded cache rows: ids int64 (n, L, k), logits float32 (n, L, k), lse float32 (n, L, n_T);
-    logits and lse None when read with values=False."""
+    logits and lse None when read with values=False, and for counted draws. `counts` is set only
+    on counted draws read with decode=False (ids then delta-coded: `expand_draws`)."""
 
     ids: np.ndarray
     logits: np.ndarray | None
     lse: np.ndarray | None
+    counts: np.ndarray | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,6 +165,46 @@ def decode_values(values: np.ndarray, *, value_code: str) -> np.ndarray:
             decoded[escaped] = GAP8_FLOOR
         return decoded
     raise ValueError(f"unknown value code {value_code!r} (known: {', '.join(VALUE_CODES)})")
+
+
+def same_temperature(a: float, b: float) -> bool:
+    """Whether two temperatures are one (to float rounding): a stored or drawn-at temperature
+    matches the distillation's, so the cache's values at it serve as they are."""
+    return math.isclose(a, b, rel_tol=1e-6)
+
+
+def count_draws(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Draws (n, L, m), any order -> (delta-coded distinct ids (n, L, m), counts uint8 (n, L, m)).
+
+    Per position: the distinct ids ascending, stored as the first id and then the step to each
+    next one; each id's count beside it; the slots after the last distinct id hold 0 and 0.
+    m <= MAX_DRAWS."""
+    n, length, m = ids.shape
+    if m > MAX_DRAWS:
+        raise ValueError(f"{m} draws per position: counted draws hold at most {MAX_DRAWS}")
+    ordered = np.sort(ids.astype(np.int64), axis=-1)
+    first = np.ones(ordered.shape, dtype=bool)
+    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
+    slot = np.cumsum(first, axis=-1) - 1  # each draw's slot among its position's distinct ids
+    distinct = np.zeros_like(ordered)
+    np.put_along_axis(distinct, slot, ordered, axis=-1)  # repeats write the same id
+    where = (np.arange(n * length).reshape(n, length, 1) * m + slot).ravel()
+    counts = np.bincount(where, minlength=n * length * m).reshape(n, length, m).astype(np.uint8)
+    delta = np.diff(distinct, axis=-1, prepend=0)
+    delta[counts == 0] = 0
+    return delta, counts
+
+
+def expand_draws(delta: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """`count_draws`'s output -> the draws int64 (n, L, m): each position's distinct ids
+    ascending, each repeated by its count (repeats adjacent, as `sampled_targets` wants)."""
+    n, length, _ = counts.shape
+    m = int(counts[0, 0].sum(dtype=np.int64)) if counts.size else 0
+    ids = np.cumsum(delta, axis=-1, dtype=np.int64)
+    drawn = np.repeat(ids.ravel(), counts.ravel())
+    if drawn.size != n * length * m:
+        raise ValueError(f"counts do not add up to {m} draws at every position")
+    return drawn.reshape(n, length, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,9 +305,26 @@ class _CacheBase:
     manifest: dict
     group: zarr.Group
 
+    drawn_at: float | None = None
+    """Counted draws only: the temperature whose draws `read` returns (`at_temperature`)."""
+
     @property
     def k(self) -> int:
+        """Entries per position: the top k, the draws, or, for counted draws, the draws at the
+        chosen temperature (all the slots of every temperature when none is chosen)."""
+        if self.drawn_at is not None:
+            return self.draws[self.temperatures.index(self.drawn_at)]
         return self.manifest["k"]
+
+    @property
+    def arrays(self) -> tuple[str, ...]:
+        """The arrays holding the cache's data (every shard has one file in each)."""
+        return DRAW_ARRAYS if self.selection["kind"] == "draws" else DATA_ARRAYS
+
+    @property
+    def draws(self) -> tuple[int, ...]:
+        """Counted draws: the draws per position at each of `temperatures`; () otherwise."""
+        return tuple(self.selection.get("draws", ())) if self.selection["kind"] == "draws" else ()
 
     @property
     def temperatures(self) -> tuple[float, ...]:
@@ -259,13 +341,17 @@ class _CacheBase:
 
     @property
     def selection(self) -> dict:
-        """How the k entries were chosen: {"kind": "topk"}, or {"kind": "sample", "temperature",
-        "seed"} for draws (precompute's cache.selection = 'sample'; top-k caches record nothing)."""
+        """How the k entries were chosen: {"kind": "topk"}, {"kind": "sample", "temperature",
+        "seed"} for draws with their logits, or {"kind": "draws", "draws", "seed"} for counted
+        draws at each of `temperatures` (precompute's cache.selection; top-k caches record
+        nothing)."""
         return self.manifest.get("selection") or {"kind": "topk"}
 
     @property
     def sample_temperature(self) -> float | None:
-        """The temperature the entries were drawn at; None for a top-k cache."""
+        """The temperature the entries read were drawn at; None for a top-k cache."""
+        if self.selection["kind"] == "draws":
+            return self.drawn_at
         return self.selection["temperature"] if self.selection["kind"] == "sample" else None
 
     @property
@@ -357,9 +443,17 @@ def create_cache(path: Path | str, *, n_sequences: int, seq_len: int, k: int, vo
     ManifestMismatch naming the differing keys, and nothing is touched.
     """
     path = Path(path)
-    if value_code not in VALUE_CODES:
+    draws = (manifest.get("selection") or {}).get("draws")
+    if draws is not None:  # counted draws: k slots, draws[i] at temperatures[i], no values
+        if len(draws) != len(temperatures) or not all(1 <= m <= MAX_DRAWS for m in draws):
+            raise ValueError(f"counted draws need 1..{MAX_DRAWS} draws at each temperature, got "
+                             f"{list(draws)} for temperatures {list(temperatures)}")
+        if value_code != NO_VALUES or k != sum(draws):
+            raise ValueError(f"counted draws store no values (value_code {NO_VALUES!r}) in "
+                             f"k = sum(draws) = {sum(draws)} slots")
+    elif value_code not in VALUE_CODES:
         raise ValueError(f"unknown value code {value_code!r} (known: {', '.join(VALUE_CODES)})")
-    if not 1 <= k <= vocab_size:
+    if not 1 <= k <= vocab_size and draws is None:
         raise ValueError(f"k = {k} must be between 1 and the vocabulary size {vocab_size}")
     if not temperatures or min(temperatures) <= 0:
         raise ValueError(f"temperatures must be positive, got {temperatures}")
@@ -415,11 +509,17 @@ def _build_empty(tmp: Path, manifest: dict) -> None:
     chunking = manifest["chunking"]
     rows, shard = chunking["chunk_sequences"], chunking["shard_sequences"]
     n_t = len(manifest["temperatures"])
-    spec = {
-        "ids": ((n, length, k), token_dtype(manifest["vocab_size"]), "ids"),
-        "logits": ((n, length, k), VALUE_DTYPE[manifest["value_code"]], manifest["value_code"]),
-        "lse": ((n, length, n_t), np.float32, "lse"),
-    }
+    ids_dtype = token_dtype(manifest["vocab_size"])
+    if manifest["value_code"] == NO_VALUES:  # counted draws
+        spec = {"ids": ((n, length, k), ids_dtype, "delta_ids"),
+                "counts": ((n, length, k), np.uint8, "counts")}
+    else:
+        spec = {
+            "ids": ((n, length, k), ids_dtype, "ids"),
+            "logits": ((n, length, k), VALUE_DTYPE[manifest["value_code"]],
+                       manifest["value_code"]),
+            "lse": ((n, length, n_t), np.float32, "lse"),
+        }
     for name, (shape, dtype, shuffle_key) in spec.items():
         group.create_array(name, shape=shape, dtype=dtype, chunks=(rows, *shape[1:]),
                            shards=(shard, *shape[1:]), fill_value=0,
@@ -471,7 +571,7 @@ class CacheWriter(_CacheBase):
 
     def __init__(self, *, path: Path, manifest: dict, group: zarr.Group):
         self.path, self.manifest, self.group = path, manifest, group
-        self._arrays = {name: group[name] for name in (*DATA_ARRAYS, "done")}
+        self._arrays = {name: group[name] for name in (*self.arrays, "done")}
         self._held: set[int] = set()
 
     def pending_shards(self, *, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -525,13 +625,15 @@ class CacheWriter(_CacheBase):
                 if claim := self.try_claim(pending[0]):  # its holder died without finishing it
                     yield claim
 
-    def write_shard(self, shard: int, *, ids: np.ndarray, logits: np.ndarray,
-                    lse: np.ndarray) -> None:
+    def write_shard(self, shard: int, *, ids: np.ndarray, logits: np.ndarray | None = None,
+                    lse: np.ndarray | None = None) -> None:
         """Encode and write one whole shard, fsync its files, then mark it done.
 
         ids int (n, L, k) top-k ids descending; logits float32 (n, L, k) raw teacher logits
         (T = 1) of those ids; lse float32 (n, L, n_T) exact logsumexp of the raw logits / T over
-        the full vocabulary; n = the shard's row count. Must run inside `claim(shard)`.
+        the full vocabulary; n = the shard's row count. Counted draws: ids (n, L, k) the draws at
+        each temperature one after the other (draws[0] slots, then draws[1], ...), in any order
+        within each; no logits, no lse. Must run inside `claim(shard)`.
         """
         if shard not in self._held:
             raise RuntimeError(f"write_shard({shard}) outside `with writer.claim({shard})`: "
@@ -539,19 +641,29 @@ class CacheWriter(_CacheBase):
         start, stop = self.shard_rows(shard)
         shape = (stop - start, self.seq_len, self.k)
         lse_shape = (*shape[:2], len(self.temperatures))
-        for name, array, want in (("ids", ids, shape), ("logits", logits, shape),
-                                  ("lse", lse, lse_shape)):
-            if array.shape != want:
-                raise ValueError(f"shard {shard}: {name} has shape {array.shape}, expected {want}")
+        given = [("ids", ids, shape)]
+        if not self.draws:
+            given += [("logits", logits, shape), ("lse", lse, lse_shape)]
+        for name, array, want in given:
+            if array is None or array.shape != want:
+                raise ValueError(f"shard {shard}: {name} has shape "
+                                 f"{getattr(array, 'shape', None)}, expected {want}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise ValueError(f"shard {shard}: ids outside [0, {self.vocab_size})")
-        logits = np.asarray(logits, dtype=np.float32)
-        if not np.all(logits[..., :-1] >= logits[..., 1:]):
-            raise ValueError(f"shard {shard}: logits must be finite and descending along k")
-        values, stored_lse = encode_values(logits, lse, value_code=self.value_code,
-                                           temperatures=self.temperatures)
-        data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values, "lse": stored_lse}
-        for name in DATA_ARRAYS:
+        if self.draws:
+            segments = np.split(ids, np.cumsum(self.draws)[:-1], axis=-1)
+            delta, counts = zip(*map(count_draws, segments))
+            data = {"ids": np.concatenate(delta, axis=-1).astype(self._arrays["ids"].dtype),
+                    "counts": np.concatenate(counts, axis=-1)}
+        else:
+            logits = np.asarray(logits, dtype=np.float32)
+            if not np.all(logits[..., :-1] >= logits[..., 1:]):
+                raise ValueError(f"shard {shard}: logits must be finite and descending along k")
+            values, stored_lse = encode_values(logits, lse, value_code=self.value_code,
+                                               temperatures=self.temperatures)
+            data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values,
+                    "lse": stored_lse}
+        for name in self.arrays:
             file = _shard_file(self.path, name, shard)
             # zarr merges into an existing shard file (and fails on a torn one)
             file.unlink(missing_ok=True)
@@ -573,7 +685,7 @@ class CacheWriter(_CacheBase):
         problems = []
         done = self.done_shards()
         for shard in np.flatnonzero(done).tolist():
-            problems += filter(None, (self._read_problem(shard, name) for name in DATA_ARRAYS))
+            problems += filter(None, (self._read_problem(shard, name) for name in self.arrays))
             if problems and problems[-1].shard == shard:
                 mark = _shard_file(self.path, "done", shard)
                 mark.unlink()
@@ -635,13 +747,31 @@ class LogitCache(_CacheBase):
     def __init__(self, *, path: Path, manifest: dict):
         self.path, self.manifest = path, manifest
         self._rows = {}
-        for name in DATA_ARRAYS:
+        for name in self.arrays:
             try:
                 self._rows[name] = RowReader(path / name)
             except ChunkError as exc:
                 raise _corrupt(path, f"{name}/zarr.json", exc) from None
         self.done = self.done_shards()
         """Shards done when the cache was opened."""
+        if len(self.draws) == 1:  # one temperature: nothing to choose
+            self.drawn_at = self.temperatures[0]
+
+    def at_temperature(self, temperature: float) -> "LogitCache":
+        """This cache as a student at `temperature` reads it: counted draws return the draws
+        made at that temperature (ValueError if none were); other caches are returned as they
+        are (their targets at any T come from the same entries)."""
+        if not self.draws:
+            return self
+        drawn = [t for t in self.temperatures if same_temperature(t, temperature)]
+        if not drawn:
+            raise ValueError(f"logit cache {self.path} holds draws at T = "
+                             f"{', '.join(f'{t:g}' for t in self.temperatures)}, not at "
+                             f"{temperature:g}; distil at one of those, or add {temperature:g} to "
+                             "cache.temperatures (and cache.draws) and rebuild the cache")
+        view = copy.copy(self)
+        view.drawn_at = drawn[0]
+        return view
 
     def __repr__(self) -> str:
         return (f"LogitCache({self.path}, n={self.n_sequences}, L={self.seq_len}, k={self.k}, "
@@ -662,10 +792,13 @@ class LogitCache(_CacheBase):
         k = self.k if k is None else k
         if not 1 <= k <= self.k:
             raise ValueError(f"k = {k} but the cache holds k = {self.k}")
+        if self.draws and (self.drawn_at is None or k != self.k):
+            raise ValueError(f"logit cache {self.path}: counted draws are read whole at one "
+                             "temperature (`at_temperature`)")
         shards = range(self.shard_of(start), self.shard_of(stop - 1) + 1)
         for shard in shards:
             self._check_present(shard)
-        names = DATA_ARRAYS if values else ("ids",)
+        names = self.arrays if values or self.draws else ("ids",)
         try:
             arrays = {name: self._rows[name].read(start, stop) for name in names}
         except ChunkError:  # locate the damage and say it as `verify` does
@@ -676,6 +809,12 @@ class LogitCache(_CacheBase):
                         raise CorruptData(f"logit cache {self.path}: {problem}",
                                           problem=problem) from None
             raise
+        if self.draws:  # this temperature's slots; a copy frees the other temperatures'
+            first = sum(self.draws[:self.temperatures.index(self.drawn_at)])
+            delta, counts = (np.ascontiguousarray(arrays[name][..., first:first + k])
+                             for name in DRAW_ARRAYS)
+            block = TeacherBlock(ids=delta, logits=None, lse=None, counts=counts)
+            return self.decode(block) if decode else block
         ids, stored, lse = (arrays.get(name) for name in DATA_ARRAYS)
         if k < self.k:  # a copy: a view would keep every row's full k alive
             ids = np.ascontiguousarray(ids[..., :k])
@@ -685,6 +824,8 @@ class LogitCache(_CacheBase):
 
     def decode(self, block: TeacherBlock) -> TeacherBlock:
         """A block read with decode=False, decoded as `read` returns it."""
+        if block.counts is not None:
+            return TeacherBlock(ids=expand_draws(block.ids, block.counts), logits=None, lse=None)
         logits = (None if block.logits is None
                   else decode_values(block.logits, value_code=self.value_code))
         return TeacherBlock(ids=block.ids.astype(np.int64), logits=logits, lse=block.lse)
@@ -702,9 +843,9 @@ class LogitCache(_CacheBase):
         except StorageError as exc:
             return [getattr(exc, "problem", None) or Problem(str(exc), kind="manifest")]
         problems = []
-        for name in DATA_ARRAYS:
+        for name in self.arrays:
             shape = self._rows[name].shape
-            last = self.k if name != "lse" else len(self.temperatures)
+            last = self.manifest["k"] if name != "lse" else len(self.temperatures)
             if shape != (self.n_sequences, self.seq_len, last):
                 problems.append(Problem(f"array {name} has shape {shape}, manifest says "
                                         f"{(self.n_sequences, self.seq_len, last)}", kind="shape"))
@@ -723,7 +864,7 @@ class LogitCache(_CacheBase):
                 problems.append(Problem(f"shard {shard}: not done (rerun `make teacher-logits`)",
                                         kind="not_done", shard=shard))
                 continue
-            for name in DATA_ARRAYS:
+            for name in self.arrays:
                 problem = self._read_problem(shard, name)
                 if problem:
                     problems.append(problem)

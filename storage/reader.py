@@ -99,7 +99,7 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
 def _read_block(rows: np.ndarray, tokens: TokenStore, caches: Sequence[LogitCache],
                 k: int | None, values: Sequence[bool]) -> dict[str, np.ndarray]:
     """Fields of `rows` (contiguous runs), read one run at a time, concatenated: tokens, and
-    ids.i, logits.i, lse.i of cache i. Cache fields stay as stored (small integer ids, encoded
+    ids.i, logits.i, lse.i (or counts.i) of cache i. Cache fields stay as stored (small integer ids, encoded
     values): a shuffle window of them takes a quarter of its decoded size, and `_assemble`
     decodes only the rows a batch uses."""
     parts = []
@@ -108,7 +108,9 @@ def _read_block(rows: np.ndarray, tokens: TokenStore, caches: Sequence[LogitCach
         for i, (cache, with_values) in enumerate(zip(caches, values)):
             block = cache.read(start, stop, k=k, decode=False, values=with_values)
             part[f"ids.{i}"] = block.ids
-            if with_values:
+            if block.counts is not None:
+                part[f"counts.{i}"] = block.counts
+            if block.logits is not None:
                 part.update({f"logits.{i}": block.logits, f"lse.{i}": block.lse})
         parts.append(part)
     if len(parts) == 1:
@@ -177,7 +179,8 @@ def _assemble(stream: np.ndarray, order: np.ndarray, *, first: int, batch_size: 
             loaded.append((start, _read_block(stream[start:stop], tokens, caches, k, values)))
         fields = _gather(loaded, positions)
         teachers = tuple(cache.decode(TeacherBlock(
-            ids=fields[f"ids.{i}"], logits=fields.get(f"logits.{i}"), lse=fields.get(f"lse.{i}")))
+            ids=fields[f"ids.{i}"], logits=fields.get(f"logits.{i}"), lse=fields.get(f"lse.{i}"),
+            counts=fields.get(f"counts.{i}")))
             for i, cache in enumerate(caches))
         yield Batch(indices=stream[positions], tokens=fields["tokens"], teachers=teachers)
 

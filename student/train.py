@@ -50,8 +50,13 @@ def run_name(cfg: Config) -> str:
         return f"online-a{d.alpha:g}-T{d.temperature:g}{suffix}"
     if len(members) > 1:
         return f"kd-a{d.alpha:g}-T{d.temperature:g}{suffix}"
-    letter = "s" if cfg.cache.selection == "sample" else "k"
-    return f"kd-a{d.alpha:g}-T{d.temperature:g}-{letter}{d.k or cfg.cache.k}{suffix}"
+    c = cfg.cache
+    if c.selection == "draws":  # the draws this student reads: those at its temperature
+        at_t = [m for t, m in zip(c.temperatures, c.draws_per_temperature)
+                if same_temperature(t, d.temperature)]
+        return f"kd-a{d.alpha:g}-T{d.temperature:g}-d{at_t[0] if at_t else c.k}{suffix}"
+    letter = "s" if c.selection == "sample" else "k"
+    return f"kd-a{d.alpha:g}-T{d.temperature:g}-{letter}{d.k or c.k}{suffix}"
 
 
 def teachers_of(cfg: Config) -> tuple[EnsembleMember, ...]:
@@ -99,8 +104,11 @@ def as_cached(cfg: Config) -> Config:
                         f"{manifest['k']} of {path}")
     selection = manifest.get("selection") or {"kind": "topk"}
     recorded = {"cache.k": manifest["k"], "cache.selection": selection["kind"],
-                "cache.value_code": manifest["value_code"],
                 "cache.temperatures": list(manifest["temperatures"])}
+    if selection["kind"] == "draws":  # no value code: nothing but ids is stored
+        recorded.update({"cache.draws": selection["draws"], "cache.sample_seed": selection["seed"]})
+    else:
+        recorded["cache.value_code"] = manifest["value_code"]
     if selection["kind"] == "sample":
         recorded.update({"cache.sample_temperature": selection["temperature"],
                          "cache.sample_seed": selection["seed"]})
@@ -160,8 +168,10 @@ def cache_facts(cache: LogitCache, *, k: int | None) -> dict:
         "teacher": teacher.get("name") if isinstance(teacher, dict) else str(teacher),
         "teacher_fingerprint": teacher.get("fingerprint") if isinstance(teacher, dict) else None,
         "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
-        "selection": "topk" if selection["kind"] == "topk" else
-        f"sample ({cache.k} draws at T = {selection['temperature']:g})",
+        "selection": {"topk": "topk",
+                      "sample": f"sample ({cache.k} draws at T = {cache.sample_temperature:g})",
+                      "draws": f"counted draws ({cache.k} at T = {cache.sample_temperature:g})",
+                      }[selection["kind"]],
         "k": k or cache.k, "value_code": cache.value_code}
 
 
@@ -193,6 +203,10 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
         return Distillation(alpha=d.alpha, temperature=d.temperature, teachers=teachers,
                             weights=weights, ensemble=d.ensemble)
     caches = caches or open_caches(cfg, tokens, vocab_size=vocab_size)
+    try:  # counted draws: the draws made at the student's temperature
+        caches = tuple(cache.at_temperature(d.temperature) for cache in caches)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
     if len(caches) > 1 and d.k:
         raise UserError(f"distill.k = {d.k}: an ensemble reads every entry of each cache "
                         "(distill.k=0)")

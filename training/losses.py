@@ -43,6 +43,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from storage.cache import same_temperature
 from training.native import TeacherRows, fits_kernel, rows_kernel
 
 IGNORE_INDEX = -100
@@ -68,12 +69,6 @@ class LossTerms(NamedTuple):
     ce: torch.Tensor
     kl: torch.Tensor
     n_tokens: int
-
-
-def same_temperature(a: float, b: float) -> bool:
-    """Whether two temperatures are one (to float rounding): a stored or drawn-at temperature
-    matches the distillation's, so the cache's values at it serve as they are."""
-    return math.isclose(a, b, rel_tol=1e-6)
 
 
 def shift_labels(tokens: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:

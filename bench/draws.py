@@ -100,7 +100,7 @@ def _synthetic(root: Path, *, steps: int, teacher_steps: int, seeds: tuple[int, 
     from storage.tokens import open_token_store
 
     if not (root / "teacher" / "model.safetensors").exists():
-        synthetic.build(root, teacher_steps=teacher_steps)
+        synthetic.build_language(root, teacher_steps=teacher_steps)
     counted_dir = synthetic.sibling(root, "draws")
     if not counted_dir.exists():
         sibling_run(root, counted_dir)

@@ -4,16 +4,16 @@ made in-process under a temporary folder. Finishes in a few minutes.
 
 Sections, each reported as table rows (a failing one becomes a FAILED row and the rest go on):
   * teacher-logits job (`precompute.logits.cache_split`, the path `make teacher-logits` runs)
-    with the fp16 teacher (top-k, and sampled entries at vocab 50257) and the 4-bit NF4
-    teacher: tokens/s of the bare forward, of forward + selection + logsumexp, and of the job;
-    then the cache checked against a direct forward of the same model.
+    with the fp16 teacher (top-k, sampled entries and counted draws at vocab 50257, with their
+    bytes/token) and the 4-bit NF4 teacher: tokens/s of the bare forward, of forward +
+    selection (+ logsumexp), and of the job; then the cache checked against a direct forward.
   * teacher fine-tuning (`precompute.teacher.train_teacher`) by QLoRA and LoRA for a few steps
     under bf16 autocast: tokens/s and max_memory_allocated; then the logits job on the result
     (the NF4 base plus the adapter; the merged LoRA model), checked the same way.
   * students of GPT-2 Small's shape (12 x 768) trained the same steps from the same seed under
-    bf16 autocast: the CE baseline, cached KD from the top-k and from the sampled cache, and
-    online KD with the fp16 teacher resident: tokens/s and max_memory_allocated, and the ratios
-    the student issue asks for (cached over CE, cached over online).
+    bf16 autocast: the CE baseline, cached KD from the top-k, the sampled and the counted-draws
+    cache, and online KD with the fp16 teacher resident: tokens/s and max_memory_allocated, and
+    the ratios the student issue asks for (cached over CE, cached over online).
 
     python -m bench.gpu_check            # on the GPU machine; table also to $OUT/gpu_check.md
     python -m bench.gpu_check --quick    # only the fp16 jobs, the fused loss and the students
@@ -63,10 +63,13 @@ TINY = Shapes(teacher=(2, 64, 2), student=(2, 64, 2), vocab=320, seq_len=32, seq
               batch=16, k=8, student_steps=8, student_batch=8, student_rounds=2,
               finetune_steps=3)
 SAMPLE_TEMPERATURE = 2.0
+COUNTED_DRAWS = ("cache.selection=draws", "cache.temperatures=[1.0, 2.0]", "cache.draws=[16, 48]")
+"""The counted-draws cache configs/babylm-gpt2.yaml ships (bench.draws measures it on CPUs)."""
 STUDENT_MODES = {  # name -> config overrides; the student's T is the sampled cache's
     "CE baseline": ("distill.alpha=1",),
     "cached KD, top-k": ("distill.alpha=0.5",),
     "cached KD, sampled": ("distill.alpha=0.5",),
+    "cached KD, counted draws": ("distill.alpha=0.5",),
     "online KD": ("distill.alpha=0.5", "distill.mode=online"),
     "CE baseline, eager loss": ("distill.alpha=1",),
     "cached KD, top-k, eager loss": ("distill.alpha=0.5",),
@@ -95,6 +98,7 @@ def run(*, tiny: bool = False, quick: bool = False, loss: bool = False) -> list[
         jobs = {"fp16": ("fp16", "none", ()),
                 "fp16 sampled": ("fp16", "none", ("cache.selection=sample",
                                                   f"cache.sample_temperature={SAMPLE_TEMPERATURE}")),
+                "fp16 counted draws": ("fp16", "none", COUNTED_DRAWS),
                 "nf4": ("fp16", "4bit", ())}
         if quick:
             del jobs["nf4"]
@@ -170,7 +174,7 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, n
                  dtype: str, quantization: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """The logits job with the teacher `resolve_teacher` finds for `run` (a fine-tuned one when
     `run` has it), timed against the forward alone, and its cache checked."""
-    from precompute.logits import Sampling, cache_split, teacher_topk
+    from precompute.logits import CountedDraws, Sampling, cache_split, teacher_topk
     from storage.cache import open_cache
     from storage.tokens import open_token_store
     from training.models import load_teacher, resolve_teacher, teacher_manifest
@@ -178,8 +182,10 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, n
     make_run(run, shapes)
     cfg = config(run, teacher_dir, shapes, f"teacher.dtype={dtype}",
                  f"teacher.quantization={quantization}", f"teacher.device={device}", *extra)
-    sampling = (Sampling(cfg.cache.sample_temperature, cfg.cache.sample_seed)
-                if cfg.cache.selection == "sample" else None)
+    c = cfg.cache
+    sampling = {"topk": None, "sample": Sampling(c.sample_temperature, c.sample_seed),
+                "draws": CountedDraws(tuple(c.temperatures), c.draws_per_temperature,
+                                      c.sample_seed)}[c.selection]
     started = time.perf_counter()
     source = resolve_teacher(cfg)
     model = load_teacher(source.model, adapter=source.adapter, dtype=dtype,
@@ -214,27 +220,29 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, n
     peak = _peak_gb(device)
 
     cache = open_cache(run / "cache" / "train.zarr", token_store=store)
-    block = cache.read(0, shapes.batch)
     with torch.inference_mode():
         logits = model(input_ids=rows_ids[:shapes.batch].to(device),
                        attention_mask=torch.ones_like(rows_ids[:shapes.batch]).to(device)
                        ).logits.float().cpu()
     model = None  # the teacher leaves GPU memory before the next section
     _free(device)
-    ok, check = (check_sampled if sampling else check_topk)(block, logits, k=shapes.k,
-                                                           temperatures=temperatures)
-    what = "draws" if sampling else "top-k"
+    if isinstance(sampling, CountedDraws):
+        ok, check = check_counted(cache, logits, batch=shapes.batch)
+    else:
+        ok, check = (check_sampled if sampling else check_topk)(
+            cache.read(0, shapes.batch), logits, k=shapes.k, temperatures=temperatures)
+    what = {"topk": "top-k+lse", "sample": "draws+lse", "draws": "counted draws"}[c.selection]
     return [
         {"check": f"teacher {name}: load", "value": round(load_s, 1), "unit": "s",
          "note": f"{'x'.join(map(str, shapes.teacher[:2]))}, vocab {shapes.vocab}"
                  + (", + LoRA adapter" if source.adapter else "")},
         {"check": f"teacher {name}: forward", "value": round(forward), "unit": "tok/s",
          "note": f"batch {shapes.batch} x seq {shapes.seq_len}"},
-        {"check": f"teacher {name}: forward+{what}+lse", "value": round(select), "unit": "tok/s",
+        {"check": f"teacher {name}: forward+{what}", "value": round(select), "unit": "tok/s",
          "note": f"k {shapes.k}, T {list(temperatures)}"},
         {"check": f"teacher {name}: logits job", "value": round(job), "unit": "tok/s",
          "note": f"{summary['tokens']:,} tokens in {summary['seconds']:.1f} s; "
-                 f"{job / select:.2f} x fwd+{what}+lse, {job / forward:.2f} x forward; "
+                 f"{job / select:.2f} x fwd+{what}, {job / forward:.2f} x forward; "
                  f"{summary['bytes'] / summary['total_tokens']:.0f} bytes/token; peak {peak}"},
         {"check": f"teacher {name}: cache vs direct forward", "value": "PASS" if ok else "FAIL",
          "unit": "", "note": check},
@@ -270,15 +278,35 @@ def check_sampled(block, logits: torch.Tensor, *, k: int, temperatures) -> tuple
     """The draws' log p are right, and the draws look like samples from softmax(z / T_s): the
     mean log p_Ts of the draws is near the distribution's -entropy (within 5 standard errors)."""
     log_p_err = _log_prob_error(block, logits, temperatures)
-    log_p = torch.log_softmax(logits / SAMPLE_TEMPERATURE, -1)
-    drawn = log_p.gather(-1, torch.from_numpy(block.ids))
-    neg_entropy = (log_p.exp() * log_p).sum(-1, keepdim=True)
-    spread = ((log_p.exp() * (log_p - neg_entropy) ** 2).sum(-1)).mean().sqrt()
-    z = float((drawn - neg_entropy).mean() / (spread / drawn.numel() ** 0.5))
+    z = _draws_look_sampled(torch.log_softmax(logits / SAMPLE_TEMPERATURE, -1),
+                            torch.from_numpy(block.ids))
     order_ok = bool((np.diff(block.logits, axis=-1) <= 0).all())
     return (log_p_err < 1 / 64 + 1e-3 and abs(z) < 5 and order_ok,
             f"max |log p error| {log_p_err:.1e} nat; mean log p of draws vs -entropy {z:+.1f} "
             f"standard errors; sorted by logit: {order_ok}")
+
+
+def _draws_look_sampled(log_p: torch.Tensor, ids: torch.Tensor) -> float:
+    """How many standard errors the mean log p of the drawn `ids` lies from -entropy of p: near
+    0 for ids drawn from p."""
+    drawn = log_p.gather(-1, ids)
+    neg_entropy = (log_p.exp() * log_p).sum(-1, keepdim=True)
+    spread = ((log_p.exp() * (log_p - neg_entropy) ** 2).sum(-1)).mean().sqrt()
+    return float((drawn - neg_entropy).mean() / (spread / drawn.numel() ** 0.5))
+
+
+def check_counted(cache, logits: torch.Tensor, *, batch: int) -> tuple[bool, str]:
+    """At each temperature the draws read back look like samples from softmax(z / T) and come
+    sorted by id (repeats adjacent)."""
+    notes, ok = [], True
+    for t in cache.temperatures:
+        ids = cache.at_temperature(t).read(0, batch).ids
+        z = _draws_look_sampled(torch.log_softmax(logits / t, -1), torch.from_numpy(ids))
+        ordered = bool((np.diff(ids, axis=-1) >= 0).all())
+        ok &= abs(z) < 5 and ordered
+        notes.append(f"T = {t:g}: {ids.shape[-1]} draws, mean log p vs -entropy {z:+.1f} "
+                     f"standard errors, sorted by id: {ordered}")
+    return ok, "; ".join(notes)
 
 
 def finetune_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *,
@@ -381,7 +409,8 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
 
     layers, width, heads = shapes.student
     modes = list(STUDENT_MODES)
-    runs = {"cached KD, sampled": root / "fp16 sampled"}
+    runs = {"cached KD, sampled": root / "fp16 sampled",
+            "cached KD, counted draws": root / "fp16 counted draws"}
     speeds = {mode: [] for mode in modes}
     peaks, notes = {}, {}
     for round_ in range(shapes.student_rounds):
@@ -428,7 +457,7 @@ def student_rows(root: Path, teacher_dir: Path, shapes: Shapes, device: str) -> 
                      "value": _gib(peaks[mode], device),
                      "unit": "", "note": (f"{peaks[mode] / peaks[baseline(mode)]:.3f} x CE; "
                                           if peaks[baseline(mode)] else "") + notes[mode]})
-    for mode in ("cached KD, top-k", "cached KD, sampled"):
+    for mode in ("cached KD, top-k", "cached KD, sampled", "cached KD, counted draws"):
         vs_online = ratios(mode, "online KD")
         rows.append({"check": f"student {mode}: speed-up over online KD",
                      "value": round(statistics.median(vs_online), 2), "unit": "x",

@@ -117,8 +117,27 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     from transformers import AutoModelForCausalLM
 
     from precompute.logits import Sampling, write_cache
-    from training.loop import fit, open_tokens
     from training.metrics import read_metrics
+
+    build_language(root, teacher_steps=teacher_steps)
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
+    store = open_token_store(root / "tokens" / "train.zarr")
+    caches = [(root, "float16", CACHE_K, None),
+              (sibling_run(root, sibling(root, "gap8")), "gap8", CACHE_K, None)]
+    caches += [(sibling_run(root, sibling(root, f"sampled-{m}")), "gap8", m,
+                Sampling(temperature=2.0, seed=0)) for m in SAMPLES]
+    for run_dir, code, k, sampling in caches:
+        write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",
+                    teacher={"name": "bench"}, k=k, temperatures=TEMPERATURES,
+                    sampling=sampling, value_code=code, progress=False)
+    val_rows = [r for r in read_metrics(root / "teacher" / "metrics.jsonl") if "val_ppl" in r]
+    return {"teacher_val_ppl": val_rows[-1]["val_ppl"],
+            "teacher_params": sum(p.numel() for p in teacher.parameters())}
+
+
+def build_language(root: Path, *, teacher_steps: int) -> None:
+    """The synthetic language's token stores and its teacher, trained, in `root`."""
+    from training.loop import fit, open_tokens
     from training.models import new_model
     from training.tokenizer import fingerprint, synthetic_tokenizer
 
@@ -133,19 +152,6 @@ def build(root: Path, *, teacher_steps: int) -> dict:
     tokens, val = open_tokens(cfg)
     model = new_model(vocab_size=VOCAB, n_positions=SEQ_LEN, seed=1, **TEACHER)
     fit(model, cfg=cfg, hp=cfg.teacher, out_dir=root / "teacher", tokens=tokens, val_tokens=val)
-    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
-    store = open_token_store(root / "tokens" / "train.zarr")
-    caches = [(root, "float16", CACHE_K, None),
-              (sibling_run(root, sibling(root, "gap8")), "gap8", CACHE_K, None)]
-    caches += [(sibling_run(root, sibling(root, f"sampled-{m}")), "gap8", m,
-                Sampling(temperature=2.0, seed=0)) for m in SAMPLES]
-    for run_dir, code, k, sampling in caches:
-        write_cache(teacher, store=store, cache_path=run_dir / "cache" / "train.zarr",
-                    teacher={"name": "bench"}, k=k, temperatures=TEMPERATURES,
-                    sampling=sampling, value_code=code, progress=False)
-    val_rows = [r for r in read_metrics(root / "teacher" / "metrics.jsonl") if "val_ppl" in r]
-    return {"teacher_val_ppl": val_rows[-1]["val_ppl"],
-            "teacher_params": sum(p.numel() for p in teacher.parameters())}
 
 
 def worker(root: str, extra: list[str]) -> None:

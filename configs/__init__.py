@@ -162,7 +162,7 @@ class CacheConfig:
     """selection 'draws' (counted draws): ids drawn at each of `temperatures`, draws[i] per
     position at temperatures[i] (empty: k at each), stored as each position's distinct ids and
     their counts, without logits, so a student distils at one of those temperatures; the
-    smallest cache for its fidelity (README, "Which cache")."""
+    smallest cache for its fidelity (README, "Choosing a cache")."""
     sample_seed: int = 0
     """Seed of the draws (each batch's generator is seeded with it and the batch's first row)."""
     temperatures: tuple[float, ...] = (1.0, 2.0, 4.0)

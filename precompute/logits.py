@@ -4,7 +4,10 @@ Runs the teacher (see `training.models.resolve_teacher` for which one) in infere
 every sequence of `tokens/train.zarr` (and `tokens/val.zarr` when "val" is in cache.splits) and
 writes its top-k logits (descending; or, with cache.selection = 'sample', k draws from its
 softmax at cache.sample_temperature) plus the full-vocabulary logsumexp at each of
-cache.temperatures to `cache/<split>.zarr`, shard by shard. A config with several named teachers
+cache.temperatures to `cache/<split>.zarr`, shard by shard; with cache.selection = 'draws', only
+ids drawn at each of cache.temperatures (cache.draws of them), counted. Before the first shard
+it prints the teacher's head mass at the temperatures the config distils at, and warns when a
+top-k cache would hold under half of it (`head_mass_line`). A config with several named teachers
 (`teachers:`) caches each in turn into `caches/<name>/<split>.zarr`, or the one named by
 `--teacher NAME` (`make teacher-logits TEACHER=NAME`).
 
@@ -317,19 +320,21 @@ def head_mass_line(logits: torch.Tensor, *, k: int, temperatures: tuple[float, .
     k = min(k, logits.shape[-1])
     masses = {t: torch.softmax(logits / t, -1).topk(k, dim=-1).values.sum(-1).mean().item()
               for t in temperatures}
-    line = "teacher head mass (top %d, first batch): %s" % (k, ", ".join(
-        f"{mass:.2f} at T = {t:g}" for t, mass in masses.items()))
+    line = f"teacher head mass (top {k}, first batch): " + ", ".join(
+        f"{mass:.2f} at T = {t:g}" for t, mass in masses.items())
     low = [t for t, mass in masses.items() if mass < HEAD_MASS_WARNING]
     if topk and low:
         line += (f"\nwarning: a top-{k} cache holds under {HEAD_MASS_WARNING:g} of the teacher's "
                  f"probability at T = {', '.join(f'{t:g}' for t in low)}, and students there "
-                 "lose the tail's shape: use cache.selection=draws (README, \"Which cache\")")
+                 "lose the tail's shape: use cache.selection=draws "
+                 "(README, \"Choosing a cache\")")
     return line
 
 
 def distilled_temperatures(cfg: Config) -> tuple[float, ...]:
-    """The temperatures students of `cfg` distil at: distill.temperature and the sweep's."""
-    return tuple(dict.fromkeys((cfg.distill.temperature, *cfg.distill.sweep_temperatures)))
+    """The temperatures students of `cfg` distil at, ascending: distill.temperature and the
+    sweep's."""
+    return tuple(sorted({cfg.distill.temperature, *cfg.distill.sweep_temperatures}))
 
 
 def _put(pending: queue.Queue, item, thread: threading.Thread, failure: list) -> None:

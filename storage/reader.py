@@ -99,9 +99,9 @@ def _runs(rows: np.ndarray) -> list[tuple[int, int]]:
 def _read_block(rows: np.ndarray, tokens: TokenStore, caches: Sequence[LogitCache],
                 k: int | None, values: Sequence[bool]) -> dict[str, np.ndarray]:
     """Fields of `rows` (contiguous runs), read one run at a time, concatenated: tokens, and
-    ids.i, logits.i, lse.i (or counts.i) of cache i. Cache fields stay as stored (small integer ids, encoded
-    values): a shuffle window of them takes a quarter of its decoded size, and `_assemble`
-    decodes only the rows a batch uses."""
+    ids.i, logits.i, lse.i (or counts.i) of cache i. Cache fields stay as stored (small integer
+    ids, encoded values): a shuffle window of them takes a quarter of its decoded size, and
+    `_assemble` decodes only the rows a batch uses."""
     parts = []
     for start, stop in _runs(rows):
         part = {"tokens": tokens.read(start, stop).astype(np.int64)}

@@ -19,7 +19,7 @@ from configs import Config, UserError
 from configs.cli import run
 from storage.cache import LogitCache
 from storage.paths import make_folder, write_atomic
-from student.train import as_cached, open_caches, student_dir, train, weights_of
+from student.train import as_cached, caches_at, open_caches, student_dir, train, weights_of
 from training.checkpoint import is_finished
 from training.loop import open_tokens
 from training.metrics import METRICS_FILE, read_metrics
@@ -50,6 +50,9 @@ def sweep(cfg: Config) -> list[dict]:
     """Train every grid point (skipping finished ones); returns the summary rows."""
     points = grid(as_cached(cfg))
     caches = shared_caches(cfg) if any(p.distill.alpha < 1 for p in points) else ()
+    for point in points:  # counted draws hold some temperatures only: refuse before training
+        if point.distill.alpha < 1:
+            caches_at(caches, point.distill.temperature)
     rows = []
     for i, point in enumerate(points, 1):
         out = student_dir(point)

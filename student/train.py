@@ -168,10 +168,9 @@ def cache_facts(cache: LogitCache, *, k: int | None) -> dict:
         "teacher": teacher.get("name") if isinstance(teacher, dict) else str(teacher),
         "teacher_fingerprint": teacher.get("fingerprint") if isinstance(teacher, dict) else None,
         "cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
-        "selection": {"topk": "topk",
-                      "sample": f"sample ({cache.k} draws at T = {cache.sample_temperature:g})",
-                      "draws": f"counted draws ({cache.k} at T = {cache.sample_temperature:g})",
-                      }[selection["kind"]],
+        "selection": "topk" if selection["kind"] == "topk" else
+        f"{'sample' if selection['kind'] == 'sample' else 'counted draws'} ({cache.k} draws at "
+        f"T = {cache.sample_temperature:g})",
         "k": k or cache.k, "value_code": cache.value_code}
 
 
@@ -202,11 +201,7 @@ def distillation(cfg: Config, tokens: TokenStore, *, vocab_size: int,
                          for member in members)
         return Distillation(alpha=d.alpha, temperature=d.temperature, teachers=teachers,
                             weights=weights, ensemble=d.ensemble)
-    caches = caches or open_caches(cfg, tokens, vocab_size=vocab_size)
-    try:  # counted draws: the draws made at the student's temperature
-        caches = tuple(cache.at_temperature(d.temperature) for cache in caches)
-    except ValueError as exc:
-        raise UserError(str(exc)) from None
+    caches = caches_at(caches or open_caches(cfg, tokens, vocab_size=vocab_size), d.temperature)
     if len(caches) > 1 and d.k:
         raise UserError(f"distill.k = {d.k}: an ensemble reads every entry of each cache "
                         "(distill.k=0)")
@@ -238,6 +233,15 @@ def open_caches(cfg: Config, tokens: TokenStore, *, vocab_size: int) -> tuple[Lo
                             f"{c.path}: {c.chunk_sequences} x {c.shard_sequences // c.chunk_sequences}"
                             for c in caches) + "): rebuild one with the other's settings")
     return tuple(caches)
+
+
+def caches_at(caches: tuple[LogitCache, ...], temperature: float) -> tuple[LogitCache, ...]:
+    """The caches as a student at `temperature` reads them (counted draws: the draws made at
+    it); a cache without draws there is refused with one line."""
+    try:
+        return tuple(cache.at_temperature(temperature) for cache in caches)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def check_cache_use(cache: LogitCache, *, k: int | None, temperature: float) -> None:

@@ -160,6 +160,43 @@ def test_real_text_bench_runs_the_stages_on_babylm_text(tmp_path, shared_data):
     assert low <= loop[real_text.MORE_SAMPLED_KD]["vs_ce"] <= high
 
 
+def test_draws_bench_measures_the_counted_cache_on_both_languages(tmp_path, shared_data):
+    from bench import draws
+
+    tiny = ("tokenizer.vocab_size=512", "teacher.n_layer=1", "teacher.n_embd=32",
+            "teacher.n_head=2", "student.n_layer=1", "student.n_embd=16", "student.n_head=2",
+            "student.warmup_steps=2", "teacher.warmup_steps=2")
+    rows = draws.run(data_dir=shared_data / "babylm" / "2024" / "train_10M", teacher_epochs=0.05,
+                     student_epochs=0.02, synthetic_steps=4, teacher_steps=4, seeds=(0, 1),
+                     loop_processes=1, rss_repeats=1, extra=tiny, root=tmp_path)
+    size = next(r for r in rows if r["section"] == "caches")
+    assert 0 < size["bytes_per_token"] < 100
+    quality = [r for r in rows if r["section"] == "quality"]
+    assert [(r["language"], r["T"]) for r in quality] == [
+        ("BabyLM text", 1.0), ("BabyLM text", 2.0), ("synthetic", 1.0), ("synthetic", 2.0)]
+    for row in quality:
+        assert row["seeds"] == 2 and len(row["per_seed_gap_%"].split(" / ")) == 2
+        assert row["vs_online_%"] == round(
+            100 * (row["draws_val_ppl"] / row["online_val_ppl"] - 1), 2)
+    assert (tmp_path / "text" / "run-draws" / "students" / "draws-draws-T1-seed1").is_dir()
+    judged = [row for row in summary({"draws": rows}) if row["target"]]
+    assert len(judged) == 4 + 2 * 2 and all(row["met"] in ("met", "NOT met") for row in judged)
+    assert "### quality" in draws.markdown(rows)
+
+
+def test_summary_judges_counted_draws_on_bytes_and_gap():
+    def rows(size, gap):
+        quality = [{"section": "quality", "language": language, "T": t, "online_val_ppl": 50.0,
+                    "draws_val_ppl": 50.0 * (1 + gap / 100), "vs_online_%": gap,
+                    "per_seed_gap_%": f"{gap:+.2f}", "seeds": 3}
+                   for language in ("BabyLM text", "synthetic") for t in (1.0, 2.0)]
+        return [{"section": "caches", "bytes_per_token": size}, *quality]
+
+    verdicts = [[row["met"] for row in summary({"draws": rows(size, gap)}) if row["target"]]
+                for size, gap in ((59.5, 0.8), (70.0, 0.8), (59.5, -1.2))]
+    assert verdicts == [["met"] * 4, ["NOT met"] * 4, ["NOT met"] * 4]
+
+
 def test_ensemble_bench_runs_two_teachers_and_llama_students(tmp_path, shared_data):
     from bench import ensemble
 
@@ -206,16 +243,18 @@ def test_a_missing_teacher_elsewhere_is_refused_not_trained(tmp_path):
 
 
 def test_gpu_check_tiny_dry_run_passes_every_section():
-    """bench.gpu_check needs a GPU for its numbers, but --tiny runs every section (fp16, sampled
-    and NF4 logits jobs, QLoRA and LoRA fine-tunes, the fused loss, students in six modes) on the
-    CPU, so the script cannot rot between the sessions that are lent one."""
+    """bench.gpu_check needs a GPU for its numbers, but --tiny runs every section (fp16, sampled,
+    counted-draws and NF4 logits jobs, QLoRA and LoRA fine-tunes, the fused loss, students in
+    seven modes) on the CPU, so the script cannot rot between the sessions that are lent one."""
     from bench import gpu_check
 
     rows = gpu_check.run(tiny=True)
     checks = {row["check"]: row for row in rows}
     assert not [name for name in checks if "FAILED" in name]
     verdicts = [row["value"] for name, row in checks.items() if "cache vs direct forward" in name]
-    assert verdicts == ["PASS"] * 5  # fp16, fp16 sampled, nf4, qlora-tuned, lora-tuned
+    assert verdicts == ["PASS"] * 6  # fp16, sampled, counted draws, nf4, qlora-, lora-tuned
+    counted = checks["teacher fp16 counted draws: cache vs direct forward"]
+    assert "T = 2: 48 draws" in counted["note"]
     assert "+ LoRA adapter" in checks["teacher qlora-tuned: load"]["note"]
     for mode in gpu_check.STUDENT_MODES:
         assert checks[f"student {mode}: tokens/s"]["value"] > 0

@@ -24,6 +24,17 @@ def test_shipped_configs_load_and_reference_recipe_is_exact():
     assert load_config(DEMO).run_path.as_posix() == "runs/demo"
 
 
+@pytest.mark.parametrize("name", ["babylm-gpt2", "babylm-strict-small"])
+def test_shipped_recipes_cache_draws_at_every_temperature_they_distil_at(name):
+    """The configs ship the counted-draws cache bench.draws measures, and it holds draws at the
+    student's temperature and every swept one (a student elsewhere would be refused)."""
+    cfg = load_config(CONFIG_DIR / f"{name}.yaml")
+    assert cfg.cache.selection == "draws"
+    wanted = {cfg.distill.temperature, *cfg.distill.sweep_temperatures}
+    assert wanted <= set(cfg.cache.temperatures)
+    assert len(cfg.cache.draws) == len(cfg.cache.temperatures)
+
+
 def test_strict_small_config_trains_every_model_on_the_corpus_alone():
     cfg = load_config(CONFIG_DIR / "babylm-strict-small.yaml")
     assert cfg.teacher.from_scratch and cfg.tokenizer.kind == "bpe"

@@ -101,7 +101,7 @@ def test_strict_small_recipe_through_the_make_targets(shared_data, tmp_path):
     smaller = [f"run_dir={run_dir}", f"data.dir={shared_data / 'babylm' / '2023' / 'train_10M'}",
                "tokenizer.vocab_size=1024", "teacher.max_steps=30", "teacher.batch_size=16",
                "teacher.grad_accum=1", "teacher.warmup_steps=5", "teacher.dtype=fp32",
-               "teacher.device=cpu", "cache.k=16", "student.n_layer=1", "student.n_embd=32",
+               "teacher.device=cpu", "cache.draws=[16]", "student.n_layer=1", "student.n_embd=32",
                "student.n_head=2", "student.intermediate_size=0", "student.max_steps=15",
                "student.batch_size=16", "student.warmup_steps=5", "student.device=cpu",
                "student.save_at_words=[10000]", f"eval.minimal_pairs={pairs.parent}",
@@ -121,7 +121,8 @@ def test_strict_small_recipe_through_the_make_targets(shared_data, tmp_path):
         config = json.loads((run_dir / "teachers" / name / "config.json").read_text())
         assert config["model_type"] == family
         manifest = json.loads((run_dir / "caches" / name / "train.zarr" / "zarr.json").read_text())
-        assert manifest["attributes"]["manifest"]["selection"]["kind"] == "sample"
+        assert manifest["attributes"]["manifest"]["selection"] == {"kind": "draws", "draws": [16],
+                                                                   "seed": 0}
     results = json.loads((run_dir / "reports" / "results.json").read_text())
     models = {entry["name"]: entry for entry in results["models"]}
     assert set(models) == {"teachers/gpt2", "teachers/llama", "students/baseline",

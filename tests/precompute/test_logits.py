@@ -221,6 +221,58 @@ def test_sampled_cache_draws_from_the_teachers_tempered_softmax(tmp_path, teache
     assert np.array_equal(64 - same_as_next.reshape(-1, 63).sum(-1), distinct)  # repeats adjacent
 
 
+COUNTED = ("cache.selection=draws", "cache.temperatures=[1.0, 2.0]", "cache.draws=[8, 24]")
+
+
+def test_counted_draws_are_the_systematic_draws_at_each_temperature(tmp_path, teacher):
+    """cache.selection=draws: at each temperature, the draws of `teacher_topk` at that
+    temperature (each batch seeded by its first row), read back sorted by id; ids only; a second
+    job writes the same bytes."""
+    runs = [tiny_run(tmp_path / name, n_train=96, n_val=16) for name in ("a", "b")]
+    for run in runs:
+        fill_caches(tiny_config(run, *uses(teacher, *COUNTED, *SMALL_SHARDS)))
+    paths = [run / "cache" / "train.zarr" for run in runs]
+    assert cache_differences(*paths) == []
+    store = open_token_store(runs[0] / "tokens" / "train.zarr")
+    cache = open_cache(paths[0], token_store=store)
+    info = inspect_path(paths[0])
+    assert info["selection"] == {"kind": "draws", "draws": [8, 24], "seed": 0}
+    assert (info["k"], info["value_code"], info["teacher_stats"]) == (32, "none", None)
+    assert cache.verify() == []
+    model = AutoModelForCausalLM.from_pretrained(teacher).eval()
+    rows = torch.from_numpy(store.read(0, store.n_sequences).astype(np.int64))
+    for t, m in ((1.0, 8), (2.0, 24)):
+        with torch.inference_mode():
+            drawn = torch.cat([teacher_topk(model, batch, k=m, temperatures=(t,),
+                                            sampling=Sampling(t, 0), first_row=8 * i)[0]
+                               for i, batch in enumerate(rows.split(8))])
+        read = cache.at_temperature(t).read(0, store.n_sequences)
+        assert read.logits is None
+        assert np.array_equal(read.ids, np.sort(drawn.numpy(), axis=-1))
+
+
+def test_job_prints_head_mass_and_warns_for_a_thin_top_k_head(tmp_path, teacher, capsys):
+    """After its warm-up batch the job prints the teacher's head mass at every temperature the
+    config distils at; for a top-k cache holding under half of it, one warning line."""
+    for k, warned in ((2, True), (300, False)):  # the tiny teacher is flat: 2 of 300 ids hold
+        run = tiny_run(tmp_path / f"top{k}", n_train=32, n_val=16)  # little, all of them all
+        fill_caches(tiny_config(run, *uses(teacher, f"cache.k={k}", "distill.temperature=1",
+                                           "distill.sweep_temperatures=[1, 4]")))
+        out = capsys.readouterr().out.splitlines()
+        mass = next(line for line in out if line.startswith(f"teacher head mass (top {k}"))
+        masses = [float(part.split()[0]) for part in mass.split(": ")[1].split(", ")]
+        assert mass.endswith("at T = 4") and len(masses) == 2
+        warnings = [line for line in out if line.startswith("warning:")]
+        assert len(warnings) == warned and all(m < 0.5 for m in masses) == warned
+        if warned:
+            assert "probability at T = 1, 4" in warnings[0]
+            assert "use cache.selection=draws" in warnings[0]
+    run = tiny_run(tmp_path / "draws", n_train=32, n_val=16)
+    fill_caches(tiny_config(run, *uses(teacher, *COUNTED, "distill.sweep_temperatures=[1, 4]")))
+    out = capsys.readouterr().out
+    assert "teacher head mass" in out and "warning:" not in out
+
+
 def test_cache_is_bit_exact_to_a_quiet_forward(tmp_path, teacher):
     """The job's background writer must not disturb the forward: it calls no torch operator (one
     running beside the CPU forward changes the kernels' last bits, and with them near-tied top-k
@@ -270,12 +322,14 @@ SMALL_SHARDS = ("cache.chunk_sequences=8", "cache.shard_chunks=1", "cache.batch_
 
 
 @pytest.mark.slow
-def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
+@pytest.mark.parametrize("selection", [(), COUNTED], ids=["topk", "counted draws"])
+def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher, selection):
+    settings = (*SMALL_SHARDS, *selection)
     reference = tiny_run(tmp_path / "reference", n_train=384, n_val=16)
-    fill_caches(tiny_config(reference, *uses(teacher, *SMALL_SHARDS)))
+    fill_caches(tiny_config(reference, *uses(teacher, *settings)))
     run = tiny_run(tmp_path / "killed", n_train=384, n_val=16)
     done_dir = run / "cache" / "train.zarr" / "done" / "c"
-    with job_processes(job(run, teacher, *SMALL_SHARDS), stdout=subprocess.DEVNULL,
+    with job_processes(job(run, teacher, *settings), stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL) as process:
         deadline = time.monotonic() + 120
         while not (done_dir.is_dir() and len(list(done_dir.iterdir())) >= 3):
@@ -287,7 +341,7 @@ def test_killed_job_resumes_to_an_identical_cache(tmp_path, teacher):
     assert 3 <= partial.done.sum() < partial.n_shards
     problems = partial.verify()
     assert problems and all("not done" in line for line in problems)  # done shards are sound
-    fill_caches(tiny_config(run, *uses(teacher, *SMALL_SHARDS)))
+    fill_caches(tiny_config(run, *uses(teacher, *settings)))
     assert cache_differences(run / "cache" / "train.zarr", reference / "cache" / "train.zarr") == []
 
 

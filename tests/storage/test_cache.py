@@ -8,9 +8,10 @@ import zarr
 
 from storage import (CorruptData, ManifestMismatch, StorageError, StoreNotFound,
                      create_cache, decode_values, encode_values, open_cache)
-from storage.cache import GAP8_STEP
-from tests.storage.cachedata import (CHUNK, K, N, TEMPERATURES, new_writer,
-                                     teacher_outputs, token_store, write_all, write_one)
+from storage.cache import GAP8_STEP, count_draws, expand_draws
+from tests.storage.cachedata import (CHUNK, K, L, N, SHARD_CHUNKS, TEMPERATURES, V,
+                                     new_writer, teacher_outputs, token_store, write_all,
+                                     write_one)
 
 
 @pytest.fixture
@@ -266,3 +267,89 @@ def test_create_removes_what_a_killed_creator_left(tmp_path, store, outputs):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".cache.zarr.lock", "cache.zarr",
                                                           "tokens.zarr"]
     assert write_all(writer, outputs) == list(range(5)) and writer.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# Counted draws: distinct ids, delta-coded, with their counts.
+
+def counted_writer(path, store, draws=(5, 12), temperatures=(1.0, 2.0)):
+    return create_cache(
+        path, n_sequences=N, seq_len=L, k=sum(draws), vocab_size=V, temperatures=temperatures,
+        value_code="none", chunk_sequences=CHUNK, shard_chunks=SHARD_CHUNKS,
+        manifest={"teacher": {"name": "fake"}, "selection": {"kind": "draws",
+                                                             "draws": list(draws), "seed": 0},
+                  "tokenizer_fingerprint": store.tokenizer_fingerprint,
+                  "token_store_fingerprint": store.fingerprint})
+
+
+def fake_draws(m, *, n=N, vocab=V, seed=0):
+    """Draws with repeats: ids from a narrow peaked distribution, in no particular order."""
+    rng = np.random.default_rng(seed)
+    return rng.zipf(1.3, (n, L, m)).clip(max=vocab) - 1
+
+
+@pytest.mark.parametrize("m, vocab", [(1, 300), (7, 300), (64, 300), (255, 70_000)])
+def test_counted_draws_round_trip_exactly(m, vocab):
+    draws = fake_draws(m, n=6, vocab=vocab)
+    delta, counts = count_draws(draws)
+    assert delta.shape == counts.shape == draws.shape and counts.dtype == np.uint8
+    assert np.all(counts.sum(-1) == m) and np.all(delta >= 0)
+    for position, (row, row_delta, row_counts) in enumerate(zip(
+            draws.reshape(-1, m), delta.reshape(-1, m), counts.reshape(-1, m))):
+        ids, how_often = np.unique(row, return_counts=True)
+        kept = len(ids)
+        assert np.array_equal(np.cumsum(row_delta[:kept]), ids)
+        assert np.array_equal(row_counts[:kept], how_often)
+        assert not row_delta[kept:].any() and not row_counts[kept:].any()
+    assert np.array_equal(expand_draws(delta, counts), np.sort(draws, axis=-1))
+
+
+def test_counted_draws_cache_stores_and_reads_each_temperature(tmp_path, store):
+    draws = (5, 12)
+    plain = np.concatenate([fake_draws(m, seed=m) for m in draws], axis=-1)
+    writer = counted_writer(tmp_path / "cache.zarr", store, draws)
+    for claim in writer.claimed_shards():
+        with claim:
+            a, b = writer.shard_rows(claim.shard)
+            writer.write_shard(claim.shard, ids=plain[a:b])
+    assert writer.finish()
+    cache = open_cache(tmp_path / "cache.zarr", token_store=store)
+    assert cache.arrays == ("ids", "counts") and cache.verify() == []
+    stored = zarr.open_group(tmp_path / "cache.zarr", mode="r")
+    assert sorted(stored) == ["counts", "done", "ids"]  # no logits, no lse
+    delta, counts = (np.concatenate(parts, axis=-1) for parts in zip(
+        count_draws(plain[..., :5]), count_draws(plain[..., 5:])))
+    assert np.array_equal(stored["ids"][:], delta) and np.array_equal(stored["counts"][:], counts)
+    for t, (first, m) in zip((1.0, 2.0), ((0, 5), (5, 12))):
+        view = cache.at_temperature(t)
+        assert (view.k, view.sample_temperature) == (m, t)
+        block = view.read(3, 19)
+        assert block.logits is None and block.lse is None
+        assert np.array_equal(block.ids, np.sort(plain[3:19, :, first:first + m], axis=-1))
+        raw = view.read(3, 19, decode=False)
+        assert raw.counts is not None and np.array_equal(view.decode(raw).ids, block.ids)
+    with pytest.raises(ValueError, match="not at 4"):
+        cache.at_temperature(4.0)
+    with pytest.raises(ValueError, match="one temperature"):
+        cache.read(0, 4)  # two temperatures: say which
+
+
+def test_counted_draws_damage_is_named(tmp_path, store):
+    writer = counted_writer(tmp_path / "cache.zarr", store)
+    plain = fake_draws(17)
+    for claim in writer.claimed_shards():
+        with claim:
+            a, b = writer.shard_rows(claim.shard)
+            writer.write_shard(claim.shard, ids=plain[a:b])
+    writer.finish()
+    file = tmp_path / "cache.zarr" / "counts" / "c" / "2" / "0" / "0"
+    data = bytearray(file.read_bytes())
+    data[len(data) // 3] ^= 0x40
+    file.write_bytes(bytes(data))
+    cache = open_cache(tmp_path / "cache.zarr")
+    problems = cache.verify()
+    assert len(problems) == 1 and problems[0].startswith("shard 2: file counts/c/2/0/0")
+    with pytest.raises(CorruptData, match="shard 2: file counts/c/2/0/0"):
+        cache.at_temperature(2.0).read(17, 20)
+    assert [p.shard for p in counted_writer(tmp_path / "cache.zarr", store).reopen_damaged()] \
+        == [2]

@@ -17,8 +17,9 @@ from safetensors.torch import load_file
 
 from configs import CONFIG_DIR, load_config
 from configs.cli import run
-from precompute.logits import Sampling, write_cache
+from precompute.logits import CountedDraws, Sampling, write_cache
 from storage.tokens import open_token_store
+from student import sweep
 from student import train as trainer
 from training import checkpoint as checkpoints
 from training import loop
@@ -33,8 +34,8 @@ STUDENT = ["student.n_layer=2", "student.n_embd=32", "student.n_head=2", "studen
            "student.eval_every=0", "student.checkpoint_every=0", "student.device=cpu"]
 
 
-def make_run(root: Path, *, k: int = 8, n_train: int = 256, sampling: Sampling | None = None
-             ) -> Path:
+def make_run(root: Path, *, k: int = 8, n_train: int = 256,
+             sampling: Sampling | CountedDraws | None = None) -> Path:
     """Token stores (vocab 300, seq 32), a tiny random teacher and its k = 8 cache (T = 1, 2;
     of k draws with `sampling`)."""
     tiny_run(root, n_train=n_train)
@@ -163,6 +164,45 @@ def test_kd_from_sampled_entries_trains_and_uses_all_of_them(tmp_path, capsys):
     assert "holds 32 sampled entries per position, which are used together" in err
 
 
+def test_kd_from_counted_draws_reads_the_draws_at_its_temperature(tmp_path, capsys):
+    """One cache of counted draws (8 at T = 1, 24 at T = 2) serves students at both: each reads
+    the draws made at its own temperature, ids only; another temperature is refused."""
+    draws = CountedDraws(temperatures=(1.0, 2.0), draws=(8, 24), seed=0)
+    root = make_run(tmp_path, n_train=64, sampling=draws)
+    for temperature, m in ((2.0, 24), (1.0, 8)):
+        cfg = trainer.as_cached(config(root, f"distill.temperature={temperature}",
+                                       "student.max_steps=12"))
+        tokens, _ = loop.open_tokens(cfg)
+        distil = trainer.distillation(cfg, tokens, vocab_size=tokens.vocab_size)
+        assert distil.reads_values == (False,) and distil.k == m
+        batch = next(loop.micro_batches(tokens, distil, hp=cfg.student, micro=4,
+                                        cursor=loop.Cursor(), rank=0, world_size=1,
+                                        prefetch=0))[2]
+        ids = batch.teachers[0].ids
+        assert ids.shape == (4, tokens.seq_len, m) and batch.teachers[0].logits is None
+        assert np.all(np.diff(ids, axis=-1) >= 0)  # ascending: repeats adjacent
+        out = trainer.train(cfg)
+        assert out.name == f"kd-a0.5-T{temperature:g}-d{m}"
+        saved = load_config(out / "config.yaml")
+        assert (saved.cache.selection, saved.cache.draws) == ("draws", (8, 24))
+        selection = read_card_facts(out)["selection"]
+        assert selection == f"counted draws ({m} draws at T = {temperature:g})"
+        assert all(r["kl"] > 0 for r in metrics(out))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(trainer.main, "train", argv=["--config", str(CONFIG), *overrides(root),
+                                         "distill.temperature=4"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+    assert "holds draws at T = 1, 2, not at 4" in err
+    with pytest.raises(SystemExit) as exit_info:  # a sweep is refused before training any
+        run(sweep.main, "sweep", argv=["--config", str(CONFIG), *overrides(root),
+                                       "distill.sweep_alphas=[0.3]",
+                                       "distill.sweep_temperatures=[2, 4]"])
+    assert exit_info.value.code == 2 and "not at 4" in capsys.readouterr().err
+    assert not list((root / "students").glob("kd-a0.3-*"))
+
+
 def test_fit_trains_a_lora_wrapped_model_with_ce(tmp_path):
     """The teacher fine-tuning path: a PEFT model, CE only, only the adapter is optimised."""
     from peft import LoraConfig, get_peft_model
@@ -236,6 +276,7 @@ def _wait_for_new_checkpoint(folder: Path, proc: subprocess.Popen) -> None:
 DDP_CHILD = """
 import hashlib, sys, torch, torch.distributed as dist
 from configs import CONFIG_DIR, load_config
+from student import sweep
 from student import train as trainer
 from training import loop
 from training.models import new_model_of

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from storage.cache import count_draws, expand_draws
 from training import losses
 from training.native import rows_kernel, torch_ops_only
 from training.losses import (IGNORE_INDEX, ce_and_cached_kl, combine, first_slots, full_kl,
@@ -182,6 +183,33 @@ def test_sampled_targets_merge_repeats_and_reweight_for_another_temperature():
     log_p, _ = sampled_targets(ids, z, temperature=1.0, sample_temperature=2.0)
     w = torch.exp(z[0, 0] / 2)
     assert torch.allclose(log_p.exp()[0, 0, [0, 3]], torch.stack([w[:3].sum(), w[3]]) / w.sum())
+
+
+def test_counted_draws_give_the_targets_of_their_plain_draws(batch):
+    """A counted-draws cache returns each position's draws sorted by id (expanded from distinct
+    ids and counts); a sampled cache holds the same draws sorted by logit. At the drawing
+    temperature both give one target: the same loss and gradient."""
+    student, teacher, labels = batch
+    generator = torch.Generator().manual_seed(2)
+    plain = torch.multinomial(torch.softmax(teacher.flatten(0, 1) / 2, -1), 16, replacement=True,
+                              generator=generator).view(2, 7, 16)
+    z = teacher.gather(-1, plain)
+    by_logit = plain.gather(-1, torch.argsort(z, dim=-1, descending=True, stable=True))
+    delta, counts = count_draws(plain.numpy())
+    counted = torch.from_numpy(expand_draws(delta, counts))
+    assert torch.equal(counted, plain.sort(-1).values) and not torch.equal(counted, by_logit)
+    results = []
+    for ids in (by_logit, counted):
+        log_p, p_tail = sampled_targets(ids, None, temperature=2.0, sample_temperature=2.0)
+        fused = student.clone().requires_grad_()
+        ce, kl = ce_and_cached_kl(fused, labels, head_ids=ids, log_p_head=log_p, p_tail=p_tail,
+                                  temperature=2.0)
+        (ce.sum() + kl.sum()).backward()
+        results.append((ce, kl, fused.grad))
+    (ce_a, kl_a, grad_a), (ce_b, kl_b, grad_b) = results
+    assert torch.equal(ce_a, ce_b)
+    assert torch.allclose(kl_a, kl_b, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(grad_a, grad_b, atol=1e-7)
 
 
 def test_sampled_cache_kd_is_the_kl_to_the_sampled_distribution(batch):

@@ -355,8 +355,12 @@ def training_facts(folder: Path) -> dict:
     try:
         settings = yaml.safe_load(path.read_text()) or {}
         distill = settings.get("distill") or {}
-        cached_k = (settings.get("cache") or {}).get("k")
-    except (OSError, yaml.YAMLError, AttributeError):
+        cache = settings.get("cache") or {}
+        cached_k = cache.get("k")
+        if cache.get("selection") == "draws":  # counted draws: those at the student's T
+            drawn = dict(zip(cache.get("temperatures") or (), cache.get("draws") or ()))
+            cached_k = drawn.get(distill.get("temperature"), cached_k)
+    except (OSError, yaml.YAMLError, AttributeError, TypeError):
         return {}
     facts = {key: distill[key] for key in ("alpha", "temperature", "mode") if key in distill}
     if distill.get("alpha") != 1 and distill.get("mode", "cached") == "cached" and len(

@@ -232,10 +232,12 @@ def cache_facts(path: Path) -> dict:
                             if key != "fingerprint" and value not in ("", None, "none"))
     tokens = manifest["n_sequences"] * manifest["seq_len"]
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return {"path": str(path), "k": manifest["k"], "value_code": manifest["value_code"],
-            "teacher": teacher, "temperatures": manifest.get("temperatures"),
-            "shards_done": f"{int(done.sum())}/{done.size}", "bytes_on_disk": size,
-            "tokens": tokens, "bytes_per_token": size / tokens}
+    facts = {"path": str(path), "k": manifest["k"], "value_code": manifest["value_code"],
+             "teacher": teacher, "temperatures": manifest.get("temperatures"),
+             "shards_done": f"{int(done.sum())}/{done.size}", "bytes_on_disk": size,
+             "tokens": tokens, "bytes_per_token": size / tokens}
+    draws = (manifest.get("selection") or {}).get("draws")
+    return {**facts, "draws": draws} if draws else facts  # counted draws: how many at each T
 
 
 # ----------------------------------------------------------------------------- the report
@@ -283,7 +285,8 @@ def render_markdown(results: dict) -> str:
             per_token = cache["bytes_per_token"]
             parts += [f"- path: `{cache['path']}`", f"- teacher: {cache['teacher']}",
                       f"- k: {cache['k']}, value code: {cache['value_code']}, "
-                      f"temperatures: {cache['temperatures']}",
+                      f"temperatures: {cache['temperatures']}"
+                      + (f", draws at each: {cache['draws']}" if cache.get("draws") else ""),
                       f"- {cache['bytes_on_disk'] / 1e6:.1f} MB on disk for {cache['tokens']:,} "
                       f"positions: {per_token:.1f} bytes/token; shards done {cache['shards_done']}"]
     if results["curves"]:

@@ -155,7 +155,15 @@ def test_cache_facts_come_from_the_manifest(tmp_path):
         4, "gap8", 128, "0/2")
     assert cache["teacher"] == "name runs/demo/teacher, dtype fp32"
     assert cache["bytes_per_token"] == pytest.approx(cache["bytes_on_disk"] / 128)
-    assert "k: 4, value code: gap8" in report
+    assert "k: 4, value code: gap8" in report and "draws at each" not in report
+    create_cache(run / "caches" / "drawn" / "train.zarr", n_sequences=8, seq_len=16, k=24,
+                 vocab_size=300, temperatures=[1.0, 2.0], value_code="none", chunk_sequences=4,
+                 shard_chunks=1, manifest={"selection": {"kind": "draws", "draws": [8, 16],
+                                                         "seed": 0}})
+    report = write_report(run, results).read_text()
+    drawn = json.loads((run / "reports" / "results.json").read_text())["caches"][1]
+    assert (drawn["k"], drawn["value_code"], drawn["draws"]) == (24, "none", [8, 16])
+    assert "k: 24, value code: none, temperatures: [1.0, 2.0], draws at each: [8, 16]" in report
 
 
 def test_extra_model_with_its_own_tokenizer_skips_lm_metrics_but_scores_pairs(fake_run, tmp_path):

@@ -21,6 +21,7 @@ from precompute.logits import CountedDraws, Sampling, write_cache
 from storage.tokens import open_token_store
 from student import sweep
 from student import train as trainer
+from student.evaluate import training_facts
 from training import checkpoint as checkpoints
 from training import loop
 from training import metrics as metrics_log
@@ -187,6 +188,7 @@ def test_kd_from_counted_draws_reads_the_draws_at_its_temperature(tmp_path, caps
         assert (saved.cache.selection, saved.cache.draws) == ("draws", (8, 24))
         selection = read_card_facts(out)["selection"]
         assert selection == f"counted draws ({m} draws at T = {temperature:g})"
+        assert training_facts(out)["k"] == m  # the report's k: the draws it read
         assert all(r["kl"] > 0 for r in metrics(out))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -278,6 +280,7 @@ import hashlib, sys, torch, torch.distributed as dist
 from configs import CONFIG_DIR, load_config
 from student import sweep
 from student import train as trainer
+from student.evaluate import training_facts
 from training import loop
 from training.models import new_model_of
 cfg = load_config(CONFIG_DIR / "demo.yaml", sys.argv[2:])

@@ -174,7 +174,7 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, n
                  dtype: str, quantization: str, extra: tuple[str, ...] = ()) -> list[dict]:
     """The logits job with the teacher `resolve_teacher` finds for `run` (a fine-tuned one when
     `run` has it), timed against the forward alone, and its cache checked."""
-    from precompute.logits import CountedDraws, Sampling, cache_split, teacher_topk
+    from precompute.logits import CountedDraws, cache_split, sampling_of, teacher_topk
     from storage.cache import open_cache
     from storage.tokens import open_token_store
     from training.models import load_teacher, resolve_teacher, teacher_manifest
@@ -183,9 +183,7 @@ def teacher_rows(run: Path, teacher_dir: Path, shapes: Shapes, device: str, *, n
     cfg = config(run, teacher_dir, shapes, f"teacher.dtype={dtype}",
                  f"teacher.quantization={quantization}", f"teacher.device={device}", *extra)
     c = cfg.cache
-    sampling = {"topk": None, "sample": Sampling(c.sample_temperature, c.sample_seed),
-                "draws": CountedDraws(tuple(c.temperatures), c.draws_per_temperature,
-                                      c.sample_seed)}[c.selection]
+    sampling = sampling_of(c)
     started = time.perf_counter()
     source = resolve_teacher(cfg)
     model = load_teacher(source.model, adapter=source.adapter, dtype=dtype,

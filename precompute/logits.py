@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from configs import Config, UserError
+from configs import CacheConfig, Config, UserError
 from configs.cli import chosen_teachers, teacher_option
 from storage.cache import NO_VALUES, cache_bytes, create_cache
 from storage.tokens import TokenStore, open_token_store
@@ -84,10 +84,22 @@ def teacher_topk(model, input_ids: torch.Tensor, *, k: int, temperatures: tuple[
     `CountedDraws`, ids (B, L, sum(draws)) are the draws at each temperature one after the
     other, and logits and lse are None.
     """
+    return _select(_forward(model, input_ids), k=k, temperatures=temperatures,
+                   sampling=sampling, first_row=first_row)
+
+
+def _forward(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The teacher's logits (B, L, V) in float32 for rows `input_ids` (B, L)."""
     # Packed rows hold <|endoftext|>, the pad id: an explicit mask says they are not padded
     # (without one transformers warns on every run).
-    logits = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                   use_cache=False).logits.float()
+    return model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                 use_cache=False).logits.float()
+
+
+def _select(logits: torch.Tensor, *, k: int, temperatures: tuple[float, ...],
+            sampling: Sampling | CountedDraws | None = None, first_row: int = 0
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """`teacher_topk` after the forward: what the cache stores from the logits (B, L, V)."""
     if isinstance(sampling, CountedDraws):
         ids = torch.cat([_draw(logits, k=m, sampling=Sampling(t, sampling.seed),
                                first_row=first_row)[0]
@@ -153,16 +165,23 @@ def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Pat
     store = open_token_store(tokens_path)
     check_inputs(model, store=store, cfg=cfg, source=source, where=str(tokens_path))
     c = cfg.cache
-    sampling = {"topk": None, "sample": Sampling(c.sample_temperature, c.sample_seed),
-                "draws": CountedDraws(tuple(c.temperatures), c.draws_per_temperature,
-                                      c.sample_seed)}[c.selection]
     return write_cache(model, store=store, cache_path=cache_path, teacher=teacher, k=c.k,
-                       temperatures=tuple(c.temperatures), sampling=sampling,
+                       temperatures=tuple(c.temperatures), sampling=sampling_of(c),
                        distilled_at=distilled_temperatures(cfg),
                        value_code=c.value_code, chunk_sequences=c.chunk_sequences,
                        shard_chunks=c.shard_chunks,
                        batch_size=c.batch_size, device=device, rank=rank,
                        world_size=world_size, barrier=barrier)
+
+
+def sampling_of(cache: CacheConfig) -> Sampling | CountedDraws | None:
+    """What `cache.selection` draws: nothing for 'topk', else the draws' temperatures and seed."""
+    if cache.selection == "sample":
+        return Sampling(cache.sample_temperature, cache.sample_seed)
+    if cache.selection == "draws":
+        return CountedDraws(tuple(cache.temperatures), cache.draws_per_temperature,
+                            cache.sample_seed)
+    return None
 
 
 def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k: int,
@@ -205,13 +224,12 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
     writer = writer or create()
     name = Path(store.path).stem
     if pending := writer.pending_shards(rank=rank, world_size=world_size):
-        rows = _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
-                        temperatures=temperatures, sampling=sampling, device=torch.device(device))
+        logits = _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
+                          temperatures=temperatures, sampling=sampling,
+                          device=torch.device(device))
         if rank == 0 and distilled_at:
-            with torch.inference_mode():
-                logits = model(input_ids=rows, attention_mask=torch.ones_like(rows),
-                               use_cache=False).logits.float()
             print(head_mass_line(logits, k=k, temperatures=distilled_at, topk=sampling is None))
+        del logits  # (B, L, V): as large as a batch's forward
     started = time.perf_counter()  # after the warm-up, as after loading the model
     computed = _run_shards(model, store=store, writer=writer, rank=rank, world_size=world_size,
                            k=k, temperatures=temperatures, sampling=sampling,
@@ -297,14 +315,14 @@ def _warm_up(model, store, writer, shard: int, *, batch_size: int, k: int, tempe
     """One forward of a shard's first batch, thrown away, so that every stored batch comes from
     a later call of the teacher's kernels: a kernel's first call in a process may round
     differently, and the cache differences between runs traced so far point to a first batch
-    (docs/log.md). Costs one batch per job. Returns the batch's rows (B, L) on `device`."""
+    (docs/log.md). Costs one batch per job. Returns the batch's logits (B, L, V), from which the
+    job reports the teacher's head mass."""
     start, stop = writer.shard_rows(shard)
     rows = torch.from_numpy(store.read(start, min(stop, start + batch_size)).astype(np.int64))
     with torch.inference_mode():
-        rows = rows.to(device)
-        teacher_topk(model, rows, k=k, temperatures=temperatures, sampling=sampling,
-                     first_row=start)
-    return rows
+        logits = _forward(model, rows.to(device))
+        _select(logits, k=k, temperatures=temperatures, sampling=sampling, first_row=start)
+    return logits
 
 
 HEAD_MASS_WARNING = 0.5

@@ -17,12 +17,10 @@ language, the median of three student seeds; the training step's speed and memor
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
-from bench import real_text, sibling_run
+from bench import real_text, sibling_run, work_dir
 from bench import student as synthetic
 from bench.ensemble import rss_rows
 from bench.student import LOOP_PROCESSES, loop_rows_in_processes
@@ -44,8 +42,7 @@ def run(*, data_dir: Path = real_text.DATA_DIR, teacher_epochs: float = 1.0,
         root: Path | None = None) -> list[dict]:
     """Build and train everything in a temporary directory (or `root`, reusing what is there);
     rows of the tables. `extra` overrides go last on BabyLM text (the tests shrink it)."""
-    tmp = Path(tempfile.mkdtemp(prefix="bench-draws-")) if root is None else Path(root)
-    try:
+    with work_dir(root, "draws") as tmp:
         text_rows, text_runs = _real_text(tmp / "text", data_dir, teacher_epochs=teacher_epochs,
                                           student_epochs=student_epochs, seeds=seeds, extra=extra)
         rows = text_rows + _synthetic(tmp / "synthetic", steps=synthetic_steps,
@@ -53,9 +50,6 @@ def run(*, data_dir: Path = real_text.DATA_DIR, teacher_epochs: float = 1.0,
         rows += loop_rows_in_processes(text_runs, steps=LOOP_STEPS, processes=loop_processes)
         rows += rss_rows(text_runs, repeats=rss_repeats)
         return rows
-    finally:
-        if root is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _real_text(root: Path, data_dir: Path, *, teacher_epochs: float, student_epochs: float,
@@ -71,9 +65,7 @@ def _real_text(root: Path, data_dir: Path, *, teacher_epochs: float, student_epo
     cfg = load_config(CONFIG_DIR / "demo.yaml", base)
     prepare(cfg)
     train_teacher(cfg)
-    counted_dir = root / "run-draws"
-    if not counted_dir.exists():
-        sibling_run(cfg.run_path, counted_dir)
+    counted_dir = sibling_run(cfg.run_path, root / "run-draws")
     counted = [*base, f"run_dir={counted_dir}", *CACHE]
     fill_caches(load_config(CONFIG_DIR / "demo.yaml", counted))
     store_tokens = _tokens(cfg.run_path / "tokens" / "train.zarr")
@@ -101,9 +93,7 @@ def _synthetic(root: Path, *, steps: int, teacher_steps: int, seeds: tuple[int, 
 
     if not (root / "teacher" / "model.safetensors").exists():
         synthetic.build_language(root, teacher_steps=teacher_steps)
-    counted_dir = synthetic.sibling(root, "draws")
-    if not counted_dir.exists():
-        sibling_run(root, counted_dir)
+    counted_dir = sibling_run(root, synthetic.sibling(root, "draws"))
     teacher = AutoModelForCausalLM.from_pretrained(root / "teacher")
     write_cache(teacher, store=open_token_store(root / "tokens" / "train.zarr"),
                 cache_path=counted_dir / "cache" / "train.zarr", teacher={"name": "bench"},

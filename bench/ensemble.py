@@ -27,12 +27,10 @@ ensemble's two, alternating in one process, in fresh processes) and its peak RSS
 
 from __future__ import annotations
 
-import shutil
 import statistics
-import tempfile
 from pathlib import Path
 
-from bench import SHARED_DATA
+from bench import SHARED_DATA, work_dir
 from bench.real_text import DATA_DIR, VOCAB
 from bench.student import _proc_status, _subprocess_call, loop_rows_in_processes
 from bench.tables import markdown_sections
@@ -106,8 +104,7 @@ def run(*, data_dir: Path = DATA_DIR, extra: tuple[str, ...] = (), root: Path | 
     from training.models import load_teacher
     from training.tokenizer import load_tokenizer
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-ensemble-")) if root is None else Path(root)
-    try:
+    with work_dir(root, "ensemble") as tmp:
         base = settings(tmp / "run", data_dir, *extra)
         cfg = load_config(CONFIG_DIR / "demo.yaml", base)
         stores = prepare(cfg)
@@ -148,9 +145,6 @@ def run(*, data_dir: Path = DATA_DIR, extra: tuple[str, ...] = (), root: Path | 
         rows += loop_rows_in_processes(loop_runs, steps=LOOP_STEPS, processes=loop_processes)
         rows += rss_rows(loop_runs, repeats=rss_repeats)
         return rows
-    finally:
-        if root is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def topk_cache(view, tokens_path: Path, cache_split) -> Path:

@@ -26,11 +26,9 @@ docs/log.md).
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from bench import SHARED_DATA, sibling_run
+from bench import SHARED_DATA, sibling_run, work_dir
 from bench.student import LOOP_PROCESSES, loop_rows_in_processes
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
@@ -77,8 +75,7 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
     from student.train import train
     from training.metrics import read_metrics
 
-    tmp = Path(tempfile.mkdtemp(prefix="bench-real-text-")) if root is None else Path(root)
-    try:
+    with work_dir(root, "real-text") as tmp:
         base = settings(tmp / "run", data_dir, teacher_epochs=teacher_epochs,
                         student_epochs=student_epochs, extra=extra)
         cfg = load_config(CONFIG_DIR / "demo.yaml", base)
@@ -133,9 +130,6 @@ def run(*, data_dir: Path = DATA_DIR, teacher_epochs: float = 1.0, student_epoch
                          "vs_online_%": round(100 * (value / online - 1), 2) if online else None,
                          "vs_ce_%": round(100 * (value / ppl["CE baseline"] - 1), 2)})
         return rows + speed
-    finally:
-        if root is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def loop_speed(top_k: list[str], sampled: dict[int, list[str]], *, processes: int) -> list[dict]:

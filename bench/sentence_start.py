@@ -38,11 +38,9 @@ also give each store's rows and EOS count, and a section of line minus file accu
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
-from bench import SHARED_DATA
+from bench import SHARED_DATA, work_dir
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, load_config
 
@@ -121,8 +119,7 @@ def run(*, data_dir: Path = DATA_DIR, suites: dict[str, Path] | None = None,
     suites = SUITES if suites is None else suites
     pairs = {name: read_pair_dir(folder, max_pairs_per_file=max_pairs)
              for name, folder in suites.items()}
-    tmp = Path(tempfile.mkdtemp(prefix="bench-sentence-start-")) if root is None else Path(root)
-    try:
+    with work_dir(root, "sentence-start") as tmp:
         runs, students, rows = {}, {}, []
         for document in PACKINGS:
             cfg = load_config(CONFIG_DIR / "demo.yaml", settings(
@@ -170,9 +167,6 @@ def run(*, data_dir: Path = DATA_DIR, suites: dict[str, Path] | None = None,
             rows.append({"section": "notes", "note": "the two runs trained different "
                          "tokenizers: cross-store validation left out"})
         return rows
-    finally:
-        if root is None:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def markdown(rows: list[dict]) -> str:

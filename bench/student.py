@@ -32,17 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import sibling_run
+from bench import sibling_run, work_dir
 from bench.tables import markdown_sections
 from configs import CONFIG_DIR, Config, load_config
 from storage.tokens import open_token_store, write_token_store
@@ -205,23 +203,21 @@ def run(*, steps: int = 200, speed_steps: int = 40, teacher_steps: int = 400,
         root: Path | None = None) -> list[dict]:
     """Build everything in a temporary directory (or `root`) and measure; rows of the table.
     Students train on one torch thread here as in the speed subprocesses (restored after)."""
-    tmp = Path(tempfile.mkdtemp(prefix="bench-student-")) if root is None else Path(root)
     threads = torch.get_num_threads()
-    try:
-        base = tmp / "run"
-        facts = build(base, teacher_steps=teacher_steps)
-        torch.set_num_threads(1)
-        rows = step_rows(base)
-        rows += loop_rows_in_processes(loop_runs(base, STUDENT, sampled=True, torch_ops=True),
-                                       steps=120)
-        rows += loop_rows_in_processes(loop_runs(base, SMALL_STUDENT), steps=30)
-        rows += speed_rows(base, speed_steps)
-        rows += quality_rows(base, steps, facts)
-        return rows
-    finally:
-        torch.set_num_threads(threads)
-        if root is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    with work_dir(root, "student") as tmp:
+        try:
+            base = tmp / "run"
+            facts = build(base, teacher_steps=teacher_steps)
+            torch.set_num_threads(1)
+            rows = step_rows(base)
+            rows += loop_rows_in_processes(loop_runs(base, STUDENT, sampled=True, torch_ops=True),
+                                           steps=120)
+            rows += loop_rows_in_processes(loop_runs(base, SMALL_STUDENT), steps=30)
+            rows += speed_rows(base, speed_steps)
+            rows += quality_rows(base, steps, facts)
+            return rows
+        finally:
+            torch.set_num_threads(threads)
 
 
 def step_rows(root: Path, repeats: int = 30) -> list[dict]:

@@ -1,4 +1,4 @@
-"""`make bench` (`python -m bench`): the seven CPU benchmarks in one run, one summary of their
+"""`make bench` (`python -m bench`): the eight CPU benchmarks in one run, one summary of their
 headline figures against the project's targets, and bench/results.md.
 
     python -m bench [--only cache,student] [--teacher DIR --tokens STORE] [--out FILE]
@@ -12,8 +12,9 @@ compute), `bench.student` (CE vs cached vs online KD: speed, memory, quality), `
 (top-k and sampled caches vs online KD, quality on BabyLM text; the longest), `bench.draws`
 (the counted-draws cache the configs ship: bytes/token, and its students against online KD at
 T = 1 and 2 on both languages, three seeds each), `bench.ensemble`
-(two teachers' caches mixed, LLaMA students, against the online ensembles), `bench.evaluate`
-(minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
+(two teachers' caches mixed, LLaMA students, against the online ensembles), `bench.remote`
+(a cache in a local S3 server against local disk: reading, and training with 20 ms added to
+every request), `bench.evaluate` (minimal pairs/s). `bench.gpu_check` needs a GPU and is not run here (bench/gpu_results.md).
 
 bench.cache needs a trained teacher: without --teacher/--tokens and without runs/demo/teacher,
 the demo's data and teacher stages run first (`precompute.corpus` and `precompute.teacher` on
@@ -39,13 +40,14 @@ from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
 
-from bench import cache, draws, ensemble, evaluate, real_text, student, teacher_job
+from bench import cache, draws, ensemble, evaluate, real_text, remote, student, teacher_job
 from bench.tables import markdown_table
 from configs import CONFIG_DIR, UserError, load_config
 from configs.cli import reproducible_cpu_math
 
 BENCHES = {"cache": cache, "teacher_job": teacher_job, "student": student,
-           "real_text": real_text, "draws": draws, "ensemble": ensemble, "evaluate": evaluate}
+           "real_text": real_text, "draws": draws, "ensemble": ensemble, "remote": remote,
+           "evaluate": evaluate}
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = Path(__file__).with_name("results.md")
 DEMO_CONFIG = CONFIG_DIR / "demo.yaml"
@@ -75,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "real_text": {},
         "draws": {},
         "ensemble": {},
+        "remote": {},
         "evaluate": dict(n_pairs=args.pairs),
     }
     results, seconds, errors = {}, {}, {}
@@ -218,7 +221,7 @@ def summary(results: dict[str, list[dict]], errors: dict[str, str] | None = None
     for name, figures in (("cache", _cache_figures), ("teacher_job", _job_figures),
                           ("student", _student_figures), ("real_text", _real_text_figures),
                           ("draws", _draws_figures), ("ensemble", _ensemble_figures),
-                          ("evaluate", _evaluate_figures)):
+                          ("remote", _remote_figures), ("evaluate", _evaluate_figures)):
         if name in results:
             try:
                 rows += figures(results[name], results)
@@ -479,6 +482,25 @@ def _ensemble_figures(rows: list[dict], _results) -> list[dict]:
     memory = {r["run"]: r for r in rows if r["section"].startswith("memory")}
     out += [_rss_row(f"BabyLM text: LLaMA student {name} peak RSS / CE (whole process)", memory,
                      name) for name in (ensemble.SINGLE, ensemble.ENSEMBLE)]
+    return out
+
+
+def _remote_figures(rows: list[dict], _results) -> list[dict]:
+    """A cache in object storage: the reader's tokens/s from the local S3 server against local
+    disk (no target: it measures that server), and the training step against CE from each place
+    for each student, judged against the speed target."""
+    reader = {r["place"]: r for r in rows if r["section"].startswith("reader")}
+    out = [_row(f"reader tokens/s from {place} / local disk (moto's S3 server on this machine)",
+                f"{row['vs_local']:.3f} ({_n(row['tokens_per_s'])} vs "
+                f"{_n(reader['local disk']['tokens_per_s'])})")
+           for place, row in reader.items() if place != "local disk"]
+    loops: dict[str, dict[str, dict]] = {}
+    for row in (r for r in rows if r["section"].startswith("loop")):
+        loops.setdefault(row["student"], {})[row["run"]] = row
+    for shape, loop in loops.items():
+        for name in list(loop)[1:]:  # the first is CE
+            out.append(_loop_row(f"{name}: tokens/s / CE tokens/s (training step with reading, "
+                                 f"{shape} student)", loop, name))
     return out
 
 

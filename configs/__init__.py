@@ -304,6 +304,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    tokens: str = ""
+    """Where the token stores (and a copy of the tokenizer) live: a folder, or an fsspec URL
+    (s3://bucket/prefix; gs://, any fsspec URL). Empty: <run_dir>/tokens."""
+    caches: str = ""
+    """Where the logit caches live, a folder or URL standing in for run_dir: their paths under it
+    are cache/<split>.zarr (caches/<name>/... for named teachers). Empty: run_dir. Everything
+    else (teachers, students, checkpoints, reports) stays in run_dir on local disk."""
+    options: dict[str, object] = field(default_factory=dict)
+    """fsspec storage_options for those URLs (e.g. {endpoint_url: ..., client_kwargs: {...}}).
+    Prefer the environment for credentials (AWS_ACCESS_KEY_ID, ...); these are never written
+    to a saved config.yaml, a manifest or a log."""
+    lease_seconds: float = 60.0
+    """Term of a shard's lease when writing a cache to object storage: its writer renews it; a
+    killed writer's shards are taken over this long after its last renewal."""
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "experiment"
     """Experiment name; the default run_dir is runs/<name>."""
@@ -319,6 +337,7 @@ class Config:
     student: StudentConfig = field(default_factory=StudentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     source: str = ""
     """The YAML file this config came from (set by load_config, not by the user)."""
 
@@ -337,6 +356,22 @@ class Config:
         """Where that teacher's logit caches live: `cache/`, or `caches/<name>/`."""
         name = self.teacher.name
         return self.run_path / ("caches/" + name if name else "cache")
+
+    @property
+    def tokens_dir(self) -> str:
+        """Where the token stores live: `storage.tokens`, or `<run_dir>/tokens`."""
+        return self.storage.tokens.rstrip("/") or str(self.run_path / "tokens")
+
+    def token_store_at(self, split: str) -> str:
+        return f"{self.tokens_dir}/{split}.zarr"
+
+    def cache_at(self, split: str) -> str:
+        """The cache of `teacher:` for the token store of `split`: `cache/<split>.zarr` (or
+        `caches/<name>/...`) under `storage.caches`, or under run_dir."""
+        relative = self.cache_dir.relative_to(self.run_path) / f"{split}.zarr"
+        if self.storage.caches:
+            return f"{self.storage.caches.rstrip('/')}/{relative.as_posix()}"
+        return str(self.run_path / relative)
 
     def for_teacher(self, name: str) -> "Config":
         """This config with `teachers[name]` as its `teacher:` section (the stages that make or
@@ -362,8 +397,10 @@ class Config:
         path = Path(directory) / "config.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         header = "".join(f"# {note}\n" for note in notes)
+        values = _plain(self.to_dict())
+        values["storage"]["options"] = {}  # they may hold credentials
         with writing(path):
-            path.write_text(header + yaml.safe_dump(_plain(self.to_dict()), sort_keys=False))
+            path.write_text(header + yaml.safe_dump(values, sort_keys=False))
         return path
 
     def replace(self, **changes) -> "Config":
@@ -416,6 +453,7 @@ _RULES = [
     ("cache.selection", lambda v: v in ("topk", "sample", "draws"), "'topk', 'sample' or 'draws'"),
     ("cache.draws", lambda v: all(1 <= m <= 255 for m in v), "a list of draws between 1 and 255"),
     ("cache.sample_temperature", lambda v: v > 0, "positive"),
+    ("storage.lease_seconds", lambda v: v >= 1, "at least 1 (seconds)"),
     ("cache.temperatures", lambda v: len(v) >= 1 and all(t > 0 for t in v), "a non-empty list of positive numbers"),
     ("cache.splits", lambda v: len(v) >= 1 and set(v) <= {"train", "val"}, "a list of 'train' and/or 'val'"),
     ("distill.alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
@@ -608,9 +646,12 @@ def _from_dict(cls, raw, prefix: str, source: str):
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
             kwargs[name] = _from_dict(hint, value or {}, f"{prefix}{name}.", source)
-        elif typing.get_origin(hint) is dict:  # named sections: {name: section}
+        elif typing.get_origin(hint) is dict:  # named sections, or a plain mapping
             section_type = typing.get_args(hint)[1]
+            if not isinstance(value or {}, dict):
+                raise ConfigError(f"{source}: {prefix}{name} must be a mapping")
             kwargs[name] = {key: _from_dict(section_type, entry, f"{prefix}{name}.{key}.", source)
+                            if dataclasses.is_dataclass(section_type) else entry
                             for key, entry in (value or {}).items()}
         else:
             kwargs[name] = _coerce(value, hint, f"{prefix}{name}", source)

@@ -27,6 +27,7 @@ import numpy as np
 
 from configs import Config, UserError, writing
 from configs.cli import run
+from storage.location import Remote, locate, upload_folder
 from storage.paths import make_folder
 from storage.tokens import tokens_fingerprint, write_token_store
 from training.tokenizer import build_tokenizer, tokenizer_dir, tokenizer_facts
@@ -169,7 +170,7 @@ def corpus_dir(cfg: Config) -> Path:
     return out
 
 
-def prepare(cfg: Config) -> dict[str, Path]:
+def prepare(cfg: Config) -> dict[str, Path | Remote]:
     """Run the whole corpus stage; returns {split: token store path}.
 
     Everything is computed before anything is written, so a run that fails on bad input leaves
@@ -184,15 +185,19 @@ def prepare(cfg: Config) -> dict[str, Path]:
     generation = hashlib.sha256("|".join(
         [tokenizer_facts(tokenizer)["fingerprint"]]
         + [tokens_fingerprint(rows) for rows, _, _ in packed.values()]).encode()).hexdigest()
-    out = cfg.run_path / "tokens"
+    out = cfg.run_path / "tokens"  # the texts and config.yaml; the stores at cfg.tokens_dir
     make_folder(out)
     tokenizer.save_pretrained(str(tokenizer_dir(cfg.run_path)))
+    tokens_dir = locate(cfg.tokens_dir, cfg.storage.options)
+    if isinstance(tokens_dir, Remote):  # runs on other machines fetch it from there
+        upload_folder(tokenizer_dir(cfg.run_path), tokens_dir / "tokenizer",
+                      last="tokenizer.json")
     stores = {}
     for split, (rows, text_bytes, words) in packed.items():
         with writing(out / f"{split}.txt"):
             (out / f"{split}.txt").write_text("\n\n".join("\n".join(doc)
                                                            for doc in documents[split]))
-        stores[split] = out / f"{split}.zarr"
+        stores[split] = tokens_dir / f"{split}.zarr"
         store = write_token_store(stores[split], sequences=rows, words=words, manifest={
             "split": split, "generation": generation, "corpus_dir": str(source_dir), **facts,
             "document": cfg.data.document, "tokenizer": tokenizer_facts(tokenizer),

@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 
 from configs import CacheConfig, Config, UserError
 from configs.cli import chosen_teachers, teacher_option
-from storage.cache import NO_VALUES, cache_bytes, create_cache
+from storage.cache import LEASE_SECONDS, NO_VALUES, cache_bytes, create_cache
+from storage.location import Remote, locate
 from storage.tokens import TokenStore, open_token_store
 from training.device import barrier, setup_distributed
 from training.models import (TeacherSource, check_vocabulary, load_teacher, resolve_teacher,
@@ -157,8 +158,8 @@ def _sum_exp(shifted: torch.Tensor, temperature: float) -> torch.Tensor:
     return shifted.exp_().sum(-1)
 
 
-def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Path,
-                cache_path: Path, cfg: Config, device: torch.device, rank: int = 0,
+def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Path | Remote,
+                cache_path: Path | Remote, cfg: Config, device: torch.device, rank: int = 0,
                 world_size: int = 1, barrier=lambda: None) -> dict:
     """Check the inputs, then fill the logit cache of one token store with `model` (loaded from
     `source`; `teacher` is its manifest entry) as `cfg.cache` says; see `write_cache`."""
@@ -171,7 +172,8 @@ def cache_split(model, *, source: TeacherSource, teacher: dict, tokens_path: Pat
                        value_code=c.value_code, chunk_sequences=c.chunk_sequences,
                        shard_chunks=c.shard_chunks,
                        batch_size=c.batch_size, device=device, rank=rank,
-                       world_size=world_size, barrier=barrier)
+                       world_size=world_size, barrier=barrier,
+                       lease_seconds=cfg.storage.lease_seconds)
 
 
 def sampling_of(cache: CacheConfig) -> Sampling | CountedDraws | None:
@@ -184,19 +186,21 @@ def sampling_of(cache: CacheConfig) -> Sampling | CountedDraws | None:
     return None
 
 
-def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k: int,
+def write_cache(model, *, store: TokenStore, cache_path: Path | Remote, teacher: dict, k: int,
                 temperatures: tuple[float, ...], sampling: Sampling | CountedDraws | None = None,
                 value_code: str = "float16", chunk_sequences: int = 32, shard_chunks: int = 16,
                 batch_size: int = 32, device: torch.device | str = "cpu", rank: int = 0,
                 world_size: int = 1, barrier=lambda: None, progress: bool = True,
-                distilled_at: tuple[float, ...] = ()) -> dict:
+                distilled_at: tuple[float, ...] = (), lease_seconds: float = LEASE_SECONDS) -> dict:
     """Run `model` over `store` and write (or resume) its top-k logit cache at `cache_path`.
 
     `teacher`: the manifest's teacher entry (name, fingerprint, dtype, quantization, adapter).
     `sampling`: store k draws per position instead of the top k, or counted draws at each
     temperature (recorded in the manifest; k and value_code then follow from the draws).
     `distilled_at`: the temperatures students will distil at; the teacher's head mass at each is
-    printed from the first batch computed (`head_mass_line`). `barrier` synchronises ranks:
+    printed from the first batch computed (`head_mass_line`). `cache_path` may be a folder or a
+    place in object storage (`lease_seconds`: the term of its shards' leases; storage.lease).
+    `barrier` synchronises ranks:
     rank 0 creates the cache before the others open it, and finishes it after everyone has
     written. Returns this rank's {"tokens" computed, "seconds", "bytes" of the cache on disk,
     "total_tokens" of the store}.
@@ -214,7 +218,8 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
         return create_cache(
             cache_path, n_sequences=store.n_sequences, seq_len=store.seq_len, k=k,
             vocab_size=store.vocab_size, temperatures=temperatures, value_code=value_code,
-            chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, manifest=manifest)
+            chunk_sequences=chunk_sequences, shard_chunks=shard_chunks, manifest=manifest,
+            lease_seconds=lease_seconds)
 
     writer = create() if rank == 0 else None
     if rank == 0:  # a done shard damaged since it was written is computed again
@@ -222,7 +227,7 @@ def write_cache(model, *, store: TokenStore, cache_path: Path, teacher: dict, k:
             print(f"note: {cache_path}: {problem}; computing the shard again")
     barrier()
     writer = writer or create()
-    name = Path(store.path).stem
+    name = store.path.stem
     if pending := writer.pending_shards(rank=rank, world_size=world_size):
         logits = _warm_up(model, store, writer, pending[0], batch_size=batch_size, k=k,
                           temperatures=temperatures, sampling=sampling,
@@ -423,8 +428,8 @@ def fill_caches(cfg: Config) -> list[dict]:
     """Cache every configured split, print a summary line per split (rank 0) and return the
     summaries (tokens computed by all ranks, seconds, bytes on disk, total tokens, path)."""
     rank, world_size, device = setup_distributed(cfg.teacher.device, "teacher.device")
-    run = cfg.run_path
-    token_paths = {split: run / "tokens" / f"{split}.zarr" for split in cfg.cache.splits}
+    token_paths = {split: locate(cfg.token_store_at(split), cfg.storage.options)
+                   for split in cfg.cache.splits}
     for path in token_paths.values():
         open_token_store(path)  # a missing store fails before the teacher is loaded
     source = resolve_teacher(cfg)
@@ -437,7 +442,7 @@ def fill_caches(cfg: Config) -> list[dict]:
                                quantization=cfg.teacher.quantization)
     summaries = []
     for split, tokens_path in token_paths.items():
-        cache_path = cfg.cache_dir / f"{split}.zarr"
+        cache_path = locate(cfg.cache_at(split), cfg.storage.options)
         summary = cache_split(model, source=source, teacher=teacher, tokens_path=tokens_path,
                               cache_path=cache_path, cfg=cfg, device=device, rank=rank,
                               world_size=world_size, barrier=partial(barrier, world_size))

@@ -46,6 +46,7 @@ import torch
 
 from configs import Config, UserError
 from configs.cli import chosen_teachers, teacher_option
+from storage.location import locate
 from storage.paths import write_atomic
 from storage.tokens import TokenStore, open_token_store
 from training.device import is_writer, local_device, resolve_device
@@ -150,7 +151,7 @@ def evaluate_teacher(cfg: Config) -> dict:
     model = load_teacher(source.model, adapter=source.adapter, device=device,
                          dtype=cfg.teacher.dtype if device.type == "cuda" else "fp32",
                          quantization=cfg.teacher.quantization)
-    val = open_token_store(cfg.run_path / "tokens" / "val.zarr")
+    val = open_token_store(locate(cfg.token_store_at("val"), cfg.storage.options))
     metrics = lm_metrics(model, val, batch_size=cfg.eval.batch_size, device=device,
                          desc="teacher val")
     print(metrics_line(metrics))

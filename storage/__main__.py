@@ -1,11 +1,13 @@
 """`python -m storage inspect PATH [--json]` and `python -m storage verify PATH`.
 
-PATH is a logit cache or a token store. `inspect` prints its size, layout and provenance; for a
-top-k cache also the teacher's mean entropy and head mass (sum of the top-k probabilities) at T=1
-and T=2, estimated on a sample of done shards (which ones is printed). The entropy counts the tail
-mass m as spread uniformly over the V - k ids outside the head: H = -sum_i p_i log p_i -
-m log(m / (V - k)), an upper bound on the tail's true contribution. `verify` reads every chunk,
-prints each problem naming its shard, and exits 0 when clean, 2 when not.
+PATH is a logit cache or a token store: a folder, or a URL (s3://bucket/prefix/train.zarr, with
+the endpoint and credentials in the environment: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).
+`inspect` prints its size, layout and provenance; for a top-k cache also the teacher's mean
+entropy and head mass (sum of the top-k probabilities) at T=1 and T=2, estimated on a sample of
+done shards (which ones is printed). The entropy counts the tail mass m as spread uniformly over
+the V - k ids outside the head: H = -sum_i p_i log p_i - m log(m / (V - k)), an upper bound on
+the tail's true contribution. `verify` reads every chunk, prints each problem naming its shard,
+and exits 0 when clean, 2 when not.
 """
 
 from __future__ import annotations
@@ -16,11 +18,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from configs.cli import exit_on_user_error
 from storage.cache import FORMAT, LogitCache, cache_bytes, open_cache
+from storage.chunks import ChunkError, read_metadata
 from storage.errors import CorruptData, Problem, StoreNotFound
+from storage.location import Remote, file_exists, locate
 from storage.tokens import KIND as TOKEN_KIND
 from storage.tokens import open_token_store
 
@@ -60,16 +63,18 @@ def teacher_stats(cache: LogitCache, *, sample_shards: int = SAMPLE_SHARDS,
     return stats
 
 
-def _format_of(path: Path) -> str:
-    if not (path / "zarr.json").is_file():
+def _format_of(path: Path | Remote) -> str:
+    if not file_exists(path / "zarr.json"):
         raise StoreNotFound(f"no logit cache or token store at {path}")
     try:
-        return zarr.open_group(path, mode="r").attrs["manifest"]["format"]
-    except (KeyError, ValueError, OSError, TypeError) as exc:
-        raise CorruptData(f"{path}: manifest unreadable ({exc})") from None
+        return read_metadata(path / "zarr.json")["attributes"]["manifest"]["format"]
+    except ChunkError as exc:
+        raise CorruptData(f"{path}: manifest unreadable (zarr.json {exc.problem})") from None
+    except (KeyError, TypeError) as exc:
+        raise CorruptData(f"{path}: manifest unreadable (no {exc})") from None
 
 
-def inspect_path(path: Path) -> dict:
+def inspect_path(path: Path | Remote) -> dict:
     """A summary of the cache or token store at `path` (what `inspect` prints)."""
     kind = _format_of(path)
     size = cache_bytes(path)
@@ -121,7 +126,7 @@ def _print_summary(info: dict) -> None:
                       f"head mass {value['head_mass']:.4f}")
 
 
-def verify_path(path: Path) -> list[Problem]:
+def verify_path(path: Path | Remote) -> list[Problem]:
     """Every problem of the cache or token store at `path`."""
     if _format_of(path) == TOKEN_KIND:
         store = open_token_store(path)
@@ -143,10 +148,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m storage", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect = commands.add_parser("inspect", help="summarise a logit cache or token store")
-    inspect.add_argument("path", type=Path)
+    inspect.add_argument("path", type=locate)
     inspect.add_argument("--json", action="store_true", help="print JSON")
     verify = commands.add_parser("verify", help="check every chunk; exit 2 on any problem")
-    verify.add_argument("path", type=Path)
+    verify.add_argument("path", type=locate)
     args = parser.parse_args(argv)
 
     def body() -> None:

@@ -55,9 +55,11 @@ segment back into the plain draws, each id repeated by its count.
 Layout: chunks of `chunk_sequences` sequences are the unit of compression, CRC-32C checksum and
 contiguous reads; shards of `shard_chunks` chunks (one file per array, Zarr's sharding codec) are
 the unit of writing, resume and integrity reports. A shard has exactly one writer at a time
-(`CacheWriter.claim`, an flock per shard), is written whole, fsynced, and only then marked done,
-so a crash never leaves a done shard with bad bytes, and a resumed cache is byte-identical to an
-uninterrupted one (chunks carry no timestamps).
+(`CacheWriter.claim`: an flock per shard, or in object storage a lease, storage.lease), is
+encoded whole by zarr in memory, put in place whole (written beside and renamed in, fsynced; or
+one PUT), and only then marked done, so a crash never leaves a done shard with bad bytes, and a
+resumed cache is byte-identical to an uninterrupted one (chunks carry no timestamps). A cache may
+live in a local folder or at a URL (storage.location): the same code writes and reads both.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ import json
 import math
 import os
 import shutil
+import tempfile
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
@@ -79,10 +83,13 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import zarr
+from zarr.core.buffer import cpu
 
 from configs import flatten, writing
 from storage.chunks import ChunkError, RowReader, read_metadata
 from storage.errors import CorruptData, ManifestMismatch, Problem, StorageError, StoreNotFound
+from storage.lease import Lease
+from storage.location import Remote, file_exists, locate, upload_folder
 from storage.paths import make_folder
 from storage.tokens import TokenStore, manifest_digest, token_dtype
 from storage.zarr_codecs import checked_compressors
@@ -231,10 +238,10 @@ def _short(value) -> str:
     return ".../" + "/".join(Path(text).parts[-2:]) if "/" in text else text[:21] + "..."
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path | Remote) -> dict:
     """The cache's manifest; a missing cache is StoreNotFound, a damaged one CorruptData."""
     root = path / "zarr.json"
-    if not (root.exists() or root.is_symlink()):
+    if not file_exists(root):
         raise StoreNotFound(f"no logit cache at {path} (run `make teacher-logits` first)")
     try:
         attributes = read_metadata(root)["attributes"]
@@ -254,7 +261,8 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def _corrupt(path: Path, name: str, exc: ChunkError, shard: int | None = None) -> CorruptData:
+def _corrupt(path: Path | Remote, name: str, exc: ChunkError,
+             shard: int | None = None) -> CorruptData:
     """The CorruptData of a cache file a ChunkError refused, naming it (and its shard)."""
     where = f"shard {shard}: " if shard is not None else ""
     message = f"logit cache {path}: {where}file {name} {exc.problem}"
@@ -282,17 +290,64 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _shard_file(path: Path, name: str, shard: int) -> Path:
+def _put_file(file: Path | Remote, data: bytes) -> None:
+    """`data` as the whole of `file`, durably and atomically: one PUT, or written beside the file,
+    fsynced and renamed into place (a killed write leaves only `<name>.<uuid>.partial`)."""
+    if isinstance(file, Remote):
+        file.write(data)
+        return
+    make_folder(file.parent)
+    partial = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
+    with writing(file):
+        with open(partial, "wb") as stream:
+            stream.write(data)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(partial, file)
+    _fsync(file.parent)
+
+
+def _delete_file(file: Path | Remote) -> None:
+    if isinstance(file, Remote):
+        file.delete()
+        return
+    file.unlink(missing_ok=True)
+    _fsync(file.parent)
+
+
+def _shard_file(path: Path | Remote, name: str, shard: int) -> Path | Remote:
     """The file of `shard` in array `name` (Zarr v3 default chunk keys; shards split rows only)."""
     file = path / name / "c" / str(shard)
     return file if name == "done" else file / "0" / "0"
 
 
-def _remove_temp_files(file: Path) -> None:
-    """Delete the temp files a killed zarr write of `file` left (`<name>.<uuid>.partial`, renamed
-    onto `file` when complete); only the caller, holding the shard's lock, can be writing them."""
+def _remove_temp_files(file: Path | Remote) -> None:
+    """Delete the temp files a killed write of `file` left (`<name>.<uuid>.partial`, renamed
+    onto `file` when complete); only the caller, holding the shard's lock, can be writing them.
+    Object storage has none: a PUT lands whole or not at all."""
+    if isinstance(file, Remote):
+        return
     for stale in file.parent.glob(f"{file.name}.*.partial"):
         stale.unlink(missing_ok=True)
+
+
+class _ShardEncoder:
+    """Encodes rows of one cache array into the files zarr would write for them, in memory: the
+    same bytes, handed to `_put_file` (which local folders and object storage both take)."""
+
+    def __init__(self, metadata: dict):
+        self._metadata = json.dumps(metadata).encode()
+        self.dtype = np.dtype(metadata["data_type"])
+
+    def files(self, rows: slice | int, data) -> dict[str, bytes]:
+        """{key under the array: bytes} of the chunk files holding `rows` after `array[rows] =
+        data` (whole shards: nothing is merged)."""
+        stored = {"zarr.json": cpu.Buffer.from_bytes(self._metadata)}
+        # every chunk written, zeros too: a shard always has its file (verify: missing = lost)
+        array = zarr.open_array(store=zarr.storage.MemoryStore(stored), mode="r+",
+                                config={"write_empty_chunks": True})
+        array[rows] = data
+        return {key: value.to_bytes() for key, value in stored.items() if key != "zarr.json"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +356,8 @@ def _remove_temp_files(file: Path) -> None:
 class _CacheBase:
     """Geometry and manifest shared by the writer and the reader."""
 
-    path: Path
+    path: Path | Remote
     manifest: dict
-    group: zarr.Group
 
     drawn_at: float | None = None
     """Counted draws only: the temperature whose draws `read` returns (`at_temperature`)."""
@@ -394,18 +448,21 @@ class _CacheBase:
         return self._done_marks()[0]
 
     def _done_marks(self) -> tuple[np.ndarray, list[int]]:
-        """(done bool (n_shards,), the shards whose done mark is unreadable, counted not done)."""
-        marks = [self._is_done(shard) for shard in range(self.n_shards)]
-        return (np.array([bool(mark) for mark in marks], dtype=bool),
-                [shard for shard, mark in enumerate(marks) if mark is None])
+        """(done bool (n_shards,), the shards whose done mark is unreadable, counted not done).
+        A mark never written is not done; one that is there but cannot be read counts as not
+        done too: its shard is written again. All marks are read in one go (one round trip in
+        object storage)."""
+        marks = self._done_reader.read_each(range(self.n_shards))
+        unreadable = [shard for shard, mark in enumerate(marks)
+                      if isinstance(mark, ChunkError) and mark.kind != "missing"]
+        done = np.array([not isinstance(mark, ChunkError) and bool(mark[0]) for mark in marks],
+                        dtype=bool)
+        return done, unreadable
 
-    def _is_done(self, shard: int) -> bool | None:
-        """Whether `shard` is marked done (a mark never written is not); None when its mark is
-        there but cannot be read, which counts as not done: the shard is written again."""
-        try:
-            return bool(self._done_reader.read(shard, shard + 1)[0])
-        except ChunkError as exc:
-            return False if exc.kind == "missing" else None
+    def _is_done(self, shard: int) -> bool:
+        """Whether `shard` is marked done, read fresh (an unreadable mark is not)."""
+        (mark,) = self._done_reader.read_each(range(shard, shard + 1))
+        return not isinstance(mark, ChunkError) and bool(mark[0])
 
     @functools.cached_property
     def _done_reader(self) -> RowReader:
@@ -432,17 +489,25 @@ class _CacheBase:
 # ---------------------------------------------------------------------------------------------
 # Writing.
 
-def create_cache(path: Path | str, *, n_sequences: int, seq_len: int, k: int, vocab_size: int,
-                 temperatures: Sequence[float], value_code: str, chunk_sequences: int,
-                 shard_chunks: int, manifest: dict) -> "CacheWriter":
-    """Create an empty cache at `path`, or resume the one there if it was made for the same inputs.
+LEASE_SECONDS = 60.0
+"""Term of a remote shard's lease (storage.lease): renewed while its writer lives; a killed
+writer's shards wait this long before another writer takes them over."""
+
+
+def create_cache(path: Path | Remote | str, *, n_sequences: int, seq_len: int, k: int,
+                 vocab_size: int, temperatures: Sequence[float], value_code: str,
+                 chunk_sequences: int, shard_chunks: int, manifest: dict,
+                 lease_seconds: float = LEASE_SECONDS) -> "CacheWriter":
+    """Create an empty cache at `path` (a folder, or a `Remote`), or resume the one there if it
+    was made for the same inputs.
 
     `manifest` holds the caller's facts (teacher name/fingerprint/dtype/quantization/adapter,
     tokenizer_fingerprint, token_store_fingerprint, ...); the format fields are added here. An
     existing cache with another manifest (ignoring created/software_version/completed) raises
-    ManifestMismatch naming the differing keys, and nothing is touched.
+    ManifestMismatch naming the differing keys, and nothing is touched. `lease_seconds`: the term
+    of a shard's lease in object storage.
     """
-    path = Path(path)
+    path = locate(path)
     draws = (manifest.get("selection") or {}).get("draws")
     if draws is not None:  # counted draws: k slots, draws[i] at temperatures[i], no values
         if len(draws) != len(temperatures) or not all(1 <= m <= MAX_DRAWS for m in draws):
@@ -478,12 +543,15 @@ def create_cache(path: Path | str, *, n_sequences: int, seq_len: int, k: int, vo
         "software_version": _software_version(),
         "completed": None,
     })
-    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+    if isinstance(path, Remote):
+        if not file_exists(path / "zarr.json"):
+            _create_remote(path, wanted)
+    elif not path.exists() or (path.is_dir() and not any(path.iterdir())):
         _create_new(path, wanted)
     elif not (path / "zarr.json").is_file():
         raise StorageError(f"{path} exists and is not a logit cache; move it away or choose "
                            "another cache path")
-    return _resume(path, wanted)
+    return _resume(path, wanted, lease_seconds=lease_seconds)
 
 
 def _create_new(path: Path, manifest: dict) -> None:
@@ -499,11 +567,25 @@ def _create_new(path: Path, manifest: dict) -> None:
             shutil.rmtree(stale)
         tmp = path.with_name(f".{path.name}.creating")
         _build_empty(tmp, manifest)
+        (tmp / "done" / "locks").mkdir()
         os.rename(tmp, path)
 
 
+def _create_remote(path: Remote, manifest: dict) -> None:
+    """Put the empty group's metadata under `path`, its root zarr.json last and only if absent:
+    of concurrent creators one wins and the others resume its cache; a creator killed before
+    the root leaves metadata the next one puts again."""
+    with tempfile.TemporaryDirectory() as tmp:
+        built = Path(tmp) / "cache.zarr"
+        _build_empty(built, manifest)
+        root = (built / "zarr.json").read_bytes()
+        (built / "zarr.json").unlink()
+        upload_folder(built, path)
+        (path / "zarr.json").create(root)
+
+
 def _build_empty(tmp: Path, manifest: dict) -> None:
-    """The empty group of `manifest` at `tmp`: data arrays, done marks, lock folder."""
+    """The empty group of `manifest` at `tmp`: data arrays and done marks, metadata only."""
     group = zarr.open_group(tmp, mode="w")
     n, length, k = manifest["n_sequences"], manifest["seq_len"], manifest["k"]
     chunking = manifest["chunking"]
@@ -529,10 +611,9 @@ def _build_empty(tmp: Path, manifest: dict) -> None:
     group.create_array("done", shape=(chunking["n_shards"],), dtype=bool, chunks=(1,),
                        fill_value=False, compressors=checked_compressors())
     group.attrs.update({"manifest": manifest, "manifest_sha256": manifest_digest(manifest)})
-    (tmp / "done" / "locks").mkdir()
 
 
-def _resume(path: Path, wanted: dict) -> "CacheWriter":
+def _resume(path: Path | Remote, wanted: dict, *, lease_seconds: float) -> "CacheWriter":
     found = read_manifest(path)
     differing = _differing_keys(wanted, found)
     if differing:
@@ -542,19 +623,26 @@ def _resume(path: Path, wanted: dict) -> "CacheWriter":
         raise ManifestMismatch(
             f"logit cache {path} was made with other settings ({detail}); delete it to rebuild, "
             "or rerun with the settings it was made with")
-    return CacheWriter(path=path, manifest=found, group=zarr.open_group(path, mode="r+"))
+    return CacheWriter(path=path, manifest=found, lease_seconds=lease_seconds)
 
 
 class ShardClaim:
-    """The right to write one shard: holds the shard's lock until `release` (or the end of a
-    `with` block). Any thread may release it; releasing twice is harmless."""
+    """The right to write one shard: holds the shard's lock (an flock, or a remote `Lease`)
+    until `release` (or the end of a `with` block). Any thread may release it; releasing twice
+    is harmless."""
 
     def __init__(self, *, shard: int, lock, held: set[int]):
         self.shard, self._lock, self._held = shard, lock, held
+        self._released = False
 
     def release(self) -> None:
-        if not self._lock.closed:
-            self._held.discard(self.shard)
+        if self._released:
+            return
+        self._released = True
+        self._held.discard(self.shard)
+        if isinstance(self._lock, Lease):
+            self._lock.release()
+        else:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
 
@@ -569,9 +657,15 @@ class CacheWriter(_CacheBase):
     """Writes whole shards of one cache. Any number of processes may hold a writer on the same
     cache: `claim` makes each shard's writer exclusive."""
 
-    def __init__(self, *, path: Path, manifest: dict, group: zarr.Group):
-        self.path, self.manifest, self.group = path, manifest, group
-        self._arrays = {name: group[name] for name in (*self.arrays, "done")}
+    def __init__(self, *, path: Path | Remote, manifest: dict,
+                 lease_seconds: float = LEASE_SECONDS):
+        self.path, self.manifest, self.lease_seconds = path, manifest, lease_seconds
+        self._encoders = {}
+        for name in (*self.arrays, "done"):
+            try:
+                self._encoders[name] = _ShardEncoder(read_metadata(path / name / "zarr.json"))
+            except ChunkError as exc:
+                raise _corrupt(path, f"{name}/zarr.json", exc) from None
         self._held: set[int] = set()
 
     def pending_shards(self, *, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -580,26 +674,34 @@ class CacheWriter(_CacheBase):
         return [s for s in range(rank, self.n_shards, world_size) if not done[s]]
 
     def try_claim(self, shard: int, *, wait: bool = True) -> "ShardClaim | None":
-        """Take the exclusive inter-process lock of `shard` (fcntl.flock on done/locks/<shard>).
+        """Take the exclusive inter-process lock of `shard`: fcntl.flock on done/locks/<shard>
+        in a local folder, the lease done/locks/<shard>.lease in object storage.
 
         Returns the claim when the caller owns the shard and must write it; None when the shard
         is already done (re-checked after locking) or, with wait=False, when another process
         holds it. The claim is a handle, not a `with` block, so the thread that writes the shard
         may release it: the logits job claims in its compute thread and writes in another.
         """
-        lock_path = self.path / "done" / "locks" / f"{shard}.lock"
-        lock_path.parent.mkdir(exist_ok=True)
-        lock = open(lock_path, "a")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            lock.close()
-            return None
+        if isinstance(self.path, Remote):
+            lock = Lease.take(self.path / "done" / "locks" / f"{shard}.lease",
+                              seconds=self.lease_seconds, wait=wait)
+            if lock is None:
+                return None
+        else:
+            lock_path = self.path / "done" / "locks" / f"{shard}.lock"
+            lock_path.parent.mkdir(exist_ok=True)
+            lock = open(lock_path, "a")
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                lock.close()
+                return None
+        claim = ShardClaim(shard=shard, lock=lock, held=self._held)
         if self._is_done(shard):
-            lock.close()  # closing the file releases its flock
+            claim.release()
             return None
         self._held.add(shard)
-        return ShardClaim(shard=shard, lock=lock, held=self._held)
+        return claim
 
     @contextlib.contextmanager
     def claim(self, shard: int, *, wait: bool = True) -> Iterator[bool]:
@@ -653,7 +755,7 @@ class CacheWriter(_CacheBase):
         if self.draws:
             segments = np.split(ids, np.cumsum(self.draws)[:-1], axis=-1)
             delta, counts = zip(*map(count_draws, segments))
-            data = {"ids": np.concatenate(delta, axis=-1).astype(self._arrays["ids"].dtype),
+            data = {"ids": np.concatenate(delta, axis=-1).astype(self._encoders["ids"].dtype),
                     "counts": np.concatenate(counts, axis=-1)}
         else:
             logits = np.asarray(logits, dtype=np.float32)
@@ -661,23 +763,17 @@ class CacheWriter(_CacheBase):
                 raise ValueError(f"shard {shard}: logits must be finite and descending along k")
             values, stored_lse = encode_values(logits, lse, value_code=self.value_code,
                                                temperatures=self.temperatures)
-            data = {"ids": ids.astype(self._arrays["ids"].dtype), "logits": values,
+            data = {"ids": ids.astype(self._encoders["ids"].dtype), "logits": values,
                     "lse": stored_lse}
         for name in self.arrays:
             file = _shard_file(self.path, name, shard)
-            # zarr merges into an existing shard file (and fails on a torn one)
-            file.unlink(missing_ok=True)
             _remove_temp_files(file)
-            with writing(file):
-                self._arrays[name][start:stop] = data[name]
-            _fsync(file)
-            _fsync(file.parent)
+            (encoded,) = self._encoders[name].files(slice(start, stop), data[name]).values()
+            _put_file(file, encoded)
         done_file = _shard_file(self.path, "done", shard)
         _remove_temp_files(done_file)
-        with writing(done_file):
-            self._arrays["done"][shard] = True
-        _fsync(done_file)
-        _fsync(done_file.parent)
+        (mark,) = self._encoders["done"].files(shard, True).values()
+        _put_file(done_file, mark)
 
     def reopen_damaged(self) -> list[Problem]:
         """Read every done shard as training would; a shard that fails is marked not done, so
@@ -687,9 +783,7 @@ class CacheWriter(_CacheBase):
         for shard in np.flatnonzero(done).tolist():
             problems += filter(None, (self._read_problem(shard, name) for name in self.arrays))
             if problems and problems[-1].shard == shard:
-                mark = _shard_file(self.path, "done", shard)
-                mark.unlink()
-                _fsync(mark.parent)
+                _delete_file(_shard_file(self.path, "done", shard))
         return problems
 
     def finish(self) -> bool:
@@ -698,8 +792,10 @@ class CacheWriter(_CacheBase):
             return False
         if self.manifest.get("completed") is None:
             manifest = {**self.manifest, "completed": _now()}
-            self.group.attrs.update({"manifest": manifest,
-                                     "manifest_sha256": manifest_digest(manifest)})
+            root = read_metadata(self.path / "zarr.json")
+            root["attributes"] = {**root.get("attributes", {}), "manifest": manifest,
+                                  "manifest_sha256": manifest_digest(manifest)}
+            _put_file(self.path / "zarr.json", json.dumps(root, indent=2).encode())
             self.manifest = manifest
         return True
 
@@ -707,14 +803,14 @@ class CacheWriter(_CacheBase):
 # ---------------------------------------------------------------------------------------------
 # Reading.
 
-def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
+def open_cache(path: Path | Remote | str, *, token_store: TokenStore | None = None,
                vocab_size: int | None = None, allow_incomplete: bool = False) -> "LogitCache":
     """Open a cache for reading, refusing one made for another token store / tokenizer / vocab.
 
     Raises StoreNotFound (missing, or incomplete unless allow_incomplete), ManifestMismatch,
     CorruptData (unreadable or hand-edited manifest).
     """
-    path = Path(path)
+    path = locate(path)
     manifest = read_manifest(path)
     cache = LogitCache(path=path, manifest=manifest)
     if token_store is not None:
@@ -744,7 +840,7 @@ def open_cache(path: Path | str, *, token_store: TokenStore | None = None,
 class LogitCache(_CacheBase):
     """Read-only view of a cache; reads contiguous rows, decoding the value code."""
 
-    def __init__(self, *, path: Path, manifest: dict):
+    def __init__(self, *, path: Path | Remote, manifest: dict):
         self.path, self.manifest = path, manifest
         self._rows = {}
         for name in self.arrays:
@@ -871,6 +967,9 @@ class LogitCache(_CacheBase):
         return problems
 
 
-def cache_bytes(path: Path | str) -> int:
-    """Bytes on disk of every file under `path`."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def cache_bytes(path: Path | Remote | str) -> int:
+    """Bytes stored in every file under `path` (leases and locks included: they are tiny)."""
+    path = locate(path)
+    if isinstance(path, Remote):
+        return sum(path.files().values())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())

@@ -4,7 +4,9 @@ Row i is "sequence i" everywhere in the project. The manifest (group attribute `
 the format version, source files (name, bytes, sha256), split rule, tokenizer fingerprint and
 vocabulary, seq_len, N, the text bytes behind the tokens (for bits per byte) and a fingerprint of
 the tokens themselves. A store is written into `<path>.partial` and renamed into place only when
-complete, so a crash never leaves a half-written store that looks finished.
+complete, so a crash never leaves a half-written store that looks finished. In object storage
+(`path` a `storage.location.Remote`) it is written locally the same way and then put object by
+object, its root zarr.json (the manifest) last: until then there is no store there.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,7 @@ import zarr
 from configs import flatten, writing
 from storage.chunks import ChunkError, RowReader, read_metadata
 from storage.errors import CorruptData, ManifestMismatch, Problem, StoreNotFound
+from storage.location import Remote, file_exists, locate, upload_folder
 from storage.paths import make_folder
 from storage.zarr_codecs import checked_compressors
 
@@ -49,7 +53,7 @@ def tokens_fingerprint(sequences: np.ndarray) -> str:
 class TokenStore:
     """A read-only view of a token store; reads rows on demand, never the whole store."""
 
-    path: Path
+    path: Path | Remote
     manifest: dict
     rows: RowReader
     """Reads rows from the chunk files directly (see storage.chunks)."""
@@ -76,7 +80,7 @@ class TokenStore:
 
     def words_per_row(self) -> np.ndarray | None:
         """int64 (N,): words starting in each row; None for a store written without them."""
-        if not (self.path / "words").is_dir():
+        if not file_exists(self.path / "words" / "zarr.json"):
             return None
         try:
             return RowReader(self.path / "words").read(0, self.n_sequences).astype(np.int64)
@@ -102,15 +106,16 @@ class TokenStore:
             raise CorruptData(message, problem=Problem(message, kind=exc.kind, file=file)) from None
 
 
-def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict,
+def write_token_store(path: Path | Remote | str, *, sequences: np.ndarray, manifest: dict,
                       words: np.ndarray | None = None, chunk_rows: int = 256) -> TokenStore:
     """Write `sequences` (N, L) with `manifest` (source files, split, tokenizer, text_bytes, ...)
     and `words` (N,), the words starting in each row (None: a store without word counts).
 
     The format fields (version, N, seq_len, fingerprint) are filled in here. An existing store at
-    `path` is replaced only once the new one is complete.
+    `path` is replaced only once the new one is complete (in object storage: removed first, so
+    no reader takes the new arrays for the old store's).
     """
-    path = Path(path)
+    path = locate(path)
     if sequences.ndim != 2 or sequences.shape[0] == 0:
         raise ValueError(f"sequences must be a non-empty (N, L) array, got {sequences.shape}")
     sequences = sequences.astype(token_dtype(manifest["tokenizer"]["vocab_size"]), copy=False)
@@ -127,6 +132,13 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
     }
     if words is not None and words.shape != sequences.shape[:1]:
         raise ValueError(f"words must be one count per row, got {words.shape}")
+    if isinstance(path, Remote):
+        with tempfile.TemporaryDirectory() as tmp:
+            built = write_token_store(Path(tmp) / path.name, sequences=sequences,
+                                      manifest=manifest, words=words, chunk_rows=chunk_rows)
+            (path / "zarr.json").delete()
+            upload_folder(built.path, path)
+        return open_token_store(path)
     partial = path.with_name(path.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with writing(partial):
@@ -151,13 +163,14 @@ def write_token_store(path: Path | str, *, sequences: np.ndarray, manifest: dict
     return open_token_store(path)
 
 
-def open_token_store(path: Path | str) -> TokenStore:
+def open_token_store(path: Path | Remote | str) -> TokenStore:
     """Open a finished token store; a missing or unreadable one is a typed error naming the path."""
-    path = Path(path)
+    path = locate(path)
     root = path / "zarr.json"
-    if not (root.exists() or root.is_symlink()):
-        hint = " (an unfinished write was left; rerun `make data`)" if path.with_name(
-            path.name + ".partial").exists() else " (run `make data` first)"
+    if not file_exists(root):
+        unfinished = isinstance(path, Path) and path.with_name(path.name + ".partial").exists()
+        hint = (" (an unfinished write was left; rerun `make data`)" if unfinished
+                else " (run `make data` first)")
         raise StoreNotFound(f"no token store at {path}{hint}")
     try:
         attributes = read_metadata(root)["attributes"]

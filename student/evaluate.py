@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from configs import Config, UserError
 from storage.errors import ManifestMismatch
+from storage.location import file_exists, locate
 from storage.paths import file_problem, make_folder, write_atomic
 from storage.tokens import check_one_generation, open_token_store
 from training.checkpoint import TOKENIZER_FILE, is_finished
@@ -384,11 +385,12 @@ def evaluate_run(cfg: Config) -> dict:
     run = cfg.run_path
     device = resolve_device(cfg.student.device, "student.device")
     notes = []
-    val_path, train_path = run / "tokens" / "val.zarr", run / "tokens" / "train.zarr"
-    val = open_token_store(val_path) if val_path.exists() else None
+    val_path, train_path = (locate(cfg.token_store_at(split), cfg.storage.options)
+                            for split in ("val", "train"))
+    val = open_token_store(val_path) if file_exists(val_path / "zarr.json") else None
     if val is None:
         notes.append(f"LM metrics skipped: no validation token store at {val_path}")
-    elif train_path.exists():
+    elif file_exists(train_path / "zarr.json"):
         check_one_generation([open_token_store(train_path), val])
     run_tokenizer = None
     if (run / "tokenizer").is_dir():
@@ -479,13 +481,13 @@ def check_writable(folder: Path) -> None:
 
 
 def main(cfg: Config) -> None:
-    from student.report import print_summary, write_report
+    from student.report import caches_root, print_summary, write_report
 
     check_writable(cfg.run_path / "reports")  # before minutes of scoring, not after
     results = evaluate_run(cfg)
     for note in results["notes"]:
         print(note)
-    report = write_report(cfg.run_path, results)
+    report = write_report(cfg.run_path, results, caches_root=caches_root(cfg))
     for row in results["models"]:  # after the report: a failed evaluation changes no folder
         if row["kind"] != "extra":
             record_scores(cfg.run_path / row["name"], row)

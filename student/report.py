@@ -23,6 +23,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
 
 from configs import Config, UserError, writing  # noqa: E402
+from storage.cache import cache_bytes, open_cache  # noqa: E402
+from storage.location import Remote, locate  # noqa: E402
 from storage.paths import make_folder, write_atomic  # noqa: E402
 from training.metrics import read_metrics  # noqa: E402
 
@@ -209,21 +211,31 @@ def _finish(fig, ax, title: str, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- cache facts
 
-def caches_facts(run_path: Path) -> list[dict]:
-    """`cache_facts` of each train cache of the run: `cache/`, then `caches/<name>/`."""
-    paths = [run_path / "cache" / "train.zarr", *sorted(run_path.glob("caches/*/train.zarr"))]
+def caches_facts(root: Path | Remote) -> list[dict]:
+    """`cache_facts` of each train cache under `root` (run_dir, or `storage.caches`): `cache/`,
+    then `caches/<name>/`."""
+    if isinstance(root, Remote):
+        named = [folder / "train.zarr" for folder in (root / "caches").folders()]
+    else:
+        named = sorted(root.glob("caches/*/train.zarr"))
+    paths = [root / "cache" / "train.zarr", *named]
     return [cache_facts(path) for path in paths if path.exists()]
 
 
-def cache_facts(path: Path) -> dict:
+def caches_root(cfg: Config) -> Path | Remote:
+    """Where the run's caches live: `storage.caches`, or run_dir."""
+    return locate(cfg.storage.caches or cfg.run_path, cfg.storage.options)
+
+
+def cache_facts(path: Path | Remote) -> dict:
     """k, value code, teacher and bytes/token of the cache at `path`.
 
     Bytes/token is the cache's size on disk over the positions it covers (N x L).
     """
     try:
-        from storage.cache import open_cache
         cache = open_cache(path, allow_incomplete=True)
         manifest, done = dict(cache.manifest), cache.done_shards()
+        size = cache_bytes(path)
     except Exception as exc:  # noqa: BLE001  the report must not die on a cache it only describes
         return {"path": str(path), "error": f"{type(exc).__name__}: {exc}"}
     teacher = manifest.get("teacher")
@@ -231,7 +243,6 @@ def cache_facts(path: Path) -> dict:
         teacher = ", ".join(f"{key} {value}" for key, value in teacher.items()
                             if key != "fingerprint" and value not in ("", None, "none"))
     tokens = manifest["n_sequences"] * manifest["seq_len"]
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     facts = {"path": str(path), "k": manifest["k"], "value_code": manifest["value_code"],
              "teacher": teacher, "temperatures": manifest.get("temperatures"),
              "shards_done": f"{int(done.sum())}/{done.size}", "bytes_on_disk": size,
@@ -242,8 +253,10 @@ def cache_facts(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- the report
 
-def write_report(run_path: Path | str, results: dict) -> Path:
-    """Write results.json (with table, curves, cache facts added), report.md and PNGs.
+def write_report(run_path: Path | str, results: dict, *,
+                 caches_root: Path | Remote | None = None) -> Path:
+    """Write results.json (with table, curves, the facts of the caches under `caches_root`,
+    default run_path, added), report.md and PNGs.
 
     Returns the path of report.md. Files are replaced atomically.
     """
@@ -251,7 +264,8 @@ def write_report(run_path: Path | str, results: dict) -> Path:
     out = run_path / "reports"
     make_folder(out)
     results = {**results, "baseline": baseline_name(results), "table": table_rows(results),
-               "curves": plot_curves(run_path, out, results), "caches": caches_facts(run_path)}
+               "curves": plot_curves(run_path, out, results),
+               "caches": caches_facts(caches_root or run_path)}
     write_atomic(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     report = out / "report.md"
     write_atomic(report, render_markdown(results))
@@ -351,7 +365,7 @@ def main(cfg: Config) -> None:
     if not path.is_file():
         raise UserError(f"no {path}: run `make eval` first")
     results = json.loads(path.read_text())
-    print_summary(results, write_report(cfg.run_path, results))
+    print_summary(results, write_report(cfg.run_path, results, caches_root=caches_root(cfg)))
 
 
 if __name__ == "__main__":

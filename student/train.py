@@ -20,6 +20,7 @@ import torch
 from configs import Config, EnsembleMember, UserError
 from configs.cli import run
 from storage.cache import LogitCache, open_cache, read_manifest
+from storage.location import Remote, file_exists, is_url, locate
 from storage.tokens import TokenStore
 from training.checkpoint import is_finished
 from training.device import resolve_device
@@ -79,12 +80,12 @@ def weights_of(members: tuple[EnsembleMember, ...]) -> tuple[float, ...]:
     return tuple(member.weight / total for member in members)
 
 
-def cache_path(cfg: Config, member: EnsembleMember | None = None) -> Path:
-    """The train cache of `member` (default: the student's only teacher)."""
+def cache_path(cfg: Config, member: EnsembleMember | None = None) -> Path | Remote:
+    """The train cache of `member` (default: the student's only teacher): a folder, or in
+    object storage (`storage.caches`, or a member's cache URL)."""
     member = member or teachers_of(cfg)[0]
-    if member.cache:
-        return Path(member.cache).expanduser()
-    return teacher_config(cfg, member).cache_dir / "train.zarr"
+    where = member.cache if member.cache else teacher_config(cfg, member).cache_at("train")
+    return locate(where if is_url(where) else Path(where).expanduser(), cfg.storage.options)
 
 
 def as_cached(cfg: Config) -> Config:
@@ -96,7 +97,7 @@ def as_cached(cfg: Config) -> Config:
     if cfg.distill.alpha == 1 or cfg.distill.mode != "cached" or len(teachers_of(cfg)) > 1:
         return cfg
     path = cache_path(cfg)
-    if not (path / "zarr.json").is_file():
+    if not file_exists(path / "zarr.json"):
         return cfg
     manifest = read_manifest(path)
     if cfg.distill.k > manifest["k"]:
@@ -220,7 +221,7 @@ def open_caches(cfg: Config, tokens: TokenStore, *, vocab_size: int) -> tuple[Lo
     caches = []
     for member in teachers_of(cfg):
         path = cache_path(cfg, member)
-        if not (path / "zarr.json").is_file():
+        if not file_exists(path / "zarr.json"):
             make = (f"make teacher-logits TEACHER={member.teacher}" if member.teacher
                     else "make teacher-logits")
             raise UserError(f"no logit cache at {path}: run `{make}` first "

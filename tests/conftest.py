@@ -43,3 +43,25 @@ def pytest_sessionstart(session) -> None:
             f"cpu: {names[0] if names else platform.processor()} ({os.cpu_count()} logical), "
             f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
             f"{torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ['MKL_CBWR']}")
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A local S3 server (moto, in this process, so it outlives the jobs it serves) behind a TCP
+    proxy that can add latency and cut connections (bench.objectstore). One for the session:
+    tests use their own prefixes in its bucket, and restore the proxy when they change it."""
+    from bench.objectstore import object_store
+
+    with object_store() as store:
+        yield store
+
+
+@pytest.fixture
+def s3_env(s3, monkeypatch):
+    """`s3`, with its endpoint and made-up credentials in this process's environment, as a user
+    would set them; the proxy restored afterwards."""
+    for key, value in s3.env.items():
+        monkeypatch.setenv(key, value)
+    yield s3
+    s3.proxy.restore()
+    s3.proxy.latency = 0.0

@@ -223,6 +223,22 @@ def test_ensemble_bench_runs_two_teachers_and_llama_students(tmp_path, shared_da
     assert "### students (2 x 64 LLaMA)" in ensemble.markdown(rows)
 
 
+def test_remote_bench_reads_and_trains_from_a_local_s3_server(tmp_path):
+    from bench import remote
+
+    rows = remote.run(teacher_steps=10, loop_steps=4, loop_processes=1, reader_passes=1,
+                      root=tmp_path)
+    reader = {r["place"]: r for r in rows if r["section"].startswith("reader")}
+    assert list(reader) == ["local disk", "S3", "S3 + 20 ms"]
+    assert all(r["tokens_per_s"] > 0 for r in reader.values())
+    loop = [(r["student"], r["run"]) for r in rows if r["section"].startswith("loop")]
+    runs = ["CE baseline, local disk", "KD, local disk", "KD, S3", "KD, S3 + 20 ms"]
+    assert loop == [(student, run) for student in ("2x64", "4x256") for run in runs]
+    judged = [row for row in summary({"remote": rows}) if row["target"]]
+    assert len(judged) == 6 and all(row["met"] in ("met", "NOT met") for row in judged)
+    assert "### reader" in remote.markdown(rows)
+
+
 def test_python_m_bench_tiny(tmp_path):
     out = tmp_path / "results.md"
     result = subprocess.run([sys.executable, "-m", "bench", "--only", "evaluate", "--pairs", "60",

@@ -48,6 +48,28 @@ def test_strict_small_config_trains_every_model_on_the_corpus_alone():
     assert cfg.for_teacher("llama").cache_dir.as_posix() == "runs/babylm-strict-small/caches/llama"
 
 
+def test_storage_places_stores_and_caches_and_never_saves_its_options(tmp_path):
+    cfg = load_config(CONFIG_DIR / "babylm-strict-small.yaml", [f"run_dir={tmp_path}"])
+    assert cfg.token_store_at("val") == f"{tmp_path}/tokens/val.zarr"
+    assert cfg.for_teacher("llama").cache_at("train") == f"{tmp_path}/caches/llama/train.zarr"
+    remote = cfg.replace(**{"storage.tokens": "s3://bucket/babylm/tokens/",
+                            "storage.caches": "s3://bucket/babylm",
+                            "storage.options.endpoint_url": "http://127.0.0.1:9000",
+                            "storage.options.secret": "do-not-write"})
+    assert remote.token_store_at("train") == "s3://bucket/babylm/tokens/train.zarr"
+    assert remote.cache_at("train") == "s3://bucket/babylm/cache/train.zarr"
+    assert remote.for_teacher("gpt2").cache_at("val") == "s3://bucket/babylm/caches/gpt2/val.zarr"
+    assert remote.storage.options == {"endpoint_url": "http://127.0.0.1:9000",
+                                      "secret": "do-not-write"}
+    saved = remote.save(tmp_path).read_text()
+    assert "do-not-write" not in saved and "127.0.0.1:9000" not in saved
+    assert load_config(tmp_path / "config.yaml").storage.caches == "s3://bucket/babylm"
+    with pytest.raises(ConfigError, match="storage.lease_seconds"):
+        cfg.replace(**{"storage.lease_seconds": 0.5})
+    with pytest.raises(ConfigError, match="storage.options must be a mapping"):
+        cfg.replace(**{"storage.options": "endpoint"})
+
+
 def test_overrides_are_typed_and_frozen():
     cfg = load_config(DEMO, ["student.lr=3e-4", "distill.temperature=4", "run_dir=/tmp/x",
                              "cache.temperatures=[1, 3]", "teacher.from_scratch=false"])

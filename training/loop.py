@@ -33,6 +33,7 @@ from tqdm import tqdm
 from configs import Config, StudentConfig, TeacherConfig, UserError
 from storage.cache import LogitCache
 from storage.errors import CorruptData, ManifestMismatch
+from storage.location import Remote, download_folder, locate
 from storage.reader import Batch, batches_per_epoch, stream_batches
 from storage.tokens import TokenStore, check_one_generation, open_token_store
 from training.checkpoint import (MILESTONES_DIR, changed_settings, check_resumable,
@@ -92,7 +93,7 @@ class Cursor:
 def open_tokens(cfg: Config) -> tuple[TokenStore, TokenStore]:
     """The run's train and validation token stores (a missing one says to run `make data`),
     refused unless one `make data` run wrote both."""
-    stores = tuple(open_token_store(cfg.run_path / "tokens" / f"{split}.zarr")
+    stores = tuple(open_token_store(locate(cfg.token_store_at(split), cfg.storage.options))
                    for split in ("train", "val"))
     check_one_generation(list(stores))
     return stores
@@ -345,8 +346,12 @@ def validate(model, val_tokens: TokenStore, *, micro: int, device: torch.device,
 
 def run_tokenizer(cfg: Config, tokens: TokenStore) -> Path:
     """The run's tokenizer folder, which every model folder gets a copy of; refused when missing
-    or not the tokenizer `tokens` was made with (checked before any training)."""
+    or not the tokenizer `tokens` was made with (checked before any training). Token stores in
+    object storage keep a copy beside them (`make data` puts it there): a run on another machine
+    fetches it into its run_dir."""
     folder = tokenizer_dir(cfg.run_path)
+    if isinstance(tokens.path, Remote) and not (folder / "tokenizer.json").is_file():
+        download_folder(tokens.path.parent / "tokenizer", folder)
     if fingerprint(load_tokenizer(cfg.run_path)) != tokens.tokenizer_fingerprint:
         raise ManifestMismatch(f"{folder} is not the tokenizer {tokens.path} was made with: "
                                "rerun `make data` to rebuild both")

@@ -255,6 +255,11 @@ STORAGE_CASES = [
     Case("verify-corrupt-store", "verify a token store with a flipped byte", "storage",
          ("verify", "{run}/tokens/train.zarr"), "1 problem(s)",
          both(tokens, flip_byte("tokens/train.zarr/tokens/c/0/0"))),
+    Case("verify-unknown-protocol", "verify a URL of a protocol fsspec does not know",
+         "storage", ("verify", "nosuch://bucket/cache/train.zarr"),
+         "is not a storage protocol", nothing),
+    Case("verify-no-credentials", "verify a cache in object storage without credentials",
+         "storage", ("verify", "s3://bucket/cache/train.zarr"), "no credentials found", nothing),
 ]
 EVALUATE_CASES = [
     Case("evaluate-empty-run", "evaluate a run with no models", "student.evaluate", config(),

@@ -97,8 +97,6 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path):
     import errno
     import gc
 
-    import zarr
-
     from configs import load_config
     from precompute.logits import fill_caches
     from storage.cache import CacheWriter, read_manifest
@@ -108,8 +106,7 @@ def test_failed_job_releases_its_shard_locks(world, tmp_path):
         fill_caches(load_config(world.config, [f"run_dir={run}"]))
     assert failure.value.errno == errno.ENOSPC
     path = run / "cache" / "train.zarr"
-    writer = CacheWriter(path=path, manifest=read_manifest(path),
-                         group=zarr.open_group(path, mode="r+"))
+    writer = CacheWriter(path=path, manifest=read_manifest(path))
     held = []
     for shard in writer.pending_shards():
         with writer.claim(shard, wait=False) as mine:

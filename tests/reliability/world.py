@@ -110,18 +110,21 @@ def build_world(root: Path) -> World:
 # --------------------------------------------------------------------------------------------
 # Processes.
 
-def cli(command: list[str], *, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
+def cli(command: list[str], *, timeout: float = 300,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a job to its end; `env`: variables added to the children's environment."""
+    return subprocess.run(command, cwd=REPO, env={**ENV, **(env or {})}, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @contextlib.contextmanager
-def started(command: list[str], *, stderr_file: Path) -> Iterator[subprocess.Popen]:
+def started(command: list[str], *, stderr_file: Path,
+            env: dict | None = None) -> Iterator[subprocess.Popen]:
     """A child process (stdout piped, stderr to a file so it never blocks on a full pipe) that
     is SIGKILLed and reaped on the way out, whatever happens in the test."""
     with open(stderr_file, "w") as err:
-        process = subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                                   stderr=err, text=True)
+        process = subprocess.Popen(command, cwd=REPO, env={**ENV, **(env or {})},
+                                   stdout=subprocess.PIPE, stderr=err, text=True)
     try:
         yield process
     finally:
@@ -156,14 +159,15 @@ def snapshot(root: Path) -> dict[str, str]:
 def cache_digest(cache: Path) -> dict[str, str]:
     """What must be identical between two runs of the logits job: every file under the cache,
     byte for byte, but for these:
-      * done/locks/<shard>.lock: left out; empty files that only exist to be flock()ed, which
-        record which shards some process once claimed, not what the cache holds.
+      * done/locks/<shard>.lock (.lease in object storage): left out; files that only exist to
+        be flock()ed (or to hold a lease), which record which shards some process once claimed,
+        not what the cache holds.
       * the root zarr.json: compared as parsed JSON without the manifest's `created` and
         `completed` timestamps (when each run happened; VOLATILE_KEYS) and `manifest_sha256`,
         the digest over them.
     """
     digest = {name: sha for name, sha in snapshot(cache).items()
-              if not (name.startswith("done/locks/") and name.endswith(".lock"))}
+              if not (name.startswith("done/locks/") and name.endswith((".lock", ".lease")))}
     root = json.loads((cache / "zarr.json").read_text())
     attributes = root["attributes"]
     attributes["manifest_sha256"] = "<digest of the timestamps>"

@@ -4,11 +4,16 @@
 MODE all SLEEP          write every pending shard (claimed_shards), SLEEP s after each; prints
                         the shards written as JSON
 MODE rank R W           write the shards of rank R of W
-MODE stall-mid-shard S  write shards before S, then stall forever after fsyncing shard S's ids
-                        file (the parent kills it there)
+MODE stall-mid-shard S  write shards before S, then stall forever after shard S's ids file is
+                        in place and fsynced (the parent kills it there)
+MODE hold S             claim shard S, print "holding", then sleep (the parent kills it)
+
+CACHE and TOKENS may be URLs (the endpoint and credentials in the environment); LEASE_SECONDS
+in the environment sets the term of a remote cache's leases.
 """
 
 import json
+import os
 import sys
 import time
 
@@ -19,7 +24,8 @@ from tests.storage.cachedata import new_writer, teacher_outputs, write_all, writ
 
 def main() -> None:
     cache_path, tokens_path, mode, *args = sys.argv[1:]
-    writer = new_writer(cache_path, open_token_store(tokens_path))
+    writer = new_writer(cache_path, open_token_store(tokens_path),
+                        lease_seconds=float(os.environ.get("LEASE_SECONDS", 60)))
     outputs = teacher_outputs()
     if mode == "all":
         written = []
@@ -31,8 +37,12 @@ def main() -> None:
         print(json.dumps(written))
     elif mode == "rank":
         print(json.dumps(write_all(writer, outputs, rank=int(args[0]), world_size=int(args[1]))))
+    elif mode == "hold":
+        claim = writer.try_claim(int(args[0]))
+        print("holding" if claim else "not claimed", flush=True)
+        time.sleep(600)
     elif mode == "stall-mid-shard":
-        stall_at = f"ids/c/{args[0]}/0/0"
+        stall_at = f"ids/c/{args[0]}/0"  # its folder, fsynced once the file is renamed in
         real_fsync = storage.cache._fsync
 
         def fsync_then_stall(path):

@@ -42,11 +42,13 @@ def teacher_outputs(*, n: int = N, seed: int = 0, k: int = K, vocab: int = V):
     return ids, logits, lse.astype(np.float32)
 
 
-def new_writer(path: Path, store, *, value_code: str = "float16", n: int = N, k: int = K, **extra):
+def new_writer(path, store, *, value_code: str = "float16", n: int = N, k: int = K,
+               lease_seconds: float = 60.0, **extra):
+    """A writer of the test cache at `path` (a folder, a URL or a Remote) for `store`."""
     return create_cache(
         path, n_sequences=n, seq_len=L, k=k, vocab_size=V, temperatures=TEMPERATURES,
         value_code=value_code, chunk_sequences=CHUNK, shard_chunks=SHARD_CHUNKS,
-        manifest={"teacher": {"name": "fake", "fingerprint": "w0"},
+        lease_seconds=lease_seconds, manifest={"teacher": {"name": "fake", "fingerprint": "w0"},
                   "tokenizer_fingerprint": store.tokenizer_fingerprint,
                   "token_store_fingerprint": store.fingerprint, **extra})
 

@@ -86,7 +86,7 @@ class RowReader:
         out = np.empty((stop - start, *self.shape[1:]), self.dtype)
         chunks = range(start // rows, (stop - 1) // rows + 1)
         places = [self._place(chunk) for chunk in chunks]
-        stored = _read_many([place for place in places if place is not None])
+        stored = iter(_read_many([place for place in places if place is not None]))
         for chunk, place in zip(chunks, places):
             first = chunk * rows
             lo, hi = max(start, first), min(stop, first + rows)
@@ -94,9 +94,9 @@ class RowReader:
             if place is None:  # never written: the fill value
                 target[...] = self.fill_value
             elif hi - lo == rows:
-                self._decode(stored.pop(0), place[0], into=target)  # in place: no copy
+                self._decode(next(stored), place[0], into=target)  # in place: no copy
             else:
-                target[:] = self._decode(stored.pop(0), place[0], None)[lo - first:hi - first]
+                target[:] = self._decode(next(stored), place[0], None)[lo - first:hi - first]
         return out
 
     def read_each(self, chunks: range) -> list[np.ndarray | ChunkError]:

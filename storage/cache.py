@@ -544,6 +544,7 @@ def create_cache(path: Path | Remote | str, *, n_sequences: int, seq_len: int, k
         "completed": None,
     })
     if isinstance(path, Remote):
+        path.need_conditional_writes()  # before anything is written there
         if not file_exists(path / "zarr.json"):
             _create_remote(path, wanted)
     elif not path.exists() or (path.is_dir() and not any(path.iterdir())):

@@ -196,7 +196,7 @@ class Remote:
     def create(self, data: bytes) -> str | None:
         """Put the object only if there is none (If-None-Match: *): its ETag, or None when one
         exists. Object storage's one atomic test-and-set."""
-        self._need_conditional_writes()
+        self.need_conditional_writes()
         with reaching(self.url):
             try:
                 return self.fs.pipe_file(self.key, data, mode="create")["ETag"]
@@ -206,7 +206,7 @@ class Remote:
     def replace(self, data: bytes, *, etag: str) -> str | None:
         """Put the object only if it is still the version `etag` names (If-Match): its new ETag,
         or None when someone else changed it first (compare-and-swap)."""
-        self._need_conditional_writes()
+        self.need_conditional_writes()
         with reaching(self.url):
             try:
                 return self.fs.pipe_file(self.key, data, IfMatch=etag)["ETag"]
@@ -227,7 +227,8 @@ class Remote:
             except FileNotFoundError:
                 return None
 
-    def _need_conditional_writes(self) -> None:
+    def need_conditional_writes(self) -> None:
+        """Refuse (StorageError) a store whose protocol this tool cannot write conditionally."""
         if self.protocol not in ("s3", "s3a"):
             raise StorageError(f"{self.url}: writing a logit cache needs conditional writes "
                                "(a shard's lease), which this tool does through the S3 API only; "

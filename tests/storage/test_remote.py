@@ -177,6 +177,8 @@ def test_unreachable_and_unknown_stores_are_one_line(s3_env):
     assert str(refused.value).startswith(f"cannot reach {closed.url}")
     with pytest.raises(StorageError, match="not a storage protocol"):
         locate("nosuchproto://bucket/cache.zarr").exists()
+    with pytest.raises(StorageError, match="through the S3 API only"):  # nothing sent to GCS
+        new_writer(Remote("gs://bucket/cache.zarr"), token_store(prefix(s3_env) / "t.zarr"))
 
 
 def test_the_proxy_cutting_reads_is_one_clear_error(s3_env):

@@ -17,6 +17,7 @@ import yaml
 
 from storage.cache import open_cache
 from storage.location import Remote, download_folder, upload_folder
+from tests.reliability.test_kill_resume import assert_done_shards_sound
 from tests.reliability.world import N_TRAIN, PYTHON, SEQ_LEN, cli, message_lines, started
 
 LEASE = "storage.lease_seconds=2"
@@ -60,14 +61,6 @@ def wait_for_done_marks(cache: Remote, process, at_least: int) -> None:
 def local_copy(cache: Remote, where: Path) -> Path:
     download_folder(cache, where)
     return where
-
-
-def assert_done_shards_sound(cache: Remote) -> int:
-    """Every shard marked done reads back whole with good checksums; returns how many."""
-    opened = open_cache(cache, allow_incomplete=True)
-    problems = [p for p in opened.verify() if p.kind != "not_done"]
-    assert problems == [], problems
-    return int(opened.done.sum())
 
 
 def test_killed_and_resumed_on_s3_is_byte_identical(world, s3, tmp_path):
